@@ -1,0 +1,144 @@
+"""Reading a checkpoint saved by the original NFormer training code (untrusted input).
+
+``torch.load(..., weights_only=True)``: no pickled code runs.  :func:`checkpoint_filter_fn`
+adapts the layouts people actually have (``{'state_dict': ...}``, ``{'model': ...}``, a
+``module.`` prefix from DataParallel) in one place, and :func:`infer_config` reads the backbone
+depth, widths, ``n_layer``, ``n_embd`` and ``num_classes`` from the tensors' shapes.
+"""
+from __future__ import annotations
+
+import pickle
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig
+from .errors import CheckpointError
+from .model import NFormerModel
+from .resnet import ARCHS
+
+#: heads used only in training; the deployed networks do not contain them
+TRAINING_ONLY = ("backbone.classifier.", "nformer.classifier.")
+WRAPPERS = ("state_dict", "model", "model_state_dict", "net")
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load ``path`` safely and return the raw mapping it holds."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path} (expected a .pth file saved by the NFormer "
+                              "training code; check the path)")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint path is not a file: {path}")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except PermissionError as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: {err.strerror}; check its permissions") from None
+    except pickle.UnpicklingError as err:
+        text = str(err)
+        if "Weights only load failed" in text or "weights_only" in text:
+            raise CheckpointError(
+                f"refused to load {path}: it contains pickled objects or code beyond tensors and plain "
+                "containers, which weights_only loading does not run (a checkpoint is untrusted input). "
+                "Re-save it as torch.save(model.state_dict()) from a trusted environment") from None
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({text.splitlines()[0]}); expected a "
+                              "file written by torch.save(model.state_dict())") from None
+    except (RuntimeError, EOFError, ValueError, OSError, KeyError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({first}); expected a file written "
+                              "by torch.save(model.state_dict())") from None
+    return data
+
+
+def checkpoint_filter_fn(data) -> dict[str, torch.Tensor]:
+    """Unwrap and normalise a loaded checkpoint into the original's key layout."""
+    if isinstance(data, dict):
+        for key in WRAPPERS:
+            if key in data and isinstance(data[key], dict):
+                data = data[key]
+                break
+    if not isinstance(data, dict) or not data or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise CheckpointError(
+            f"expected a state_dict (a mapping of parameter names to tensors), found {type(data).__name__}"
+            f"{' with keys ' + ', '.join(map(str, list(data)[:5])) if isinstance(data, dict) else ''}; "
+            "save the model with torch.save(model.state_dict())")
+    out = {}
+    for key, value in data.items():
+        key = str(key)
+        if key.startswith("module."):
+            key = key[len("module."):]
+        if key.startswith(TRAINING_ONLY):
+            continue
+        out[key] = value
+    return out
+
+
+def infer_config(state: dict[str, torch.Tensor], **options) -> ModelConfig:
+    """Read the architecture from the tensors' shapes; ``options`` set what shapes cannot say."""
+    try:
+        blocks = [0, 0, 0, 0]
+        for key in state:
+            m = re.match(r"backbone\.base\.layer([1-4])\.(\d+)\.conv1\.weight$", key)
+            if m:
+                stage, index = int(m.group(1)) - 1, int(m.group(2))
+                blocks[stage] = max(blocks[stage], index + 1)
+        kind = "bottleneck" if "backbone.base.layer1.0.conv3.weight" in state else "basic"
+        arch = next((name for name, (k, layers) in ARCHS.items() if k == kind and tuple(blocks) == layers), None)
+        if arch is None:
+            raise CheckpointError(
+                f"the checkpoint's backbone is not a supported ResNet: found {kind} blocks per stage "
+                f"{tuple(blocks)}; supported: " + ", ".join(f"{n} {l}" for n, (_, l) in ARCHS.items()))
+        feature_dim = state["backbone.projection.weight"].shape[0]
+        n_layer = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"nformer\.h\.(\d+)\.", k)))
+        n_embd = state["nformer.h.0.attn.c_attn.w"].shape[0]
+    except (KeyError, ValueError) as err:
+        raise CheckpointError(
+            f"the checkpoint is not an NFormer model: no {err} (expected backbone.base.* ResNet weights, "
+            "backbone.projection, backbone.bottleneck and nformer.h.* blocks as saved by the original "
+            "training code)") from None
+    config = ModelConfig(arch=arch, feature_dim=feature_dim, n_layer=n_layer, n_embd=n_embd,
+                         num_classes=options.pop("num_classes", 751))
+    return replace(config, **{k: v for k, v in options.items() if v is not None})
+
+
+def _key_report(model: NFormerModel, state: dict[str, torch.Tensor]) -> str:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    misshaped = sorted(f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
+                       for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+
+    def head(items):
+        return ", ".join(items[:8]) + (f" (+{len(items) - 8} more)" if len(items) > 8 else "")
+    parts = [f"{name} ({len(items)}): {head(items)}" for name, items in
+             (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if items]
+    return "; ".join(parts)
+
+
+def load_checkpoint(path: str | Path, *, n_head: int = 2, topk: int = 20, landmarks: int = 5,
+                    last_stride: int = 1) -> NFormerModel:
+    """Build the eval-mode reference model from a checkpoint of the original training code."""
+    raw = read_state_dict(path)
+    num_classes = None
+    if isinstance(raw, dict):
+        inner = next((raw[w] for w in WRAPPERS if isinstance(raw.get(w), dict)), raw)
+        for key, value in inner.items() if isinstance(inner, dict) else ():
+            if str(key).endswith("backbone.classifier.weight") and isinstance(value, torch.Tensor):
+                num_classes = value.shape[0]
+    state = checkpoint_filter_fn(raw)
+    if n_head < 1 or topk < 1 or landmarks < 1 or last_stride not in (1, 2):
+        raise CheckpointError(f"invalid options: n_head={n_head}, topk={topk}, landmarks={landmarks} must be "
+                              f">= 1 and last_stride={last_stride} must be 1 or 2")
+    config = infer_config(state, n_head=n_head, topk=topk, landmarks=landmarks, last_stride=last_stride,
+                          num_classes=num_classes if num_classes is not None else 751)
+    if config.n_embd % config.n_head:
+        raise CheckpointError(f"n_embd {config.n_embd} is not divisible by --n-head {config.n_head}")
+    model = NFormerModel(config)
+    report = _key_report(model, state)
+    if report:
+        raise CheckpointError(f"{path} does not fit the NFormer {config.arch} layout: {report}. Is it a "
+                              "checkpoint of another architecture?")
+    model.load_state_dict(state, strict=True)
+    return model.eval()

@@ -1,0 +1,37 @@
+"""The model configuration: what a checkpoint's shapes and the user's options say about the model.
+
+Plain data (no torch): the manifest stores it and the runtime reads it on machines without PyTorch.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+#: the original's test transform (DESIGN.md section 1)
+INPUT_SIZE_HW = (256, 128)
+PIXEL_MEAN = (0.485, 0.456, 0.406)
+PIXEL_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "resnet50"
+    last_stride: int = 1
+    feature_dim: int = 256
+    num_classes: int = 751
+    n_layer: int = 4
+    n_embd: int = 256
+    n_head: int = 2
+    topk: int = 20
+    landmarks: int = 5
+    input_size_hw: tuple[int, int] = INPUT_SIZE_HW
+    pixel_mean: tuple[float, float, float] = PIXEL_MEAN
+    pixel_std: tuple[float, float, float] = PIXEL_STD
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ModelConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known}
+        return cls(**values)

@@ -1,0 +1,69 @@
+"""The manifest beside the exported files (DESIGN.md section 2): the contract between stages.
+
+Written by ``export.to_onnx``; read by calibration and the runtime (no torch needed here).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from .config import ModelConfig
+from .errors import InputError
+
+MANIFEST_NAME = "manifest.json"
+FORMAT = "nformer-trt/manifest"
+FORMAT_VERSION = 1
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_json_atomic(path: str | Path, data) -> None:
+    """Write JSON so that a crash leaves either the old file or the new one, never half of one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_manifest(model_dir: str | Path, verify_checksums: bool = False) -> dict:
+    """Read and validate ``model_dir/manifest.json``; the files it names must exist."""
+    model_dir = Path(model_dir)
+    path = model_dir / MANIFEST_NAME
+    if not path.is_file():
+        raise InputError(f"no {MANIFEST_NAME} in {model_dir}: expected a directory written by "
+                         "`python -m export.to_onnx CHECKPOINT --out-dir DIR`")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(f"cannot read {path}: {err}; re-run the export") from None
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise InputError(f"{path} has format {manifest.get('format')!r} version "
+                         f"{manifest.get('format_version')!r}, expected {FORMAT!r} version {FORMAT_VERSION}; "
+                         "re-run the export with this version of nformer-trt")
+    for name, entry in manifest["files"].items():
+        file = model_dir / entry["path"]
+        if not file.is_file():
+            raise InputError(f"{name} file {file} named in {path} is missing; re-run the export")
+        if verify_checksums and sha256_file(file) != entry["sha256"]:
+            raise InputError(f"{file} does not match the checksum in {path}: it was changed after export; "
+                             "re-run the export")
+    return manifest
+
+
+def model_config(manifest: dict) -> ModelConfig:
+    return ModelConfig.from_json(manifest["model"])

@@ -1,0 +1,281 @@
+"""``python -m export.to_onnx CHECKPOINT``: checkpoint -> encoder.onnx, nformer.onnx, manifest.json.
+
+Both files are checked with ``onnx.checker`` and run in ONNX Runtime against the PyTorch reference
+on random inputs before they are published into ``--out-dir``; a failed check publishes nothing
+and exits non-zero.  Files appear in the output directory only when complete (temporary
+directory, then ``os.replace``; the manifest last).
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import shutil
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import click
+import numpy as np
+import onnx
+import torch
+
+from .checkpoint import load_checkpoint
+from .errors import InputError, NFormerError
+from .landmarks import sample_landmarks
+from .manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, sha256_file, write_json_atomic
+from .model import NFormerModel
+from .onnx_functions import OPSET, OUTPUTS as NEIGHBOR_OUTPUTS, reciprocal_neighbors_function
+from .parity import format_table, max_abs_error, neighbor_set_agreement, relative_error
+from .reciprocal_neighbors import OP_DOMAIN, OP_TYPE, PLUGIN_NAMESPACE, PLUGIN_VERSION
+from .testing import clustered_features
+
+ENCODER_FILE = "encoder.onnx"
+NFORMER_FILE = "nformer.onnx"
+#: ONNX Runtime 1.31 reads IR version <= 13; 10 is what opset 20 needs
+IR_VERSION = 10
+DEFAULT_BATCHES = (1, 4)
+DEFAULT_SIZES = (1, 7, 64, 1500)
+
+
+def _tidy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Drop exporter debugging metadata (stack traces with local paths) and pin the IR version."""
+    for node in model.graph.node:
+        del node.metadata_props[:]
+    model.ir_version = IR_VERSION
+    return model
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The dynamo exporter warns about optional packages (torchvision) and deprecations we don't use."""
+    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def export_encoder(model: NFormerModel, path: Path) -> None:
+    h, w = model.config.input_size_hw
+    images = torch.randn(2, 3, h, w)
+    batch = torch.export.Dim("batch", min=1)
+    with _quiet_exporter():
+        program = torch.onnx.export(
+            model.backbone, (images,), dynamo=True, opset_version=OPSET, input_names=["images"],
+            output_names=["embeddings"], dynamic_shapes={"images": {0: batch}}, optimize=True, verbose=False)
+    onnx.save(_tidy(program.model_proto), path)
+
+
+def export_nformer(model: NFormerModel, path: Path) -> None:
+    c = model.config
+    n = 2 * c.topk + 3
+    features = torch.nn.functional.normalize(torch.randn(1, n, c.n_embd), dim=-1)
+    landmarks = torch.from_numpy(sample_landmarks(n, c.n_layer, c.landmarks))
+    dims = {"features": {1: torch.export.Dim("N", min=1)}, "landmarks": {1: torch.export.Dim("l", min=1)}}
+    with _quiet_exporter():
+        program = torch.onnx.export(
+            model.nformer, (features, landmarks), dynamo=True, opset_version=OPSET,
+            input_names=["features", "landmarks"], output_names=["refined"], dynamic_shapes=dims,
+            optimize=True, verbose=False)
+    proto = _tidy(program.model_proto)
+    nodes = [nd for nd in proto.graph.node if nd.op_type == OP_TYPE and nd.domain == OP_DOMAIN]
+    if len(nodes) != 1:
+        raise RuntimeError(f"expected one {OP_DOMAIN}::{OP_TYPE} node in the exported graph, found {len(nodes)}")
+    node = nodes[0]
+    node.name = "reciprocal_neighbors"
+    renames = dict(zip(node.output, NEIGHBOR_OUTPUTS))
+    for other in proto.graph.node:
+        other.input[:] = [renames.get(i, i) for i in other.input]
+    node.output[:] = NEIGHBOR_OUTPUTS
+    proto.functions.append(reciprocal_neighbors_function())
+    if not any(op.domain == OP_DOMAIN for op in proto.opset_import):
+        proto.opset_import.append(onnx.helper.make_opsetid(OP_DOMAIN, 1))
+    onnx.save(proto, path)
+
+
+def _session(path: Path, extra_outputs: list[str] = ()):
+    import onnxruntime as ort
+
+    proto = onnx.load(path)
+    for name in extra_outputs:
+        proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def check_against_reference(model: NFormerModel, out_dir: Path, batches=DEFAULT_BATCHES,
+                            sizes=DEFAULT_SIZES, rtol: float = 1e-4, seed: int = 0) -> list[dict]:
+    """Run both files in ONNX Runtime against the PyTorch reference; one row per input size."""
+    c = model.config
+    rows = []
+    rng = np.random.default_rng(seed)
+    encoder = _session(out_dir / ENCODER_FILE)
+    for b in batches:
+        images = rng.standard_normal((b, 3, *c.input_size_hw)).astype(np.float32)
+        with torch.no_grad():
+            expected = model.backbone(torch.from_numpy(images)).numpy()
+        (actual,) = encoder.run(["embeddings"], {"images": images})
+        rows.append(dict(model="encoder", size=f"batch={b}", max_abs_error=max_abs_error(actual, expected),
+                         relative_error=relative_error(actual, expected), neighbor_sets="-"))
+    refine = _session(out_dir / NFORMER_FILE, NEIGHBOR_OUTPUTS)
+    for n in sizes:
+        x = clustered_features(n, c.n_embd, seed=seed + n, duplicates=n // 10)[None]
+        landmarks = sample_landmarks(n, c.n_layer, c.landmarks, seed=seed)
+        with torch.no_grad():
+            xt = torch.from_numpy(x)
+            idx, _ = model.nformer.neighbors(xt)
+            expected = model.nformer(xt, torch.from_numpy(landmarks)).numpy()
+        actual, nb_idx, _ = refine.run(["refined", *NEIGHBOR_OUTPUTS], {"features": x, "landmarks": landmarks})
+        rows.append(dict(model="nformer", size=f"N={n}", max_abs_error=max_abs_error(actual, expected),
+                         relative_error=relative_error(actual, expected),
+                         neighbor_sets=neighbor_set_agreement(nb_idx, idx.numpy())))
+    for row in rows:
+        row["ok"] = bool(row["relative_error"] <= rtol and row["neighbor_sets"] in ("-", 1.0))
+    return rows
+
+
+def _io_spec(path: Path) -> dict:
+    proto = onnx.load(path, load_external_data=False)
+
+    def spec(v):
+        t = v.type.tensor_type
+        return {"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
+                "shape": [d.dim_param or d.dim_value for d in t.shape.dim]}
+    return {"inputs": [spec(v) for v in proto.graph.input], "outputs": [spec(v) for v in proto.graph.output]}
+
+
+def build_manifest(model: NFormerModel, out_dir: Path, checkpoint: Path, checks: list[dict]) -> dict:
+    import onnxruntime
+
+    files = {}
+    for name, file in (("encoder", ENCODER_FILE), ("nformer", NFORMER_FILE)):
+        files[name] = {"path": file, "sha256": sha256_file(out_dir / file), **_io_spec(out_dir / file)}
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": model.config.to_json(),
+        "opset": OPSET,
+        "files": files,
+        "custom_ops": [{"domain": OP_DOMAIN, "op_type": OP_TYPE, "version": 1,
+                        "plugin_version": PLUGIN_VERSION, "plugin_namespace": PLUGIN_NAMESPACE,
+                        "attributes": {"k": model.config.topk},
+                        "outputs": {"neighbor_index": "int32", "neighbor_valid": "int32"}}],
+        "source": {"checkpoint": checkpoint.name, "sha256": sha256_file(checkpoint)},
+        "checks": checks,
+        "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
+                     "onnxruntime": onnxruntime.__version__, "nformer_trt": _own_version()},
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _own_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("nformer-trt")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def prepare_out_dir(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise InputError(f"cannot write to output directory {out_dir}: {err.strerror or err}; choose a "
+                         "writable --out-dir") from None
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, n_head: int = 2, topk: int = 20,
+                      landmarks: int = 5, last_stride: int = 1, batches=DEFAULT_BATCHES,
+                      sizes=DEFAULT_SIZES, rtol: float = 1e-4, seed: int = 0, log=print) -> dict:
+    """Export, check and publish.  Returns ``{"ok": bool, "checks": rows, "out_dir": str}``."""
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    model = load_checkpoint(checkpoint, n_head=n_head, topk=topk, landmarks=landmarks, last_stride=last_stride)
+    prepare_out_dir(out_dir)
+    log(f"model: {model.config.arch}, last_stride={model.config.last_stride}, n_layer={model.config.n_layer}, "
+        f"n_embd={model.config.n_embd}, n_head={model.config.n_head}, topk={model.config.topk}, "
+        f"landmarks={model.config.landmarks}")
+    work = Path(tempfile.mkdtemp(dir=out_dir, prefix=".export-"))
+    try:
+        log("exporting encoder.onnx ...")
+        export_encoder(model, work / ENCODER_FILE)
+        log("exporting nformer.onnx ...")
+        export_nformer(model, work / NFORMER_FILE)
+        for file in (ENCODER_FILE, NFORMER_FILE):
+            onnx.checker.check_model(str(work / file), full_check=True)
+        log(f"onnx.checker: ok; comparing with the PyTorch reference in ONNX Runtime (rtol {rtol:g}) ...")
+        checks = check_against_reference(model, work, batches, sizes, rtol, seed)
+        log(format_table(checks, ["model", "size", "max_abs_error", "relative_error", "neighbor_sets", "ok"]))
+        ok = all(row["ok"] for row in checks)
+        if ok:
+            manifest = build_manifest(model, work, checkpoint, checks)
+            for file in (ENCODER_FILE, NFORMER_FILE):
+                (work / file).replace(out_dir / file)
+            write_json_atomic(out_dir / MANIFEST_NAME, manifest)
+        return {"ok": ok, "checks": checks, "out_dir": str(out_dir)}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _int_list(ctx, param, value: str):
+    try:
+        values = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+    if not values or min(values) < 1:
+        raise click.BadParameter(f"expected integers >= 1, got {value!r}")
+    return values
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--out-dir", type=click.Path(path_type=Path), default=Path("build"), show_default=True,
+              help="Where encoder.onnx, nformer.onnx and manifest.json are written.")
+@click.option("--n-head", type=int, default=2, show_default=True, help="Attention heads of the refinement "
+              "(not stored in the checkpoint).")
+@click.option("--topk", type=int, default=20, show_default=True, help="k of the reciprocal top-k neighbours.")
+@click.option("--landmarks", type=int, default=5, show_default=True,
+              help="Landmark rows per layer (recorded in the manifest; the runtime draws them).")
+@click.option("--last-stride", type=click.Choice(["1", "2"]), default="1", show_default=True,
+              help="Stride of ResNet layer4 the model was trained with.")
+@click.option("--check-batches", default=",".join(map(str, DEFAULT_BATCHES)), show_default=True,
+              callback=_int_list, help="Encoder batch sizes compared with the reference.")
+@click.option("--check-sizes", default=",".join(map(str, DEFAULT_SIZES)), show_default=True,
+              callback=_int_list, help="Set sizes N compared with the reference for the refinement.")
+@click.option("--rtol", type=float, default=1e-4, show_default=True,
+              help="Largest relative error ||onnx - torch|| / ||torch|| accepted.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random check inputs.")
+def main(checkpoint, out_dir, n_head, topk, landmarks, last_stride, check_batches, check_sizes, rtol, seed):
+    """Export a checkpoint of the original NFormer training code to ONNX.
+
+    Writes encoder.onnx (images -> embeddings), nformer.onnx (features, landmarks -> refined, with
+    the nformer::ReciprocalNeighbors node) and manifest.json into --out-dir, after checking both
+    files with onnx.checker and against the PyTorch reference in ONNX Runtime.  Exits 1 when a
+    check fails (nothing is published) and 2 on bad input.
+    """
+    try:
+        result = export_checkpoint(checkpoint, out_dir, n_head=n_head, topk=topk, landmarks=landmarks,
+                                   last_stride=int(last_stride), batches=check_batches, sizes=check_sizes,
+                                   rtol=rtol, seed=seed, log=click.echo)
+    except NFormerError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    if not result["ok"]:
+        click.echo("error: the exported files do not match the PyTorch reference (rows with ok=False); "
+                   "nothing was written", err=True)
+        sys.exit(1)
+    click.echo(f"wrote {out_dir / ENCODER_FILE}, {out_dir / NFORMER_FILE}, {out_dir / MANIFEST_NAME}")
+
+
+if __name__ == "__main__":
+    main()

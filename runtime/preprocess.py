@@ -1,0 +1,70 @@
+"""Crop preprocessing, identical to the original's test transform; the one place images are read.
+
+The original applies torchvision's ``Resize((256, 128))`` (bilinear, on a PIL image: PIL's own
+resize), ``ToTensor`` (float32 / 255) and ``Normalize(mean, std)`` to ``Image.open(p).convert('RGB')``.
+This module does the same with PIL and numpy, in the same float32 arithmetic, so calibration,
+evaluation and serving all see exactly what the model was trained to see.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from export.config import INPUT_SIZE_HW, PIXEL_MEAN, PIXEL_STD
+from export.errors import InputError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Decode ``path`` as an RGB image or raise InputError naming the file."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except FileNotFoundError:
+        raise InputError(f"crop not found: {path}") from None
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise InputError(f"{path} is not a decodable image ({type(err).__name__}: {err}); remove it or "
+                         "replace it with a JPEG/PNG crop") from None
+
+
+def as_image(crop) -> Image.Image:
+    """A PIL image from a PIL image or an HxWx3 uint8 RGB array."""
+    if isinstance(crop, Image.Image):
+        return crop.convert("RGB")
+    arr = np.asarray(crop)
+    if arr.dtype != np.uint8:
+        raise InputError(f"a crop array must be uint8 RGB (HxWx3), found dtype {arr.dtype}; convert with "
+                         "arr.astype(np.uint8) from 0..255 values")
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise InputError(f"a crop array must be HxWx3 (RGB), found shape {arr.shape}")
+    return Image.fromarray(arr, "RGB")
+
+
+def preprocess(crop, size_hw=INPUT_SIZE_HW, mean=PIXEL_MEAN, std=PIXEL_STD) -> np.ndarray:
+    """One crop (PIL image, HxWx3 uint8 array or path) -> float32 [3, H, W], normalised."""
+    img = load_image(crop) if isinstance(crop, (str, Path)) else as_image(crop)
+    h, w = size_hw
+    if img.size != (w, h):
+        img = img.resize((w, h), Image.BILINEAR)
+    x = np.asarray(img, dtype=np.float32) / np.float32(255.0)
+    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def preprocess_batch(crops, size_hw=INPUT_SIZE_HW, mean=PIXEL_MEAN, std=PIXEL_STD) -> np.ndarray:
+    return np.stack([preprocess(c, size_hw, mean, std) for c in crops]) if len(crops) else \
+        np.zeros((0, 3, *size_hw), np.float32)
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files directly in ``folder`` (sorted by name), or InputError when there are none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"crop folder not found: {folder} (expected a directory of image crops)")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise InputError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+    return files

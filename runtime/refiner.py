@@ -1,0 +1,73 @@
+"""The refinement at serving time: a set of embeddings -> refined embeddings.
+
+Validates the set (width, rank, finite values, non-empty), L2-normalises it (the contract of
+``nformer.onnx``), draws the landmarks with a seeded generator unless given, and L2-normalises the
+output for retrieval unless asked for the raw ``refined`` tensor.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from export.config import ModelConfig
+from export.errors import InputError
+from export.landmarks import sample_landmarks
+
+from .backends import Backend
+
+NORM_EPS = 1e-12
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    return (x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), NORM_EPS)).astype(np.float32)
+
+
+def validate_features(features, width: int) -> np.ndarray:
+    """[N, width] (or [1, N, width]) finite floats -> float32 [N, width]."""
+    x = np.asarray(features)
+    if x.ndim == 3 and x.shape[0] == 1:
+        x = x[0]
+    if x.ndim != 2:
+        raise InputError(f"embeddings must be a 2-D array [N, {width}], found shape {x.shape}")
+    if x.shape[1] != width:
+        raise InputError(f"embeddings must be {width} wide (the model's n_embd), found [N={x.shape[0]}, "
+                         f"{x.shape[1]}]; were they made by this model's encoder?")
+    if x.shape[0] == 0:
+        raise InputError("the set of embeddings is empty: refinement needs at least one row")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise InputError(f"embeddings must be floating point, found dtype {x.dtype}")
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        raise InputError(f"embeddings contain NaN or infinite values in {len(rows)} row(s), first rows "
+                         f"{rows[:5].tolist()}; drop or recompute them")
+    return x.astype(np.float32, copy=False)
+
+
+def validate_landmarks(landmarks, n: int, n_layer: int) -> np.ndarray:
+    lm = np.asarray(landmarks)
+    if lm.ndim != 2 or lm.shape[0] != n_layer or lm.shape[1] < 1:
+        raise InputError(f"landmarks must be [n_layer={n_layer}, l] with l >= 1, found shape {lm.shape}")
+    if not np.issubdtype(lm.dtype, np.integer):
+        raise InputError(f"landmarks must be integer row indices, found dtype {lm.dtype}")
+    if lm.shape[1] > n:
+        raise InputError(f"{lm.shape[1]} landmarks per layer but only N={n} rows; use at most N")
+    if lm.min() < 0 or lm.max() >= n:
+        raise InputError(f"landmarks must index rows 0..{n - 1}, found values {lm.min()}..{lm.max()}")
+    return lm.astype(np.int64)
+
+
+class Refiner:
+    def __init__(self, backend: Backend, config: ModelConfig):
+        self.backend = backend
+        self.config = config
+
+    def landmarks_for(self, n: int, seed: int = 0) -> np.ndarray:
+        return sample_landmarks(n, self.config.n_layer, self.config.landmarks, seed)
+
+    def refine(self, features, landmarks=None, seed: int = 0, normalize_output: bool = True) -> np.ndarray:
+        """Encoder embeddings [N, D] -> refined embeddings [N, D] (L2-normalised unless told not to)."""
+        x = l2_normalize(validate_features(features, self.config.n_embd))
+        n = len(x)
+        lm = self.landmarks_for(n, seed) if landmarks is None else validate_landmarks(landmarks, n, self.config.n_layer)
+        refined = self.backend.run({"features": x[None], "landmarks": lm})["refined"][0]
+        return l2_normalize(refined) if normalize_output else refined
