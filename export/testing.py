@@ -16,7 +16,9 @@ def random_model(config: ModelConfig, seed: int = 0) -> NFormerModel:
     model = NFormerModel(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.dim() > 1:
+            if name.startswith("nformer.") and name.endswith(".w"):
+                p.copy_(0.02 * torch.randn(p.shape, generator=gen))  # the original's Conv1D init
+            elif p.dim() > 1:
                 fan_in = p[0].numel()
                 p.copy_(torch.randn(p.shape, generator=gen) * (2.0 / fan_in) ** 0.5)
             elif name.endswith((".g", "weight")):
