@@ -36,7 +36,10 @@ class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self, path: str | Path, providers: list[str] | None = None, threads: int | None = None,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", dynamic_shapes: bool = False):
+        """``dynamic_shapes``: inputs change shape from call to call (the refinement's N).  ONNX
+        Runtime's memory-pattern planner then allocates a new block per shape on top of its arena
+        (measured: peak 2.8 GB instead of 1.4 GB for two calls at N = 19,281), so it is switched off."""
         import onnxruntime as ort
 
         path = Path(path)
@@ -44,6 +47,7 @@ class OnnxRuntimeBackend(Backend):
             raise InputError(f"ONNX file not found: {path}; run `python -m export.to_onnx` first")
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
+        opts.enable_mem_pattern = not dynamic_shapes
         if threads or os.environ.get("NFORMER_ORT_THREADS"):
             opts.intra_op_num_threads = int(threads or os.environ["NFORMER_ORT_THREADS"])
         available = ort.get_available_providers()

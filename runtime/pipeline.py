@@ -33,7 +33,8 @@ class Pipeline:
         files = manifest["files"]
         encoder = EncoderRunner(OnnxRuntimeBackend(model_dir / files["encoder"]["path"], providers, threads),
                                 config, batch_size)
-        refiner = Refiner(OnnxRuntimeBackend(model_dir / files["nformer"]["path"], providers, threads), config)
+        refiner = Refiner(OnnxRuntimeBackend(model_dir / files["nformer"]["path"], providers, threads,
+                                             dynamic_shapes=True), config)
         return cls(model_dir, manifest, encoder, refiner)
 
     def embed(self, crops, progress=None) -> np.ndarray:
