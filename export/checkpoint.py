@@ -90,6 +90,8 @@ def infer_config(state: dict[str, torch.Tensor], **options) -> ModelConfig:
             raise CheckpointError(
                 f"the checkpoint's backbone is not a supported ResNet: found {kind} blocks per stage "
                 f"{tuple(blocks)}; supported: " + ", ".join(f"{n} {l}" for n, (_, l) in ARCHS.items()))
+        widths = tuple(int(state[f"backbone.base.layer{i}.0.conv1.weight"].shape[0]) for i in range(1, 5))
+        stem_width = int(state["backbone.base.conv1.weight"].shape[0])
         feature_dim = state["backbone.projection.weight"].shape[0]
         n_layer = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"nformer\.h\.(\d+)\.", k)))
         n_embd = state["nformer.h.0.attn.c_attn.w"].shape[0]
@@ -98,8 +100,8 @@ def infer_config(state: dict[str, torch.Tensor], **options) -> ModelConfig:
             f"the checkpoint is not an NFormer model: no {err} (expected backbone.base.* ResNet weights, "
             "backbone.projection, backbone.bottleneck and nformer.h.* blocks as saved by the original "
             "training code)") from None
-    config = ModelConfig(arch=arch, feature_dim=feature_dim, n_layer=n_layer, n_embd=n_embd,
-                         num_classes=options.pop("num_classes", 751))
+    config = ModelConfig(arch=arch, widths=widths, stem_width=stem_width, feature_dim=feature_dim,
+                         n_layer=n_layer, n_embd=n_embd, num_classes=options.pop("num_classes", 751))
     return replace(config, **{k: v for k, v in options.items() if v is not None})
 
 
@@ -118,7 +120,7 @@ def _key_report(model: NFormerModel, state: dict[str, torch.Tensor]) -> str:
 
 
 def load_checkpoint(path: str | Path, *, n_head: int = 2, topk: int = 20, landmarks: int = 5,
-                    last_stride: int = 1) -> NFormerModel:
+                    last_stride: int = 1, input_size_hw: tuple[int, int] | None = None) -> NFormerModel:
     """Build the eval-mode reference model from a checkpoint of the original training code."""
     raw = read_state_dict(path)
     num_classes = None
@@ -131,10 +133,16 @@ def load_checkpoint(path: str | Path, *, n_head: int = 2, topk: int = 20, landma
     if n_head < 1 or topk < 1 or landmarks < 1 or last_stride not in (1, 2):
         raise CheckpointError(f"invalid options: n_head={n_head}, topk={topk}, landmarks={landmarks} must be "
                               f">= 1 and last_stride={last_stride} must be 1 or 2")
+    if input_size_hw is not None and (len(input_size_hw) != 2 or min(input_size_hw) < 32):
+        raise CheckpointError(f"invalid input size {input_size_hw}: expected (height, width), each >= 32")
     config = infer_config(state, n_head=n_head, topk=topk, landmarks=landmarks, last_stride=last_stride,
-                          num_classes=num_classes if num_classes is not None else 751)
+                          num_classes=num_classes if num_classes is not None else 751,
+                          input_size_hw=tuple(input_size_hw) if input_size_hw else None)
     if config.n_embd % config.n_head:
         raise CheckpointError(f"n_embd {config.n_embd} is not divisible by --n-head {config.n_head}")
+    if config.feature_dim != config.n_embd:
+        raise CheckpointError(f"the encoder's embeddings are {config.feature_dim} wide but the refinement takes "
+                              f"{config.n_embd}: this checkpoint's two halves do not belong together")
     model = NFormerModel(config)
     report = _key_report(model, state)
     if report:

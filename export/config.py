@@ -16,6 +16,9 @@ PIXEL_STD = (0.229, 0.224, 0.225)
 class ModelConfig:
     arch: str = "resnet50"
     last_stride: int = 1
+    #: ResNet stage widths and stem width (standard: 64/128/256/512 and 64; read from the shapes)
+    widths: tuple[int, int, int, int] = (64, 128, 256, 512)
+    stem_width: int = 64
     feature_dim: int = 256
     num_classes: int = 751
     n_layer: int = 4

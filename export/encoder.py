@@ -10,13 +10,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .resnet import ResNet
+from .resnet import STANDARD_WIDTHS, ResNet
 
 
 class Encoder(nn.Module):
-    def __init__(self, arch: str = "resnet50", last_stride: int = 1, feature_dim: int = 256):
+    def __init__(self, arch: str = "resnet50", last_stride: int = 1, feature_dim: int = 256,
+                 widths: tuple[int, int, int, int] = STANDARD_WIDTHS, stem_width: int = 64):
         super().__init__()
-        self.base = ResNet(arch, last_stride)
+        self.base = ResNet(arch, last_stride, widths, stem_width)
         self.gap = nn.AdaptiveAvgPool2d(1)
         self.projection = nn.Linear(self.base.out_channels, feature_dim)
         self.bottleneck = nn.BatchNorm1d(feature_dim)

@@ -14,6 +14,7 @@ class NFormerModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.backbone = Encoder(config.arch, config.last_stride, config.feature_dim)
+        self.backbone = Encoder(config.arch, config.last_stride, config.feature_dim, config.widths,
+                                config.stem_width)
         self.nformer = NFormer(config.n_layer, config.n_embd, config.n_head, config.topk,
                                config.num_classes)

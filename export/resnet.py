@@ -60,21 +60,26 @@ class Bottleneck(nn.Module):
         return self.relu(out + residual)
 
 
+#: the standard stage widths; a checkpoint may carry others (read from its shapes)
+STANDARD_WIDTHS = (64, 128, 256, 512)
+
+
 class ResNet(nn.Module):
-    def __init__(self, arch: str = "resnet50", last_stride: int = 1):
+    def __init__(self, arch: str = "resnet50", last_stride: int = 1,
+                 widths: tuple[int, int, int, int] = STANDARD_WIDTHS, stem_width: int = 64):
         super().__init__()
         kind, layers = ARCHS[arch]
         block = BasicBlock if kind == "basic" else Bottleneck
-        self.inplanes = 64
-        self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+        self.inplanes = stem_width
+        self.conv1 = nn.Conv2d(3, stem_width, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem_width)
         # no ReLU here: the original's quirk, kept because trained weights expect it
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        self.layer1 = self._make_layer(block, 64, layers[0])
-        self.layer2 = self._make_layer(block, 128, layers[1], stride=2)
-        self.layer3 = self._make_layer(block, 256, layers[2], stride=2)
-        self.layer4 = self._make_layer(block, 512, layers[3], stride=last_stride)
-        self.out_channels = 512 * block.expansion
+        self.layer1 = self._make_layer(block, widths[0], layers[0])
+        self.layer2 = self._make_layer(block, widths[1], layers[1], stride=2)
+        self.layer3 = self._make_layer(block, widths[2], layers[2], stride=2)
+        self.layer4 = self._make_layer(block, widths[3], layers[3], stride=last_stride)
+        self.out_channels = widths[3] * block.expansion
 
     def _make_layer(self, block, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
         downsample = None

@@ -196,13 +196,15 @@ def prepare_out_dir(out_dir: Path) -> None:
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, n_head: int = 2, topk: int = 20,
-                      landmarks: int = 5, last_stride: int = 1, batches=DEFAULT_BATCHES,
+                      landmarks: int = 5, last_stride: int = 1, input_size_hw=None, batches=DEFAULT_BATCHES,
                       sizes=DEFAULT_SIZES, rtol: float = 1e-4, seed: int = 0, log=print) -> dict:
     """Export, check and publish.  Returns ``{"ok": bool, "checks": rows, "out_dir": str}``."""
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
-    model = load_checkpoint(checkpoint, n_head=n_head, topk=topk, landmarks=landmarks, last_stride=last_stride)
+    model = load_checkpoint(checkpoint, n_head=n_head, topk=topk, landmarks=landmarks, last_stride=last_stride,
+                            input_size_hw=input_size_hw)
     prepare_out_dir(out_dir)
-    log(f"model: {model.config.arch}, last_stride={model.config.last_stride}, n_layer={model.config.n_layer}, "
+    log(f"model: {model.config.arch} (widths {model.config.widths}), input {model.config.input_size_hw}, "
+        f"embeddings {model.config.feature_dim}, last_stride={model.config.last_stride}, n_layer={model.config.n_layer}, "
         f"n_embd={model.config.n_embd}, n_head={model.config.n_head}, topk={model.config.topk}, "
         f"landmarks={model.config.landmarks}")
     work = Path(tempfile.mkdtemp(dir=out_dir, prefix=".export-"))
@@ -227,6 +229,14 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, n_head: in
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _size(value: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+        raise click.BadParameter(f"expected HxW such as 256x128, got {value!r}") from None
+    return h, w
+
+
 def _int_list(ctx, param, value: str):
     try:
         values = tuple(int(v) for v in value.split(",") if v.strip())
@@ -248,6 +258,8 @@ def _int_list(ctx, param, value: str):
               help="Landmark rows per layer (recorded in the manifest; the runtime draws them).")
 @click.option("--last-stride", type=click.Choice(["1", "2"]), default="1", show_default=True,
               help="Stride of ResNet layer4 the model was trained with.")
+@click.option("--input-size", default="256x128", show_default=True, callback=lambda c, p, v: _size(v),
+              help="Crop size HxW the encoder was trained at (the original: 256x128).")
 @click.option("--check-batches", default=",".join(map(str, DEFAULT_BATCHES)), show_default=True,
               callback=_int_list, help="Encoder batch sizes compared with the reference.")
 @click.option("--check-sizes", default=",".join(map(str, DEFAULT_SIZES)), show_default=True,
@@ -255,7 +267,8 @@ def _int_list(ctx, param, value: str):
 @click.option("--rtol", type=float, default=1e-4, show_default=True,
               help="Largest relative error ||onnx - torch|| / ||torch|| accepted.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random check inputs.")
-def main(checkpoint, out_dir, n_head, topk, landmarks, last_stride, check_batches, check_sizes, rtol, seed):
+def main(checkpoint, out_dir, n_head, topk, landmarks, last_stride, input_size, check_batches, check_sizes, rtol,
+         seed):
     """Export a checkpoint of the original NFormer training code to ONNX.
 
     Writes encoder.onnx (images -> embeddings), nformer.onnx (features, landmarks -> refined, with
@@ -265,8 +278,9 @@ def main(checkpoint, out_dir, n_head, topk, landmarks, last_stride, check_batche
     """
     try:
         result = export_checkpoint(checkpoint, out_dir, n_head=n_head, topk=topk, landmarks=landmarks,
-                                   last_stride=int(last_stride), batches=check_batches, sizes=check_sizes,
-                                   rtol=rtol, seed=seed, log=click.echo)
+                                   last_stride=int(last_stride), input_size_hw=input_size,
+                                   batches=check_batches, sizes=check_sizes, rtol=rtol, seed=seed,
+                                   log=click.echo)
     except NFormerError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)

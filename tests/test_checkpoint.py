@@ -60,6 +60,23 @@ def test_backbone_depth_comes_from_the_shapes(tmp_path, arch):
     assert loaded.backbone.base.layer4[0].downsample[0].stride == (2, 2)
 
 
+def test_widths_and_embedding_size_come_from_the_shapes(tmp_path):
+    config = ModelConfig(arch="resnet18", widths=(16, 32, 64, 128), stem_width=16, feature_dim=128, n_embd=128,
+                         n_layer=2, num_classes=40)
+    model = random_model(config, seed=5)
+    torch.save(original_state_dict(model), tmp_path / "narrow.pth")
+    loaded = load_checkpoint(tmp_path / "narrow.pth", input_size_hw=(128, 64))
+    assert loaded.config == ModelConfig(**{**config.__dict__, "input_size_hw": (128, 64)})
+    assert _same_weights(loaded, model)
+
+
+def test_halves_that_do_not_belong_together(tmp_path):
+    model = NFormerModel(ModelConfig(arch="resnet18", feature_dim=128, n_layer=1))
+    torch.save(original_state_dict(model), tmp_path / "mixed.pth")
+    with pytest.raises(CheckpointError, match="do not belong together"):
+        load_checkpoint(tmp_path / "mixed.pth")
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "nope.pth")

@@ -126,6 +126,23 @@ def test_cli_exports_and_prints_the_table(resnet18_checkpoint, tmp_path):
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["encoder.onnx", "manifest.json", "nformer.onnx"]
 
 
+def test_cli_exports_a_narrow_model_at_a_reduced_input_size(tmp_path):
+    from export.config import ModelConfig
+    from export.manifest import load_manifest, model_config
+    from export.testing import save_random_checkpoint
+
+    config = ModelConfig(arch="resnet18", widths=(16, 32, 64, 128), stem_width=16, feature_dim=128, n_embd=128,
+                         n_layer=2)
+    save_random_checkpoint(tmp_path / "narrow.pth", config, seed=4)
+    result = _cli(tmp_path / "narrow.pth", "--out-dir", tmp_path / "b", "--input-size", "128x64",
+                  "--check-batches", "1,7", "--check-sizes", "1,5,300")
+    assert result.returncode == 0, result.stdout + result.stderr
+    manifest = load_manifest(tmp_path / "b", verify_checksums=True)
+    assert model_config(manifest).input_size_hw == (128, 64)
+    assert manifest["files"]["encoder"]["inputs"][0]["shape"] == ["batch", 3, 128, 64]
+    assert manifest["files"]["nformer"]["inputs"][0]["shape"] == [1, "N", 128]
+
+
 def test_cli_failed_check_publishes_nothing(resnet18_checkpoint, tmp_path):
     path, _ = resnet18_checkpoint
     result = _cli(path, "--out-dir", tmp_path / "b", "--check-batches", "1", "--check-sizes", "30", "--rtol", "1e-30")
