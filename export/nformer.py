@@ -224,3 +224,20 @@ def original_topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
     mask = torch.zeros(x.shape[0], x.shape[1], x.shape[1], dtype=x.dtype, device=x.device)
     mask.scatter_(2, rns, 1.0)
     return (mask * mask.transpose(1, 2)) > 0
+
+
+class NFormerLayers(nn.Module):
+    """The refinement with the neighbour lists as inputs (``nformer_layers.onnx``).
+
+    For runtimes that maintain the lists themselves (a gallery that grows by a few items at a time
+    updates only the rows that change): ``neighbor_index`` / ``neighbor_valid`` are the int32
+    outputs of ``ReciprocalNeighbors`` for the same features.
+    """
+
+    def __init__(self, nformer: NFormer):
+        super().__init__()
+        self.nformer = nformer
+
+    def forward(self, features, landmarks, neighbor_index, neighbor_valid):
+        neighbors = (neighbor_index.to(torch.int64), neighbor_valid != 0)
+        return self.nformer(features, landmarks, neighbors=neighbors)

@@ -26,6 +26,7 @@ from .errors import InputError, NFormerError
 from .landmarks import sample_landmarks
 from .manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, sha256_file, write_json_atomic
 from .model import NFormerModel
+from .nformer import NFormerLayers
 from .onnx_functions import OPSET, OUTPUTS as NEIGHBOR_OUTPUTS, reciprocal_neighbors_function
 from .parity import format_table, max_abs_error, neighbor_set_agreement, relative_error
 from .reciprocal_neighbors import OP_DOMAIN, OP_TYPE, PLUGIN_NAMESPACE, PLUGIN_VERSION
@@ -33,6 +34,8 @@ from .testing import clustered_features
 
 ENCODER_FILE = "encoder.onnx"
 NFORMER_FILE = "nformer.onnx"
+LAYERS_FILE = "nformer_layers.onnx"
+FILES = {"encoder": ENCODER_FILE, "nformer": NFORMER_FILE, "nformer_layers": LAYERS_FILE}
 #: ONNX Runtime 1.31 reads IR version <= 13; 10 is what opset 20 needs
 IR_VERSION = 10
 DEFAULT_BATCHES = (1, 4)
@@ -57,6 +60,7 @@ def _quiet_exporter():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.filterwarnings("ignore", message=".*axis name.*", category=UserWarning)
             yield
     finally:
         logger.setLevel(level)
@@ -100,6 +104,23 @@ def export_nformer(model: NFormerModel, path: Path) -> None:
     onnx.save(proto, path)
 
 
+def export_nformer_layers(model: NFormerModel, path: Path) -> None:
+    c = model.config
+    n = 2 * c.topk + 3
+    features = torch.nn.functional.normalize(torch.randn(1, n, c.n_embd), dim=-1)
+    landmarks = torch.from_numpy(sample_landmarks(n, c.n_layer, c.landmarks))
+    idx, valid = model.nformer.neighbors(features)
+    dyn_n, dyn_k = torch.export.Dim("N", min=1), torch.export.Dim("k", min=1)
+    dims = {"features": {1: dyn_n}, "landmarks": {1: torch.export.Dim("l", min=1)},
+            "neighbor_index": {1: dyn_n, 2: dyn_k}, "neighbor_valid": {1: dyn_n, 2: dyn_k}}
+    with _quiet_exporter():
+        program = torch.onnx.export(
+            NFormerLayers(model.nformer), (features, landmarks, idx.to(torch.int32), valid.to(torch.int32)),
+            dynamo=True, opset_version=OPSET, input_names=["features", "landmarks", *NEIGHBOR_OUTPUTS],
+            output_names=["refined"], dynamic_shapes=dims, optimize=True, verbose=False)
+    onnx.save(_tidy(program.model_proto), path)
+
+
 def _session(path: Path, extra_outputs: list[str] = ()):
     import onnxruntime as ort
 
@@ -126,17 +147,23 @@ def check_against_reference(model: NFormerModel, out_dir: Path, batches=DEFAULT_
         rows.append(dict(model="encoder", size=f"batch={b}", max_abs_error=max_abs_error(actual, expected),
                          relative_error=relative_error(actual, expected), neighbor_sets="-"))
     refine = _session(out_dir / NFORMER_FILE, NEIGHBOR_OUTPUTS)
+    layers = _session(out_dir / LAYERS_FILE)
     for n in sizes:
         x = clustered_features(n, c.n_embd, seed=seed + n, duplicates=n // 10)[None]
         landmarks = sample_landmarks(n, c.n_layer, c.landmarks, seed=seed)
         with torch.no_grad():
             xt = torch.from_numpy(x)
-            idx, _ = model.nformer.neighbors(xt)
+            idx, valid = model.nformer.neighbors(xt)
             expected = model.nformer(xt, torch.from_numpy(landmarks)).numpy()
         actual, nb_idx, _ = refine.run(["refined", *NEIGHBOR_OUTPUTS], {"features": x, "landmarks": landmarks})
         rows.append(dict(model="nformer", size=f"N={n}", max_abs_error=max_abs_error(actual, expected),
                          relative_error=relative_error(actual, expected),
                          neighbor_sets=neighbor_set_agreement(nb_idx, idx.numpy())))
+        (given,) = layers.run(["refined"], {"features": x, "landmarks": landmarks,
+                                            NEIGHBOR_OUTPUTS[0]: idx.numpy().astype(np.int32),
+                                            NEIGHBOR_OUTPUTS[1]: valid.numpy().astype(np.int32)})
+        rows.append(dict(model="nformer_layers", size=f"N={n}", max_abs_error=max_abs_error(given, expected),
+                         relative_error=relative_error(given, expected), neighbor_sets="-"))
     for row in rows:
         row["ok"] = bool(row["relative_error"] <= rtol and row["neighbor_sets"] in ("-", 1.0))
     return rows
@@ -156,7 +183,7 @@ def build_manifest(model: NFormerModel, out_dir: Path, checkpoint: Path, checks:
     import onnxruntime
 
     files = {}
-    for name, file in (("encoder", ENCODER_FILE), ("nformer", NFORMER_FILE)):
+    for name, file in FILES.items():
         files[name] = {"path": file, "sha256": sha256_file(out_dir / file), **_io_spec(out_dir / file)}
     return {
         "format": FORMAT,
@@ -213,7 +240,9 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, n_head: in
         export_encoder(model, work / ENCODER_FILE)
         log("exporting nformer.onnx ...")
         export_nformer(model, work / NFORMER_FILE)
-        for file in (ENCODER_FILE, NFORMER_FILE):
+        log("exporting nformer_layers.onnx (the same layers, neighbour lists as inputs) ...")
+        export_nformer_layers(model, work / LAYERS_FILE)
+        for file in FILES.values():
             onnx.checker.check_model(str(work / file), full_check=True)
         log(f"onnx.checker: ok; comparing with the PyTorch reference in ONNX Runtime (rtol {rtol:g}) ...")
         checks = check_against_reference(model, work, batches, sizes, rtol, seed)
@@ -221,7 +250,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, n_head: in
         ok = all(row["ok"] for row in checks)
         if ok:
             manifest = build_manifest(model, work, checkpoint, checks)
-            for file in (ENCODER_FILE, NFORMER_FILE):
+            for file in FILES.values():
                 (work / file).replace(out_dir / file)
             write_json_atomic(out_dir / MANIFEST_NAME, manifest)
         return {"ok": ok, "checks": checks, "out_dir": str(out_dir)}
@@ -288,7 +317,7 @@ def main(checkpoint, out_dir, n_head, topk, landmarks, last_stride, input_size, 
         click.echo("error: the exported files do not match the PyTorch reference (rows with ok=False); "
                    "nothing was written", err=True)
         sys.exit(1)
-    click.echo(f"wrote {out_dir / ENCODER_FILE}, {out_dir / NFORMER_FILE}, {out_dir / MANIFEST_NAME}")
+    click.echo("wrote " + ", ".join(str(out_dir / f) for f in (*FILES.values(), MANIFEST_NAME)))
 
 
 if __name__ == "__main__":

@@ -53,6 +53,10 @@ def test_refinement_matches_reference(exported, refine_sessions, n, duplicates):
     assert neighbor_set_agreement(nb_idx, idx.numpy()) == 1.0
     np.testing.assert_array_equal(nb_idx, idx.numpy())
     np.testing.assert_array_equal(nb_valid.astype(bool), valid.numpy())
+    layers = refine_sessions.setdefault((out_dir, "layers"), _session(out_dir / "nformer_layers.onnx"))
+    (given,) = layers.run(["refined"], {"features": x, "landmarks": landmarks, "neighbor_index": nb_idx,
+                                        "neighbor_valid": nb_valid})
+    assert relative_error(given, expected) <= RTOL
 
 
 def _dims(value_info):
@@ -123,7 +127,8 @@ def test_cli_exports_and_prints_the_table(resnet18_checkpoint, tmp_path):
     result = _cli(path, "--out-dir", tmp_path / "b", "--check-batches", "1", "--check-sizes", "1,30")
     assert result.returncode == 0, result.stderr
     assert "relative_error" in result.stdout and "neighbor_sets" in result.stdout
-    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["encoder.onnx", "manifest.json", "nformer.onnx"]
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["encoder.onnx", "manifest.json", "nformer.onnx",
+                                                                  "nformer_layers.onnx"]
 
 
 def test_cli_exports_a_narrow_model_at_a_reduced_input_size(tmp_path):
