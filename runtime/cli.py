@@ -123,5 +123,47 @@ def refine(model_dir, embeddings, out, seed, landmarks_file, raw, threads):
     click.echo(f"wrote {out}: {refined.shape[0]} x {refined.shape[1]} refined embeddings")
 
 
+@main.command()
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--identities", type=click.IntRange(4), default=600, show_default=True,
+              help="Identities in all (half for training, half for query/gallery).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same bytes.")
+@user_errors
+def synth(out_dir, identities, seed):
+    """Write a synthetic re-identification data set in the Market-1501 layout into OUT_DIR."""
+    from tqdm import tqdm
+
+    from .synth import generate, total_images
+
+    with tqdm(total=total_images(identities, seed), unit="img") as bar:
+        counts = generate(out_dir, identities, seed, progress=bar.update)
+    click.echo(f"wrote {out_dir}: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+
+
+@main.command()
+@click.option("--report", type=click.Path(path_type=Path), default=None,
+              help="Also write the table as JSON: a list of {backend, precision, stage, mAP, rank1, "
+                   "images_per_s, cosine_to_reference_mean}.")
+@click.option("--work-dir", type=click.Path(path_type=Path), default=Path("nformer-demo"), show_default=True,
+              help="Where the synthetic data, the exported files and the figure go (reused by later runs).")
+@click.option("--figure", type=click.Path(path_type=Path), default=None,
+              help="PNG with CMC curves and a 2-D projection (default: WORK_DIR/demo.png).")
+@click.option("--identities", type=click.IntRange(4), default=600, show_default=True,
+              help="Size of the synthetic data set.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the data and the landmarks.")
+@user_errors
+def demo(report, work_dir, figure, identities, seed):
+    """Evaluate the shipped small NFormer on synthetic data on every backend available here."""
+    from export.parity import format_table
+
+    from .demo import REPORT_KEYS, run_demo
+
+    if report:
+        check_writable(report)
+    rows, figure = run_demo(work_dir, report, figure, identities, seed, log=click.echo)
+    click.echo(format_table(rows, list(REPORT_KEYS)))
+    click.echo(f"figure: {figure}" + (f"; report: {report}" if report else ""))
+
+
 if __name__ == "__main__":
     main()
