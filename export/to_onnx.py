@@ -115,7 +115,7 @@ def export_nformer_layers(model: NFormerModel, path: Path) -> None:
             "neighbor_index": {1: dyn_n, 2: dyn_k}, "neighbor_valid": {1: dyn_n, 2: dyn_k}}
     with _quiet_exporter():
         program = torch.onnx.export(
-            NFormerLayers(model.nformer), (features, landmarks, idx.to(torch.int32), valid.to(torch.int32)),
+            NFormerLayers(model.nformer).eval(), (features, landmarks, idx.to(torch.int32), valid.to(torch.int32)),
             dynamo=True, opset_version=OPSET, input_names=["features", "landmarks", *NEIGHBOR_OUTPUTS],
             output_names=["refined"], dynamic_shapes=dims, optimize=True, verbose=False)
     onnx.save(_tidy(program.model_proto), path)

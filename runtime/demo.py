@@ -21,7 +21,7 @@ from export.landmarks import sample_landmarks
 
 from .datasets import read_market1501
 from .metrics import euclidean_distances, evaluate_rank
-from .preprocess import preprocess_batch
+from .preprocess import preprocess
 from .refiner import l2_normalize
 
 SHIPPED = Path(__file__).resolve().parents[1] / "export" / "data" / "nformer_synthetic.pth"
@@ -77,8 +77,12 @@ def ensure_export(work_dir: Path, log) -> Path:
     return build
 
 
-def variants(build: Path) -> list[Variant]:
-    """Every backend and precision this machine can run (the PyTorch fp32 reference first)."""
+def variants(build: Path, data_dir: Path | None = None, log=print) -> list[Variant]:
+    """Every backend and precision this machine can run (the PyTorch fp32 reference first).
+
+    With ``data_dir`` (the synthetic set) the FP16 and INT8 files are written through
+    ``calibration`` (INT8 calibrated on the training split) and run in ONNX Runtime.
+    """
     import torch
 
     from export.checkpoint import load_checkpoint
@@ -98,8 +102,26 @@ def variants(build: Path) -> list[Variant]:
 
     pipe = Pipeline.load(build)
     ort_refine = lambda x, lm: pipe.refiner.refine(x, lm, normalize_output=False)  # noqa: E731
-    return [Variant("pytorch", "fp32", torch_encode, torch_refine),
-            Variant("onnxruntime", "fp32", pipe.encoder.embed_images, ort_refine)]
+    out = [Variant("pytorch", "fp32", torch_encode, torch_refine),
+           Variant("onnxruntime", "fp32", pipe.encoder.embed_images, ort_refine)]
+    if data_dir is not None:
+        out += precision_variants(build, data_dir, log)
+    return out
+
+
+def precision_variants(build: Path, data_dir: Path, log=print) -> list[Variant]:
+    """ONNX Runtime rows for the FP16 files and the INT8 encoder (with the FP16 refinement), and
+    TensorRT rows for engines that `runtime build` put in ``build`` (when they run here)."""
+    from calibration.variants import write_variants
+    from export.manifest import load_manifest, model_config
+
+    from .parity import onnxruntime_runner, tensorrt_runners
+
+    write_variants(build, "fp16", log=log)
+    write_variants(build, "int8", calib_data=data_dir, log=log)  # cached ranges on a rerun
+    runners = [onnxruntime_runner(build, precision) for precision in ("fp16", "int8")]
+    runners += tensorrt_runners(build, model_config(load_manifest(build)), log)[0]
+    return [Variant(r.backend, r.precision, r.encode, r.refine) for r in runners]
 
 
 def evaluate_variants(data_dir: Path, build: Path, seed: int, log) -> tuple[list[dict], dict]:
@@ -109,13 +131,13 @@ def evaluate_variants(data_dir: Path, build: Path, seed: int, log) -> tuple[list
     items = data.query + data.gallery
     config = json.loads((build / "manifest.json").read_text())["model"]
     size = tuple(config["input_size_hw"])
-    images = preprocess_batch([i.path for i in tqdm(items, desc="reading crops", unit="img")], size)
+    images = np.stack([preprocess(i.path, size) for i in tqdm(items, desc="reading crops", unit="img")])
     pids = np.array([i.pid for i in items])
     cams = np.array([i.camid for i in items])
     nq = len(data.query)
     landmarks = sample_landmarks(len(items), config["n_layer"], config["landmarks"], seed)
     rows, curves, reference = [], {}, {}
-    for v in variants(build):
+    for v in variants(build, data_dir, log):
         log(f"evaluating {v.backend} {v.precision} ...")
         t = time.perf_counter()
         raw = v.encode(images)
@@ -131,7 +153,7 @@ def evaluate_variants(data_dir: Path, build: Path, seed: int, log) -> tuple[list
             rows.append({"backend": v.backend, "precision": v.precision, "stage": stage, "mAP": float(mAP),
                          "rank1": float(cmc[0]), "images_per_s": len(items) / seconds,
                          "cosine_to_reference_mean": cosine})
-            curves[(v.backend, v.precision, stage)] = cmc
+            curves[(v.backend, v.precision, stage)] = (cmc, mAP)
         if v.backend == "pytorch":
             projection_data = {"encoder": feats, "refined": refined, "pids": pids}
     return rows, {"curves": curves, "projection": projection_data}
@@ -144,10 +166,11 @@ def draw_figure(path: Path, figure_data: dict) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
-    for (backend, precision, stage), cmc in figure_data["curves"].items():
+    for (backend, precision, stage), (cmc, mAP) in figure_data["curves"].items():
         ranks = np.arange(1, min(20, len(cmc)) + 1)
         axes[0].plot(ranks, 100 * cmc[: len(ranks)], marker="o" if stage == "refined" else ".",
-                     linestyle="-" if stage == "refined" else "--", label=f"{backend} {precision} {stage}")
+                     linestyle="-" if stage == "refined" else "--",
+                     label=f"{backend} {precision} {stage} (mAP {100 * mAP:.1f})")
     axes[0].set(xlabel="rank", ylabel="CMC (%)", title="CMC on the synthetic query/gallery split")
     axes[0].legend(fontsize=8)
     axes[0].grid(alpha=0.3)
