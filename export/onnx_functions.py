@@ -7,8 +7,9 @@ imports this body otherwise (DESIGN.md section 2).  The body computes exactly
 
 * fp64 ranking key ``(x_i . x_j) / max(||x_j||, eps)``, self at +inf, ``TopK`` (lower index wins
   ties, as the ONNX spec says), ``k_eff = min(k, N)``;
-* the similarity is computed ``ROW_BLOCK`` rows at a time in a ``Loop``, so no N x N tensor is
-  ever materialised -- memory is ``ROW_BLOCK x N`` doubles;
+* the similarity is computed ``R = clip(2^25 // N, 1, 1024)`` rows at a time in a ``Loop``
+  (:func:`export.reciprocal_neighbors.row_block`), so no N x N tensor is ever materialised --
+  a block is at most 2^25 doubles (256 MB) at any N;
 * ``valid[i, t] = i in idx[idx[i, t]]``.
 
 Outputs are int32 (what the TensorRT plugin produces).
@@ -18,7 +19,7 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto, helper
 
-from .reciprocal_neighbors import NORM_EPS, OP_DOMAIN, OP_TYPE, ROW_BLOCK
+from .reciprocal_neighbors import BLOCK_ELEMENTS, NORM_EPS, OP_DOMAIN, OP_TYPE, ROW_BLOCK
 
 INPUTS = ["features"]
 OUTPUTS = ["neighbor_index", "neighbor_valid"]
@@ -59,14 +60,14 @@ def _row_block_body() -> onnx.GraphProto:
     )
 
 
-def reciprocal_neighbors_function() -> onnx.FunctionProto:
+def reciprocal_neighbors_function(block_elements: int = BLOCK_ELEMENTS) -> onnx.FunctionProto:
     n = helper.make_node
     k_attr = helper.make_node("Constant", [], ["k_scalar"])
     k_attr.attribute.append(helper.make_attribute_ref("value_int", onnx.AttributeProto.INT, ref_attr_name="k"))
     nodes = [
         k_attr,
         _const("zero_axis", [0]), _const("one_axis", [1]), _const("last_axis", [-1]),
-        _const("one", 1), _const("block", ROW_BLOCK),
+        _const("one", 1), _const("max_block", ROW_BLOCK), _const("block_elements", block_elements),
         _const("eps", NORM_EPS, TensorProto.DOUBLE),
         _const("pos_inf", float("inf"), TensorProto.DOUBLE),
         _const("true", True, TensorProto.BOOL),
@@ -87,7 +88,12 @@ def reciprocal_neighbors_function() -> onnx.FunctionProto:
         n("Min", ["k_scalar", "n"], ["k_eff"]),
         n("Unsqueeze", ["k_eff", "zero_axis"], ["k_eff1"]),
         n("Range", ["zero_s", "n", "one"], ["col_ids"]),
+        # rows per block R = clip(block_elements // N, 1, ROW_BLOCK), as row_block() in the reference
+        n("Div", ["block_elements", "n"], ["fit"]),
+        n("Min", ["fit", "max_block"], ["fit_capped"]),
+        n("Max", ["fit_capped", "one"], ["block"]),
         # pad the rows to a whole number of blocks: blocks = ceil(N / R)
+        n("Sub", ["block", "one"], ["block_minus_one"]),
         n("Add", ["n", "block_minus_one"], ["n_up"]),
         n("Div", ["n_up", "block"], ["blocks"]),
         n("Mul", ["blocks", "block"], ["n_pad"]),
@@ -115,7 +121,7 @@ def reciprocal_neighbors_function() -> onnx.FunctionProto:
         n("Cast", ["idx"], ["neighbor_index"], to=TensorProto.INT32),
     ]
     extra = [
-        _const("zero_s", 0), _const("block_minus_one", ROW_BLOCK - 1),
+        _const("zero_s", 0),
         _const("zeros4", [0, 0, 0, 0]), _const("minus_one", [-1]),
         _const("bcast3", [-1, 1, 1]), _const("bcast4", [1, -1, 1, 1]),
     ]

@@ -30,8 +30,15 @@ OP_DOMAIN = "nformer"
 PLUGIN_VERSION = "1"
 PLUGIN_NAMESPACE = ""
 NORM_EPS = 1e-12
-#: Rows of the similarity computed at once; bounds the reference's memory to ROW_BLOCK x N.
+#: Rows of the similarity computed at once: at most ROW_BLOCK, and fewer for large N so that a
+#: block holds at most BLOCK_ELEMENTS keys (256 MB of float64): memory stays O(N) at any N.
 ROW_BLOCK = 1024
+BLOCK_ELEMENTS = 1 << 25
+
+
+def row_block(n: int, block_elements: int = BLOCK_ELEMENTS) -> int:
+    """Rows per similarity block for a set of N rows: ``clip(block_elements // N, 1, ROW_BLOCK)``."""
+    return max(1, min(ROW_BLOCK, block_elements // max(n, 1)))
 
 
 def effective_k(k: int, n: int) -> int:
@@ -68,12 +75,15 @@ def _top_k_lowest_index_ties(key: torch.Tensor, k: int) -> torch.Tensor:
     return torch.gather(cols, -1, order)
 
 
-def reciprocal_neighbors(features: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def reciprocal_neighbors(features: torch.Tensor, k: int,
+                         block_elements: int = BLOCK_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k neighbour lists and their reciprocal validity.
 
     Args:
         features: [B, N, D] float tensor (any float dtype; the ranking is done in float64).
         k: neighbours per row (the original's ``topk``, 20).
+        block_elements: memory budget of one similarity block (see :func:`row_block`); the
+            result does not depend on it.
 
     Returns:
         ``(idx, valid)``: ``idx`` int64 [B, N, k_eff] with ``idx[:, i, 0] == i``; ``valid`` bool
@@ -86,8 +96,9 @@ def reciprocal_neighbors(features: torch.Tensor, k: int) -> tuple[torch.Tensor, 
     x = features.detach().to(torch.float64)
     norms = torch.linalg.vector_norm(x, dim=-1).clamp_min(NORM_EPS)
     blocks = []
-    for start in range(0, n, ROW_BLOCK):
-        key = ranking_key(x[:, start:start + ROW_BLOCK], x, norms, start)
+    rows = row_block(n, block_elements)
+    for start in range(0, n, rows):
+        key = ranking_key(x[:, start:start + rows], x, norms, start)
         blocks.append(_top_k_lowest_index_ties(key, k_eff))
     idx = torch.cat(blocks, dim=1)
     return idx, reciprocal_validity(idx)

@@ -16,6 +16,7 @@ from export.reciprocal_neighbors import (
     ROW_BLOCK,
     dense_reciprocal_mask,
     reciprocal_neighbors,
+    row_block,
 )
 from export.testing import clustered_features
 
@@ -80,13 +81,14 @@ def test_fp16_input_ranks_like_its_fp32_values():
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
-def function_session(k=20):
+def function_session(k=20, block_elements=None):
     node = helper.make_node(OP_TYPE, ["features"], OUTPUTS, domain=OP_DOMAIN, k=k, plugin_version="1",
                             plugin_namespace="")
     graph = helper.make_graph(
         [node], "reciprocal_neighbors", [helper.make_tensor_value_info("features", TensorProto.FLOAT, [1, "N", 256])],
         [helper.make_tensor_value_info(o, TensorProto.INT32, [1, "N", None]) for o in OUTPUTS])
-    model = helper.make_model(graph, functions=[reciprocal_neighbors_function()], ir_version=10,
+    function = reciprocal_neighbors_function(*([block_elements] if block_elements else []))
+    model = helper.make_model(graph, functions=[function], ir_version=10,
                               opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(OP_DOMAIN, 1)])
     onnx.checker.check_model(model, full_check=True)
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -109,5 +111,19 @@ def test_onnx_function_body_k64():
     x = clustered_features(700, seed=7, duplicates=80)[None]
     idx, valid = session.run(None, {"features": x})
     ref_idx, ref_valid = reciprocal_neighbors(torch.from_numpy(x), 64)
+    np.testing.assert_array_equal(idx, ref_idx.numpy())
+    np.testing.assert_array_equal(valid.astype(bool), ref_valid.numpy())
+
+
+@pytest.mark.parametrize("n,block_elements", [(3000, 3000 * 7), (500, 1), (33, 33 * 4)])
+def test_onnx_function_body_with_small_row_blocks(n, block_elements):
+    """Large N uses fewer rows per block (memory O(N)); emulate it with a small element budget."""
+    session = function_session(block_elements=block_elements)
+    x = clustered_features(n, seed=n, duplicates=n // 10)[None]
+    idx, valid = session.run(None, {"features": x})
+    assert row_block(n, block_elements) < min(n, ROW_BLOCK)
+    ref_idx, ref_valid = reciprocal_neighbors(torch.from_numpy(x), 20, block_elements)
+    default_idx, _ = reciprocal_neighbors(torch.from_numpy(x), 20)
+    assert torch.equal(ref_idx, default_idx)
     np.testing.assert_array_equal(idx, ref_idx.numpy())
     np.testing.assert_array_equal(valid.astype(bool), ref_valid.numpy())
