@@ -1,0 +1,91 @@
+"""Custom operations of NFormer for TensorRT: the plugin library and its CUDA kernels.
+
+``plugins/`` serves both ends of the flow: the ONNX node ``nformer::ReciprocalNeighbors`` that
+``export/`` writes is implemented here for TensorRT (``reciprocal_neighbors/``), and ``runtime/`` loads
+the built library when it builds or runs an engine.  Build once with CMake::
+
+    cmake -S plugins -B build/plugins -DTENSORRT_ROOT=/path/to/TensorRT && cmake --build build/plugins -j
+
+Importing this package is cheap (no torch, no CUDA): it only locates the built libraries.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from export.errors import NFormerError
+
+PLUGIN_LIBRARY = "libnformer_plugins.so"
+KERNELS_LIBRARY = "libnformer_kernels.so"
+#: Directory searched first for the built libraries.
+ENV_DIR = "NFORMER_PLUGIN_DIR"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+#: Where the documented CMake command puts the libraries.
+DEFAULT_BUILD_DIR = REPO_ROOT / "build" / "plugins"
+BUILD_COMMAND = (
+    "cmake -S plugins -B build/plugins -DTENSORRT_ROOT=/path/to/TensorRT && cmake --build build/plugins -j"
+)
+
+__all__ = [
+    "BUILD_COMMAND",
+    "ENV_DIR",
+    "KERNELS_LIBRARY",
+    "PLUGIN_LIBRARY",
+    "PluginNotBuiltError",
+    "kernels_library_path",
+    "library_path",
+    "search_dirs",
+]
+
+
+class PluginNotBuiltError(NFormerError, RuntimeError):
+    """A plugin library was asked for but has not been built (or not where it is looked for)."""
+
+
+def search_dirs() -> list[Path]:
+    """Directories searched for the libraries, in order: ``$NFORMER_PLUGIN_DIR``, then build/plugins."""
+    dirs = []
+    env = os.environ.get(ENV_DIR)
+    if env:
+        dirs.append(Path(env).expanduser())
+    dirs.append(DEFAULT_BUILD_DIR)
+    return dirs
+
+
+def _find(name: str, what: str, hint: str) -> Path:
+    dirs = search_dirs()
+    for d in dirs:
+        candidate = d / name
+        if candidate.is_file():
+            return candidate.resolve()
+    looked = ", ".join(str(d / name) for d in dirs)
+    raise PluginNotBuiltError(
+        f"{what} ({name}) is not built: looked for {looked}. {hint} "
+        f"Build it from the repository root with: {BUILD_COMMAND} "
+        f"(or set {ENV_DIR} to the directory that holds it)."
+    )
+
+
+def library_path() -> Path:
+    """Path of ``libnformer_plugins.so``, the TensorRT plugin library.
+
+    Load it with ``trtexec --dynamicPlugins=<path>`` or ``IPluginRegistry.load_library(str(path))``.
+    Raises :class:`PluginNotBuiltError` when it has not been built.
+    """
+    hint = "It needs TensorRT's headers at build time (not libnvinfer)."
+    for d in search_dirs():
+        if (d / KERNELS_LIBRARY).is_file() and not (d / PLUGIN_LIBRARY).is_file():
+            hint = (
+                f"{d / KERNELS_LIBRARY} exists, so CMake ran without finding TensorRT's headers (NvInfer.h); "
+                "pass -DTENSORRT_ROOT=<directory whose include/ holds NvInfer.h>."
+            )
+            break
+    return _find(PLUGIN_LIBRARY, "The TensorRT plugin library", hint)
+
+
+def kernels_library_path() -> Path:
+    """Path of ``libnformer_kernels.so``: the CUDA kernels behind a plain C API (no TensorRT needed).
+
+    Raises :class:`PluginNotBuiltError` when it has not been built.
+    """
+    return _find(KERNELS_LIBRARY, "The CUDA kernels library", "It needs CUDA's nvcc and CMake >= 3.18.")

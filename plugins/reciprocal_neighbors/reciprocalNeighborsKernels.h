@@ -1,0 +1,104 @@
+/*
+ * The reciprocal top-k neighbour step of NFormer as plain CUDA functions (no TensorRT).
+ *
+ * Contract: export/reciprocal_neighbors.py, the one reference. For features x [B, N, D]:
+ *   key[i, j] = (x_i . x_j) / max(||x_j||, 1e-12) in float64 from the fp32/fp16 input,
+ *   idx[i, 0] = i, idx[i, 1..k_eff-1] = the other rows by key descending, equal keys to the lower index,
+ *   valid[i, t] = (i in idx[idx[i, t]]),  k_eff = min(k, N).
+ *
+ * How it stays exact without an N x N matrix (see README.md beside this file):
+ *   1. prepare: fp64 row norms, and y = fp16(256 * x / ||x||) as the candidate operand;
+ *   2. candidates: tensor-core tiles of y y^T (fp16 in, fp32 accumulate) stream over all columns while
+ *      each row keeps its best c approximate scores (c = candidates per row) in shared memory;
+ *   3. rescore: the candidates' keys in fp64; the row is certified when the k_eff-1'th exact key beats
+ *      every non-candidate's largest possible key (threshold + a proven error bound of the fp16 pass);
+ *   4. fallback: rows that cannot be certified (duplicate groups larger than c, zero rows, near-ties)
+ *      are ranked by an exact fp64 scan of the whole row;
+ *   5. validity: the reciprocal check on the final lists.
+ * All scratch memory comes from one caller-provided workspace; nothing allocates or synchronises.
+ */
+#ifndef NFORMER_RECIPROCAL_NEIGHBORS_KERNELS_H
+#define NFORMER_RECIPROCAL_NEIGHBORS_KERNELS_H
+
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+namespace nformer
+{
+
+//! Element type of the features input.
+enum class FeatureType : int32_t
+{
+    kFLOAT32 = 0,
+    kFLOAT16 = 1,
+};
+
+//! Largest supported k (the neighbour lists and per-row candidate lists live in shared memory).
+constexpr int32_t kReciprocalNeighborsMaxK = 128;
+
+//! Flags of reciprocalNeighbors().
+enum ReciprocalNeighborsFlags : int32_t
+{
+    kFLAG_NONE = 0,
+    //! Skip the candidate pass: every row takes the exact fp64 scan (tests and debugging).
+    kFLAG_EXACT_ONLY = 1,
+    //! Use the 64-row (2) or 32-row (4) candidate tiles even where 128-row tiles fit (tests the variants
+    //! that GPUs with less shared memory per block, sm_86 / sm_89, select for large k).
+    kFLAG_TILE_64 = 2,
+    kFLAG_TILE_32 = 4,
+    //! Use the generic candidate kernel (any D and c) where the resident-rows kernel would run.
+    kFLAG_GENERIC_CANDIDATES = 8,
+};
+
+//! Status codes: 0 success, negative = invalid arguments (nothing was launched), positive = a cudaError_t.
+enum ReciprocalNeighborsStatus : int32_t
+{
+    kSTATUS_SUCCESS = 0,
+    kSTATUS_BAD_SHAPE = -1,
+    kSTATUS_BAD_K = -2,
+    kSTATUS_BAD_TYPE = -3,
+    kSTATUS_WORKSPACE_TOO_SMALL = -4,
+    kSTATUS_NULL_POINTER = -5,
+    kSTATUS_BAD_CANDIDATES = -6,
+};
+
+//! The sizes the kernels run with (a pure function of the arguments, so it can be shown and tested).
+struct ReciprocalNeighborsPlan
+{
+    int32_t batch{};
+    int32_t rows{};
+    int32_t dim{};
+    int32_t paddedDim{};  //!< D rounded up to a multiple of 64 (fp16 candidate operand row length)
+    int32_t k{};
+    int32_t kEff{};       //!< min(k, N)
+    int32_t candidates{}; //!< c: approximate candidates kept per row and column split (multiple of 32)
+    int32_t splits{};     //!< S: column ranges scanned by separate blocks (more blocks for small N)
+    double errorBound{};  //!< proven bound on |approximate - exact| cosine of the candidate pass
+    size_t workspaceBytes{};
+};
+
+//! Plan for the given sizes. candidates = 0 picks the default c; a smaller workspaceLimit lowers S to fit.
+//! Returns a status (kSTATUS_SUCCESS or a negative code).
+int32_t planReciprocalNeighbors(int32_t batch, int32_t rows, int32_t dim, int32_t k, int32_t candidates,
+    size_t workspaceLimit, ReciprocalNeighborsPlan* plan);
+
+//! Workspace bytes needed for these sizes (0 for invalid arguments). Enough for any smaller B, N or D
+//! with the same k: a smaller problem given this workspace lowers its column splits to fit.
+size_t reciprocalNeighborsWorkspaceSize(int32_t batch, int32_t rows, int32_t dim, int32_t k, int32_t candidates = 0);
+
+//! Enqueue the whole step on `stream`. features [B, N, D] (fp32 or fp16, contiguous, device);
+//! neighborIndex / neighborValid int32 [B, N, min(k, N)] (device). Never allocates or synchronises.
+//! The first 16 bytes of the workspace hold int32 counters after the call: [0] rows that took the exact
+//! fallback scan, [1] candidate scores that broke the error bound (0 expected; such rows also fall back).
+int32_t reciprocalNeighbors(void const* features, FeatureType type, int32_t batch, int32_t rows, int32_t dim,
+    int32_t k, int32_t* neighborIndex, int32_t* neighborValid, void* workspace, size_t workspaceBytes,
+    cudaStream_t stream, int32_t candidates = 0, int32_t flags = kFLAG_NONE);
+
+//! A one-line description of a status code.
+char const* reciprocalNeighborsStatusString(int32_t status);
+
+} // namespace nformer
+
+#endif // NFORMER_RECIPROCAL_NEIGHBORS_KERNELS_H

@@ -1,0 +1,216 @@
+"""The plugin builds: CUDA kernels for every target GPU, the TensorRT glue against TensorRT's headers,
+and the libraries' host-side contract (C API, exports, workspace formula, error messages).
+
+Runs on a CPU machine.  Needs nvcc (CUDA 13.0 here and in CI; found on PATH or in /usr/local/cuda/bin)
+and CMake; the TensorRT glue needs TensorRT's headers (``TENSORRT_ROOT`` or the standard include paths)
+and is skipped, with the reason printed, where they are not found.  One CMake build per session.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import plugins
+
+REPO = Path(__file__).resolve().parents[1]
+ARCHS = ("80", "86", "89", "90")
+TRT_STANDARD_INCLUDES = ("/usr/include/x86_64-linux-gnu", "/usr/include/aarch64-linux-gnu", "/usr/include",
+                         "/usr/local/include", "/usr/local/tensorrt/include", "/opt/tensorrt/include")
+
+
+def find_nvcc() -> str | None:
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    for candidate in ("/usr/local/cuda/bin/nvcc", "/usr/local/cuda-13.0/bin/nvcc"):
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def find_tensorrt_include() -> Path | None:
+    """The directory holding NvInfer.h: $TENSORRT_ROOT/include (or $TENSORRT_ROOT), else a standard path."""
+    root = os.environ.get("TENSORRT_ROOT")
+    candidates = [Path(root) / "include", Path(root)] if root else []
+    candidates += [Path(p) for p in TRT_STANDARD_INCLUDES]
+    for d in candidates:
+        if (d / "NvInfer.h").is_file():
+            return d
+    return None
+
+
+def run(cmd, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory):
+    """One CMake build of plugins/ for sm_80/86/89/90: the kernels always, the glue when headers exist."""
+    nvcc = find_nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found (not on PATH, not in /usr/local/cuda/bin): the CUDA kernels were not compiled")
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        pytest.skip("cmake not found on PATH: plugins/CMakeLists.txt was not built")
+    trt_include = find_tensorrt_include()
+    out = tmp_path_factory.mktemp("plugin_build")
+    configure = [cmake, "-S", REPO / "plugins", "-B", out, f"-DCMAKE_CUDA_COMPILER={nvcc}",
+                 f"-DCMAKE_CUDA_ARCHITECTURES={';'.join(ARCHS)}", "-DCMAKE_CUDA_FLAGS=--threads=0"]
+    if trt_include is not None:
+        configure.append(f"-DTENSORRT_ROOT={trt_include.parent}")
+    else:
+        configure.append("-DNFORMER_BUILD_PLUGIN=OFF")
+    cfg = run(configure)
+    assert cfg.returncode == 0, f"cmake configure failed:\n{cfg.stdout}\n{cfg.stderr}"
+    bld = run([cmake, "--build", out, "-j", str(os.cpu_count() or 2)])
+    assert bld.returncode == 0, f"cmake build failed:\n{bld.stdout[-8000:]}\n{bld.stderr[-8000:]}"
+    return {"dir": out, "nvcc": nvcc, "trt_include": trt_include, "log": cfg.stdout + bld.stdout}
+
+
+@pytest.fixture(scope="module")
+def kernels(build):
+    """The freshly built libnformer_kernels.so, also as the default of plugins.reciprocal_neighbors.cuda.
+
+    It loads on a machine without a GPU: cudart is linked statically and only reaches the driver on the
+    first CUDA call.
+    """
+    from plugins.reciprocal_neighbors import cuda
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv(plugins.ENV_DIR, str(build["dir"]))
+    mp.setattr(cuda, "_lib", None)
+    yield cuda.load_kernels()
+    mp.undo()
+
+
+def test_kernels_compile_for_every_target_gpu(build):
+    lib = build["dir"] / plugins.KERNELS_LIBRARY
+    assert lib.is_file()
+    cuobjdump = shutil.which("cuobjdump") or next(
+        (p for p in ("/usr/local/cuda/bin/cuobjdump",) if os.access(p, os.X_OK)), None)
+    if cuobjdump:
+        listed = run([cuobjdump, "--list-elf", lib])
+        assert listed.returncode == 0, listed.stderr
+        text = listed.stdout
+    else:  # a toolkit without cuobjdump: each embedded SASS image records the ptxas "-arch sm_XX" it was built with
+        text = lib.read_bytes().decode("latin-1").replace("-arch sm_", "ELF sm_")
+    for arch in ARCHS:
+        assert f"sm_{arch}.cubin" in text or f"ELF sm_{arch}" in text, f"no sm_{arch} machine code in {lib}"
+
+
+def test_kernels_use_no_local_memory_stack(build, tmp_path):
+    """No run-time-indexed arrays spilled to the stack: enqueue must never make the driver grow local memory."""
+    src = REPO / "plugins" / "reciprocal_neighbors" / "reciprocalNeighborsKernels.cu"
+    res = run([build["nvcc"], "-O3", "-std=c++17", "-gencode", "arch=compute_90,code=sm_90", "-Xptxas", "-v",
+               "-c", src, "-o", tmp_path / "k.o"])
+    assert res.returncode == 0, res.stderr
+    frames = [int(line.split()[0]) for line in res.stderr.splitlines() if "bytes stack frame" in line]
+    assert frames and max(frames) <= 64, res.stderr  # a few spilled registers at most, far below the 1 KiB default
+
+
+def test_c_api_exports(build):
+    syms = run(["nm", "-D", "--defined-only", build["dir"] / plugins.KERNELS_LIBRARY])
+    assert syms.returncode == 0
+    for name in ("nformer_reciprocal_neighbors", "nformer_reciprocal_neighbors_ex",
+                 "nformer_reciprocal_neighbors_workspace", "nformer_reciprocal_neighbors_plan",
+                 "nformer_status_string"):
+        assert f" T {name}\n" in syms.stdout
+    # only the C API is visible: the kernels' C++ symbols stay hidden
+    exported = [line.split()[-1] for line in syms.stdout.splitlines() if " T " in line]
+    assert all(s.startswith("nformer_") for s in exported), exported
+
+
+def test_invalid_arguments_are_refused_before_any_cuda_call(kernels):
+    """Status codes come back on a machine without a GPU: argument checks precede every CUDA call."""
+    call = kernels.nformer_reciprocal_neighbors_ex
+    assert call(None, 0, 1, 10, 256, 0, None, None, None, 0, None, 0, 0) == -2      # k = 0
+    assert call(None, 0, 1, 10, 256, 129, None, None, None, 0, None, 0, 0) == -2    # k > 128
+    assert call(None, 0, 0, 10, 256, 20, None, None, None, 0, None, 0, 0) == -1     # B = 0
+    assert call(None, 0, 1, 0, 256, 20, None, None, None, 0, None, 0, 0) == -1      # N = 0
+    assert call(None, 7, 1, 10, 256, 20, None, None, None, 0, None, 0, 0) == -3     # dtype
+    assert call(None, 0, 1, 100, 256, 20, None, None, None, 16, None, 0, 0) == -4   # workspace
+    assert call(None, 0, 1, 100, 256, 20, None, None, None, 0, None, 5, 0) == -6    # candidates <= k - 1
+    need = kernels.nformer_reciprocal_neighbors_workspace(1, 100, 256, 20)
+    assert call(None, 0, 1, 100, 256, 20, None, None, None, need, None, 0, 0) == -5  # null pointers
+    for status in (-1, -2, -3, -4, -5, -6):
+        assert len(kernels.nformer_status_string(status)) > 10
+
+
+def test_plan_candidates_splits_and_error_bound(kernels):
+    from plugins.reciprocal_neighbors import cuda
+
+    for n, k in ((1, 20), (7, 20), (21, 20), (1000, 20), (19281, 20), (19281, 64), (10**6, 20), (5000, 128)):
+        p = cuda.plan(1, n, 256, k)
+        k_eff = min(n, k)
+        assert p.candidates % 32 == 0 and p.candidates >= k_eff, (n, k, p)
+        assert p.candidates <= 256 and 1 <= p.splits <= 4 and p.splits * p.candidates <= 256
+        assert 5e-4 < p.error_bound < 2e-3  # fp16 operands: about 1.1e-3 in cosine units at D = 256
+    assert cuda.plan(1, 10**6, 256, 20).splits == 1
+    assert cuda.plan(1, 19281, 256, 20).splits == 4  # few row blocks: the columns are split for occupancy
+
+
+def test_workspace_is_linear_in_n_and_grows_with_the_shape(kernels):
+    """No N x N anywhere: O(N (D + S c)) bytes; monotone so a TensorRT profile's max shape covers the rest."""
+    from plugins.reciprocal_neighbors import cuda
+
+    ws = kernels.nformer_reciprocal_neighbors_workspace
+    for k in (20, 64, 128):
+        sizes = [(n, ws(1, n, 256, k)) for n in (1, 2, 7, 20, 21, 64, 65, 100, 1000, 5000, 16383, 16385, 20000,
+                                                 40000, 65535, 65537, 100000, 300000, 10**6)]
+        for (n0, s0), (n1, s1) in zip(sizes, sizes[1:]):
+            assert s1 >= s0, f"k={k}: workspace({n1})={s1} < workspace({n0})={s0}"
+        for n, s in sizes:
+            c = cuda.plan(1, n, 256, k).candidates
+            # per row: fp64 norm, fp16 copy, fallback slot, and up to 4 splits of c (index, score) + threshold
+            per_row = 8 + 2 * 256 + 4 + 4 * (8 * c + 4)
+            assert s <= n * per_row + (1 << 20), (k, n, s)
+            rows_x_splits = min(4 * n, 128 * 512 + n + 127)  # README.md: the workspace formula
+            assert s <= n * (8 + 2 * 256 + 4) + rows_x_splits * (8 * c + 4) + 2048, (k, n, s)
+            if n >= 19281:
+                assert s < 0.1 * 4 * n * n, (k, n, s)
+    assert ws(2, 5000, 256, 20) >= ws(1, 5000, 256, 20)
+    assert ws(1, 5000, 512, 20) >= ws(1, 5000, 256, 20)
+
+
+def test_plugins_import_is_light():
+    code = "import sys, plugins, plugins.reciprocal_neighbors.cuda; print('torch' in sys.modules)"
+    res = run([sys.executable, "-c", code], cwd=REPO)
+    assert res.returncode == 0 and res.stdout.strip() == "False", res.stdout + res.stderr
+
+
+def test_missing_libraries_raise_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv(plugins.ENV_DIR, str(tmp_path))
+    monkeypatch.setattr(plugins, "DEFAULT_BUILD_DIR", tmp_path / "build" / "plugins")
+    with pytest.raises(plugins.PluginNotBuiltError) as err:
+        plugins.kernels_library_path()
+    msg = str(err.value)
+    assert "libnformer_kernels.so" in msg and "cmake -S plugins -B build/plugins" in msg and str(tmp_path) in msg
+    (tmp_path / plugins.KERNELS_LIBRARY).write_bytes(b"")
+    assert plugins.kernels_library_path() == (tmp_path / plugins.KERNELS_LIBRARY).resolve()
+    with pytest.raises(plugins.PluginNotBuiltError, match="TENSORRT_ROOT") as err:
+        plugins.library_path()  # the kernels are there, the TensorRT library is not: say why
+    assert isinstance(err.value, RuntimeError)
+    (tmp_path / plugins.PLUGIN_LIBRARY).write_bytes(b"")
+    assert plugins.library_path().name == plugins.PLUGIN_LIBRARY
+
+
+def test_tensorrt_glue_builds_against_tensorrt_headers(build):
+    if build["trt_include"] is None:
+        pytest.skip("TensorRT headers (NvInfer.h) not found via TENSORRT_ROOT or "
+                    f"{', '.join(TRT_STANDARD_INCLUDES)}: libnformer_plugins.so was not built")
+    lib = build["dir"] / plugins.PLUGIN_LIBRARY
+    assert lib.is_file(), build["log"][-4000:]
+    syms = run(["nm", "-D", "--defined-only", lib]).stdout
+    assert " T getCreators\n" in syms and " T setLoggerFinder\n" in syms
+    needed = run(["readelf", "-d", lib]).stdout
+    assert "libnvinfer" not in needed and "libcudart.so" not in needed, needed
+    # the creator, fields, serialisation, shapes, formats and workspace, driven through the IPluginV3
+    # interfaces without TensorRT (a GPU run of enqueue is in benchmarks/gpu_plugin_run.sh)
+    selftest = run([build["dir"] / "nformer_plugin_selftest", lib])
+    assert selftest.returncode == 0, selftest.stdout + selftest.stderr
+    assert "OK: 0 failure(s)" in selftest.stdout
