@@ -1,7 +1,10 @@
 """``Pipeline``: the exported files of one model directory, ready to embed and refine.
 
 ``Pipeline.load("build/")`` reads the manifest (the interface written by ``export.to_onnx``) and
-opens each network on the best backend available (ONNX Runtime: CUDA, then CPU).
+opens each network on the best backend available: a TensorRT engine listed in the manifest when
+it is usable here, else ONNX Runtime (CUDA, then CPU).  ``dynamic_batching=True`` routes
+``embed`` through ``runtime.batching`` (many producer threads, batched encoder calls);
+``gallery()`` gives a ``runtime.gallery.Gallery`` bound to the refinement.
 """
 from __future__ import annotations
 
@@ -9,11 +12,39 @@ from pathlib import Path
 
 import numpy as np
 
+from export.errors import InputError
 from export.manifest import load_manifest, model_config
 
-from .backends import OnnxRuntimeBackend
+from .backends import Backend, OnnxRuntimeBackend
 from .encoder import EncoderRunner
 from .refiner import Refiner
+
+BACKENDS = ("auto", "onnxruntime", "tensorrt")
+
+
+def open_network(model_dir: Path, manifest: dict, network: str, backend: str = "auto", providers=None,
+                 threads=None, dynamic_shapes: bool = False, precision: str | None = None) -> tuple[Backend, list[str]]:
+    """``network`` ("encoder", "nformer", "nformer_layers") on ``backend``; with "auto", a usable
+    TensorRT engine from the manifest (of ``precision`` if given), else ONNX Runtime.  Returns the
+    backend and the reasons engines were passed over (empty when the manifest lists none)."""
+    if backend not in BACKENDS:
+        raise InputError(f"backend must be one of {', '.join(BACKENDS)}, found {backend!r}")
+    notes: list[str] = []
+    if backend != "onnxruntime":
+        from .tensorrt_backend import TensorRTBackend, find_engine, listed_engines
+
+        entry, notes = find_engine(manifest, model_dir, network, precision) if listed_engines(manifest) else (None, [])
+        if entry is not None:
+            return TensorRTBackend(model_dir / entry["path"], precision=entry.get("precision", "fp32")), notes
+        if backend == "tensorrt":
+            why = "; ".join(notes) or "the manifest lists no TensorRT engine for it (build one first)"
+            raise InputError(f"no usable TensorRT engine for {network} in {model_dir}: {why}")
+    files = manifest["files"]
+    if network not in files:
+        raise InputError(f"{model_dir} has no {network} file in its manifest: re-run the export with this "
+                         "version of nformer-trt")
+    return OnnxRuntimeBackend(model_dir / files[network]["path"], providers, threads,
+                              dynamic_shapes=dynamic_shapes), notes
 
 
 class Pipeline:
@@ -23,23 +54,112 @@ class Pipeline:
         self.config = model_config(manifest)
         self.encoder = encoder
         self.refiner = refiner
+        self.backend = "auto"
+        self.providers = None
+        self.threads = None
+        self.notes: list[str] = []          # why listed TensorRT engines were not used
+        self.batcher = None                 # runtime.batching.DynamicBatcher when enabled
+        self._layers = None
 
     @classmethod
     def load(cls, model_dir: str | Path, batch_size: int = 32, providers: list[str] | None = None,
-             threads: int | None = None) -> "Pipeline":
+             threads: int | None = None, backend: str = "auto", dynamic_batching: bool = False,
+             max_batch: int | None = None, max_wait_ms: float = 2.0, precision: str | None = None) -> "Pipeline":
+        """``backend``: "auto" (TensorRT engines from the manifest where usable, else ONNX Runtime),
+        "onnxruntime" or "tensorrt" (an error when no engine is usable); ``precision`` picks the
+        encoder engine's precision (default: fp16, then fp32, then int8).  ``dynamic_batching``:
+        group concurrent ``embed`` calls into batches of up to ``max_batch`` (default
+        ``batch_size``) rows, waiting at most ``max_wait_ms`` for a batch to fill."""
         model_dir = Path(model_dir)
         manifest = load_manifest(model_dir)
         config = model_config(manifest)
-        files = manifest["files"]
-        encoder = EncoderRunner(OnnxRuntimeBackend(model_dir / files["encoder"]["path"], providers, threads),
-                                config, batch_size)
-        refiner = Refiner(OnnxRuntimeBackend(model_dir / files["nformer"]["path"], providers, threads,
-                                             dynamic_shapes=True), config)
-        return cls(model_dir, manifest, encoder, refiner)
+        enc, notes = open_network(model_dir, manifest, "encoder", backend, providers, threads, precision=precision)
+        ref, more = open_network(model_dir, manifest, "nformer", backend, providers, threads, dynamic_shapes=True,
+                                 precision="fp32" if precision == "fp32" else None)
+        pipe = cls(model_dir, manifest, EncoderRunner(enc, config, batch_size), Refiner(ref, config))
+        pipe.backend, pipe.providers, pipe.threads, pipe.notes = backend, providers, threads, notes + more
+        if dynamic_batching:
+            pipe.enable_dynamic_batching(max_batch or batch_size, max_wait_ms)
+        return pipe
+
+    @property
+    def backend_names(self) -> dict[str, str]:
+        names = {"encoder": self.encoder.backend.name, "nformer": self.refiner.backend.name}
+        if self._layers is not None:
+            names["nformer_layers"] = self._layers.backend.name
+        return names
+
+    def enable_dynamic_batching(self, max_batch: int | None = None, max_wait_ms: float = 2.0):
+        """Route ``embed`` through a DynamicBatcher (returned); safe to call embed from many threads."""
+        from .batching import DynamicBatcher
+
+        if self.batcher is not None:
+            self.batcher.close()
+        self.batcher = DynamicBatcher(self.encoder.embed_images, max_batch or self.encoder.batch_size, max_wait_ms)
+        return self.batcher
 
     def embed(self, crops, progress=None) -> np.ndarray:
-        """Crops (paths, PIL images or HxWx3 uint8 arrays) -> raw encoder embeddings [N, 256]."""
-        return self.encoder.embed(crops, progress)
+        """Crops (paths, PIL images or HxWx3 uint8 arrays) -> raw encoder embeddings [N, 256].
+
+        With dynamic batching on, crops are preprocessed in the calling thread and the encoder call
+        is shared with other threads' requests."""
+        if self.batcher is None:
+            return self.encoder.embed(crops, progress)
+        from .preprocess import preprocess_batch
+
+        c = self.config
+        out = np.zeros((len(crops), c.feature_dim), np.float32)
+        step = self.batcher.max_batch
+        for s in range(0, len(crops), step):
+            chunk = crops[s:s + step]
+            images = preprocess_batch(chunk, c.input_size_hw, c.pixel_mean, c.pixel_std)
+            out[s:s + len(chunk)] = self.batcher(images)
+            if progress:
+                progress(len(chunk))
+        return out
+
+    @property
+    def layers_refiner(self):
+        """The refinement with neighbour lists as inputs (``nformer_layers``), opened on first use."""
+        if self._layers is None:
+            from .layers_refiner import LayersRefiner
+
+            # engines of nformer_layers are optional: with backend="tensorrt" a missing one falls back
+            # to ONNX Runtime (the reason lands in self.notes) rather than refusing the gallery
+            backend, notes = open_network(self.model_dir, self.manifest, "nformer_layers",
+                                          "auto" if self.backend == "tensorrt" else self.backend,
+                                          self.providers, self.threads, dynamic_shapes=True)
+            self.notes += notes
+            self._layers = LayersRefiner(backend, self.config)
+        return self._layers
+
+    def gallery(self, path=None, seed: int = 0, reserve: int | None = None, allow_model_mismatch: bool = False):
+        """A new empty Gallery (``path`` None) or the one saved at ``path``, bound to this model's
+        refinement.  ``seed``: landmark draw of a new gallery (a loaded one keeps its own)."""
+        from .gallery import Gallery, model_identity
+        from .neighbors import DEFAULT_RESERVE
+
+        ident = model_identity(self.manifest, self.config)
+        if path is None:
+            return Gallery(self.config, self.layers_refiner, seed=seed,
+                           reserve=DEFAULT_RESERVE if reserve is None else reserve, model=ident)
+        return Gallery.load(path, self.config, self.layers_refiner, model=ident,
+                            allow_model_mismatch=allow_model_mismatch)
+
+    def close(self) -> None:
+        """Stop the batcher (queued requests finish) and release engines."""
+        if self.batcher is not None:
+            self.batcher.close()
+        for runner in (self.encoder, self.refiner, self._layers):
+            close = getattr(getattr(runner, "backend", None), "close", None)
+            if close:
+                close()
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def refine(self, embeddings, landmarks=None, seed: int = 0, normalize_output: bool = True) -> np.ndarray:
         return self.refiner.refine(embeddings, landmarks, seed, normalize_output)

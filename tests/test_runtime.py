@@ -190,7 +190,11 @@ def test_cli_refine_bad_input(resnet18_export, tmp_path, case):
 
 def test_serving_path_imports_no_torch():
     code = ("import sys, runtime, runtime.cli, runtime.pipeline, runtime.backends, runtime.preprocess, "
-            "runtime.refiner, runtime.encoder, calibration, export.manifest, export.landmarks; "
+            "runtime.refiner, runtime.encoder, calibration, export.manifest, export.landmarks, "
+            "calibration.images, calibration.cache, calibration.quantize, calibration.fp16, calibration.variants, "
+            "runtime.engine_builder, runtime.parity, "
+            "runtime.neighbors, runtime.layers_refiner, runtime.gallery, runtime.batching, runtime.evaluation, "
+            "runtime.bench, runtime.serving, runtime.tensorrt_backend, runtime.cuda_memory; "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

@@ -1,0 +1,190 @@
+"""Precision variants of a model directory, and the manifest section that lists them.
+
+Place in the flow: ``export`` wrote ``encoder.onnx``, ``nformer.onnx`` and ``manifest.json``; this
+module writes the precision-specific ONNX files **beside** them (the fp32 files stay) and records
+each in the manifest under ``"variants"``; ``runtime.engine_builder`` builds TensorRT engines from
+them and records those under ``"engines"`` (its docstring gives that format).  Both sections are
+updated with :func:`update_manifest_section` (read, merge, atomic write): the export's own keys are
+never touched, and a re-export (which rewrites the manifest) drops both sections with the files
+they describe going stale.
+
+Files per precision (``variant_file``):
+
+=========  ======================  =====================================================
+precision  encoder                 refinement (``nformer``)
+=========  ======================  =====================================================
+fp32       ``encoder.onnx``        ``nformer.onnx`` (the export's files; not re-listed)
+fp16       ``encoder.fp16.onnx``   ``nformer.fp16.onnx`` (neighbour ranking reads fp32)
+int8       ``encoder.int8.onnx``   none: the refinement runs fp32 or fp16 (DESIGN.md 3)
+=========  ======================  =====================================================
+
+``manifest["variants"]`` format (one entry per file, keyed ``"<network>.<precision>"``)::
+
+    "variants": {
+      "encoder.int8": {
+        "network": "encoder", "precision": "int8", "path": "encoder.int8.onnx", "sha256": "...",
+        "source": {"path": "encoder.onnx", "sha256": "..."},        # the fp32 file it came from
+        "inputs": [{"name", "dtype", "shape"}], "outputs": [...],   # float32 I/O in every variant
+        "quantization": "qdq-int8",                                 # or "fp16-tensors"
+        "calibration": {"method", "options", "images", "seed", "source", "layout", "skipped",
+                        "cache", "cache_hit"},                      # int8 only
+        "neighbor_ranking": "float32",                              # nformer.* only
+        "tools": {"onnx": "...", "onnxruntime": "..."}, "created": "..."
+      }, ...
+    }
+
+Imports no torch.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import onnx
+
+from export.errors import InputError
+from export.manifest import MANIFEST_NAME, load_manifest, sha256_file, write_json_atomic
+
+from .quantize import DEFAULT_IMAGES, DEFAULT_METHOD, DEFAULT_PERCENTILE, quantize_encoder
+
+VARIANTS_KEY = "variants"
+PRECISIONS = ("fp32", "fp16", "int8")
+REFINE_PRECISIONS = ("fp32", "fp16")
+NETWORKS = ("encoder", "nformer")
+
+
+def variant_name(network: str, precision: str) -> str:
+    return f"{network}.{precision}"
+
+
+def variant_file(network: str, precision: str) -> str:
+    return f"{network}.onnx" if precision == "fp32" else f"{network}.{precision}.onnx"
+
+
+def default_refine_precision(precision: str) -> str:
+    """The refinement's precision for a build at ``precision``: fp16 for fp16 and int8 builds."""
+    return "fp32" if precision == "fp32" else "fp16"
+
+
+def io_spec(path: Path) -> dict:
+    proto = onnx.load(path, load_external_data=False)
+
+    def spec(v):
+        t = v.type.tensor_type
+        return {"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
+                "shape": [d.dim_param or d.dim_value for d in t.shape.dim]}
+    return {"inputs": [spec(v) for v in proto.graph.input], "outputs": [spec(v) for v in proto.graph.output]}
+
+
+def update_manifest_section(model_dir: str | Path, key: str, entries: dict) -> dict:
+    """Merge ``entries`` into ``manifest[key]`` and write the manifest atomically; returns it."""
+    path = Path(model_dir) / MANIFEST_NAME
+    manifest = json.loads(path.read_text())
+    manifest.setdefault(key, {}).update(entries)
+    write_json_atomic(path, manifest)
+    return manifest
+
+
+def read_variants(model_dir: str | Path) -> dict:
+    """``manifest["variants"]`` with every listed file present (missing ones are dropped)."""
+    model_dir = Path(model_dir)
+    manifest = load_manifest(model_dir)
+    return {name: v for name, v in manifest.get(VARIANTS_KEY, {}).items() if (model_dir / v["path"]).is_file()}
+
+
+def _tools() -> dict:
+    import onnxruntime
+
+    return {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def _entry(model_dir: Path, network: str, precision: str, source: str, **extra) -> dict:
+    path = variant_file(network, precision)
+    return {"network": network, "precision": precision, "path": path, "sha256": sha256_file(model_dir / path),
+            "source": {"path": source, "sha256": sha256_file(model_dir / source)}, **io_spec(model_dir / path),
+            **extra, "tools": _tools(),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def _write_atomic(dst: Path, write: Callable[[Path], None]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the file is as readable as any other output
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_variants(model_dir: str | Path, precision: str, *, refine_precision: str | None = None,
+                   calib_data: str | Path | None = None, calib_method: str = DEFAULT_METHOD,
+                   calib_images: int = DEFAULT_IMAGES, calib_seed: int = 0,
+                   percentile: float = DEFAULT_PERCENTILE, log: Callable[[str], None] = print) -> dict:
+    """Write the ONNX files a build at ``precision`` needs; return ``{"encoder": entry, "nformer": entry}``.
+
+    The entries are manifest-style dicts (fp32 entries describe the export's own files).  INT8 needs
+    ``calib_data``; ``refine_precision`` defaults to :func:`default_refine_precision`.
+    """
+    from .fp16 import convert_encoder, convert_nformer
+
+    model_dir = Path(model_dir)
+    if precision not in PRECISIONS:
+        raise InputError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    refine_precision = refine_precision or default_refine_precision(precision)
+    if refine_precision not in REFINE_PRECISIONS:
+        raise InputError(f"the refinement runs in {' or '.join(REFINE_PRECISIONS)} (its neighbour ranking is "
+                         f"fp32 in every variant), got {refine_precision!r}")
+    if precision == "int8" and calib_data is None:
+        raise InputError("--precision int8 needs --calib-data DIR: a folder of person crops or a Market-1501-layout "
+                         "directory (its training split is used) to calibrate the activation ranges on")
+    manifest = load_manifest(model_dir)
+    config = manifest["model"]
+    files = manifest["files"]
+    written = {}
+    if precision == "fp32":
+        written["encoder"] = _fp32_entry(model_dir, manifest, "encoder")
+    elif precision == "fp16":
+        log(f"writing {variant_file('encoder', 'fp16')} (fp16 tensors, float32 input/output) ...")
+        _write_atomic(model_dir / variant_file("encoder", "fp16"),
+                      lambda tmp: convert_encoder(model_dir / files["encoder"]["path"], tmp))
+        written["encoder"] = _entry(model_dir, "encoder", "fp16", files["encoder"]["path"], quantization="fp16-tensors")
+    else:
+        log(f"writing {variant_file('encoder', 'int8')} (Q/DQ: int8 symmetric, per-channel weights) ...")
+        calibration = {}
+
+        def quantize(tmp: Path) -> None:
+            calibration.update(quantize_encoder(
+                model_dir / files["encoder"]["path"], tmp, calib_data, size_hw=tuple(config["input_size_hw"]),
+                mean=tuple(config["pixel_mean"]), std=tuple(config["pixel_std"]), method=calib_method,
+                count=calib_images, seed=calib_seed, percentile=percentile, cache_dir=model_dir, log=log))
+        _write_atomic(model_dir / variant_file("encoder", "int8"), quantize)
+        calibration["cache"] = os.path.relpath(calibration["cache"], model_dir)
+        written["encoder"] = _entry(model_dir, "encoder", "int8", files["encoder"]["path"], quantization="qdq-int8",
+                                    calibration=calibration)
+    if refine_precision == "fp32":
+        written["nformer"] = _fp32_entry(model_dir, manifest, "nformer")
+    else:
+        log(f"writing {variant_file('nformer', 'fp16')} (fp16 layers; neighbour ranking on the float32 input) ...")
+        _write_atomic(model_dir / variant_file("nformer", "fp16"),
+                      lambda tmp: convert_nformer(model_dir / files["nformer"]["path"], tmp))
+        written["nformer"] = _entry(model_dir, "nformer", "fp16", files["nformer"]["path"],
+                                    quantization="fp16-tensors", neighbor_ranking="float32")
+    new = {variant_name(e["network"], e["precision"]): e for e in written.values() if e["precision"] != "fp32"}
+    if new:
+        update_manifest_section(model_dir, VARIANTS_KEY, new)
+    return written
+
+
+def _fp32_entry(model_dir: Path, manifest: dict, network: str) -> dict:
+    f = manifest["files"][network]
+    return {"network": network, "precision": "fp32", "path": f["path"], "sha256": f["sha256"],
+            "source": {"path": f["path"], "sha256": f["sha256"]}, "inputs": f["inputs"], "outputs": f["outputs"],
+            **({"neighbor_ranking": "float32"} if network == "nformer" else {})}

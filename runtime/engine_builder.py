@@ -1,0 +1,542 @@
+"""``runtime build``: precision-specific ONNX files and TensorRT engines, each with a build record.
+
+Place in the flow: the last step before serving.  ``calibration.variants`` writes the FP16 / INT8
+ONNX files beside the export's fp32 ones; this module turns the pair a precision needs (encoder +
+refinement) into TensorRT engines, where TensorRT is available:
+
+* with ``trtexec`` when it is on PATH (the exact command line is printed and stored in the record):
+  ``--onnx``, ``--saveEngine``, ``--minShapes/--optShapes/--maxShapes``, ``--timingCacheFile``,
+  ``--dynamicPlugins=<plugin library>`` when it is built, ``--stronglyTyped`` on TensorRT 10 (11 is
+  always strongly typed and marks the flag a no-op), ``--skipInference``;
+* else through the TensorRT Python API: a strongly typed network (the flag where the enum still has
+  it), the ONNX parser, one optimisation profile per network, the timing cache, the plugin library
+  loaded through the builder's plugin registry (``load_library``).
+
+No precision flag is ever passed (TensorRT 11 removed ``--fp16/--int8``, ``BuilderFlag.FP16/INT8`` and
+the calibrators): the precision is in the ONNX file, so the same code builds on TensorRT 10 and 11.
+Without TensorRT the command still writes the ONNX files and says how to build the engines elsewhere.
+
+Shape profiles: encoder ``images`` [batch, 3, H, W] with batch min/opt/max 1/32/128; refinement
+``features`` [1, N, D] with N 1/20,000/100,000 and ``landmarks`` [n_layer, l] with l from 1 to the
+model's landmark count (l <= N).  One timing cache per model directory (``timing.cache``).
+
+Engine files: ``<network>.<precision>.engine`` with the build record ``<network>.<precision>.engine.json``
+beside it.  **Build record** (``format`` ``nformer-trt/engine-record``, version 1)::
+
+    {"format": "nformer-trt/engine-record", "format_version": 1,
+     "engine": "encoder.int8.engine", "engine_sha256": "...", "network": "encoder", "precision": "int8",
+     "source_onnx": {"path": "encoder.int8.onnx", "sha256": "..."},
+     "tensorrt": {"version": "10.8.0", "full_version": "10.8.0.43"},
+     "gpu": {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"},
+     "profiles": {"images": {"min": [1, 3, 256, 128], "opt": [32, ...], "max": [128, ...]}},
+     "plugin_library": {"path": "/.../libnformer_plugins.so", "sha256": "..."} | null,
+     "builder": {"tool": "trtexec", "command": [...], "command_line": "trtexec --onnx=..."}
+              | {"tool": "tensorrt-python", "calls": ["Builder.create_network(flags=...)", ...]},
+     "timing_cache": "timing.cache", "rebuild": "runtime build build/ --precision int8 ...",
+     "created": "..."}
+
+**Manifest section** ``"engines"`` (written here; what the runtime's TensorRT backend reads), one
+entry per engine keyed ``"<network>.<precision>"``::
+
+    "engines": {
+      "encoder.int8": {"network": "encoder", "precision": "int8", "path": "encoder.int8.engine",
+                       "record": "encoder.int8.engine.json", "onnx": "encoder.int8.onnx",
+                       "sha256": "<engine sha256>", "tensorrt": "10.8.0",
+                       "gpu": {"name": ..., "compute_capability": ...},
+                       "profiles": {...}, "plugin_library_sha256": "..." | null,
+                       "build": {"tensorrt": "10.8.0.43", "gpu": "NVIDIA H100 80GB HBM3",
+                                 "compute_capability": "9.0", "plugin_sha256": "..." | null}},
+      "nformer.fp16": {...}
+    }
+
+(``build`` repeats the record's facts in the shape ``runtime.tensorrt_backend`` reads; its
+``tensorrt`` is the full version, as ``tensorrt.__version__`` prints it.)
+
+Before deserialising an engine, call :func:`check_engine` (``model_dir`` given): it refuses, with an
+:class:`EngineMismatchError` that says which fact differs and the command that rebuilds it, an engine
+whose record does not match the running TensorRT version, GPU (name or compute capability) or plugin
+library, or whose engine / source ONNX file changed since the build.  :func:`running_facts` gathers
+the running facts; tests pass fake ones.
+
+Imports no torch; imports ``tensorrt`` only for the Python-API build and :func:`running_facts`.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from export.errors import InputError, NFormerError
+from export.manifest import load_manifest, sha256_file, write_json_atomic
+
+RECORD_FORMAT = "nformer-trt/engine-record"
+RECORD_FORMAT_VERSION = 1
+ENGINES_KEY = "engines"
+TIMING_CACHE = "timing.cache"
+ENGINE_TOOLS = ("auto", "trtexec", "python", "none")
+DEFAULT_BATCH = (1, 32, 128)
+DEFAULT_N = (1, 20_000, 100_000)
+MIN_TENSORRT_MAJOR = 10
+
+
+class EngineMismatchError(NFormerError):
+    """An engine was built for another TensorRT, GPU, plugin library or ONNX file than the running ones."""
+
+
+@dataclass(frozen=True)
+class ProfileRange:
+    min: int
+    opt: int
+    max: int
+
+    @classmethod
+    def of(cls, values, what: str) -> "ProfileRange":
+        lo, opt, hi = (int(v) for v in values)
+        if not 1 <= lo <= opt <= hi:
+            raise InputError(f"{what} profile must satisfy 1 <= min <= opt <= max, got min={lo} opt={opt} max={hi}")
+        return cls(lo, opt, hi)
+
+
+def shape_profiles(config: dict, batch=DEFAULT_BATCH, n=DEFAULT_N) -> dict[str, dict[str, dict[str, list[int]]]]:
+    """``{network: {input: {"min": shape, "opt": shape, "max": shape}}}`` for both networks."""
+    b = ProfileRange.of(batch, "encoder batch")
+    rows = ProfileRange.of(n, "refinement N")
+    h, w = config["input_size_hw"]
+    d, n_layer, l = config["n_embd"], config["n_layer"], config["landmarks"]
+    return {
+        "encoder": {"images": {k: [getattr(b, k), 3, h, w] for k in ("min", "opt", "max")}},
+        "nformer": {"features": {k: [1, getattr(rows, k), d] for k in ("min", "opt", "max")},
+                    # l <= N: the runtime draws min(landmarks, N) rows per layer
+                    "landmarks": {"min": [n_layer, 1], "opt": [n_layer, min(l, rows.opt)],
+                                  "max": [n_layer, min(l, rows.max)]}},
+    }
+
+
+def engine_file(network: str, precision: str) -> str:
+    return f"{network}.{precision}.engine"
+
+
+def record_file(engine: str | Path) -> str:
+    return f"{Path(engine).name}.json"
+
+
+# ---------------------------------------------------------------------------------------------------
+# trtexec
+
+
+@dataclass
+class Trtexec:
+    """A trtexec executable and what its ``--help`` says about it."""
+    path: str
+    version: tuple[int, int, int]
+    help_text: str = ""
+    build_number: int | None = None
+
+    @property
+    def version_string(self) -> str:
+        return ".".join(map(str, self.version))
+
+    @property
+    def full_version(self) -> str:
+        """``10.13.0.35``: what ``tensorrt.__version__`` says for the same release."""
+        return self.version_string + (f".{self.build_number}" if self.build_number is not None else "")
+
+    @property
+    def strongly_typed_flag(self) -> bool:
+        """Pass ``--stronglyTyped`` on TensorRT 10 (which has it); 11 is always strongly typed."""
+        return self.version[0] < 11 and "--stronglyTyped" in self.help_text
+
+
+def parse_trtexec_version(text: str) -> tuple[int, int, int] | None:
+    """trtexec's banner ``[TensorRT v101300]`` (NV_TENSORRT_VERSION = major*10000 + minor*100 + patch)."""
+    m = re.search(r"\[TensorRT v(\d+)\]", text)
+    if not m:
+        return None
+    v = int(m.group(1))
+    return v // 10000, (v // 100) % 100, v % 100
+
+
+def parse_trtexec_build(text: str) -> int | None:
+    """The build number of the banner's ``[TensorRT v101300] [b35]``."""
+    m = re.search(r"\[TensorRT v\d+\] \[b(\d+)\]", text)
+    return int(m.group(1)) if m else None
+
+
+def find_trtexec(path: str | None = None) -> Trtexec | None:
+    if path is not None and not Path(path).is_file():
+        raise InputError(f"trtexec not found: {path} is not a file; pass the trtexec executable of a TensorRT >= "
+                         f"{MIN_TENSORRT_MAJOR} installation")
+    exe = path or shutil.which("trtexec")
+    if not exe:
+        return None
+    try:
+        out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise NFormerError(f"cannot run {exe} --help: {err}") from None
+    text = out.stdout + out.stderr
+    version = parse_trtexec_version(text)
+    if version is None:
+        raise NFormerError(f"{exe} --help printed no '[TensorRT vNNNNNN]' banner; is it TensorRT's trtexec?")
+    return Trtexec(exe, version, text, parse_trtexec_build(text))
+
+
+def shapes_arg(profile: dict, which: str) -> str:
+    """``features:1x20000x256,landmarks:4x5`` for trtexec's --minShapes/--optShapes/--maxShapes."""
+    return ",".join(f"{name}:{'x'.join(map(str, ranges[which]))}" for name, ranges in profile.items())
+
+
+def trtexec_command(trtexec: Trtexec, onnx_path: Path, engine_path: Path, profile: dict, timing_cache: Path,
+                    plugin_library: Path | None) -> list[str]:
+    """The argument list of one engine build (no precision flags: the ONNX file carries the precision)."""
+    cmd = [trtexec.path, f"--onnx={onnx_path}", f"--saveEngine={engine_path}",
+           f"--minShapes={shapes_arg(profile, 'min')}", f"--optShapes={shapes_arg(profile, 'opt')}",
+           f"--maxShapes={shapes_arg(profile, 'max')}", f"--timingCacheFile={timing_cache}"]
+    if plugin_library is not None:
+        cmd.append(f"--dynamicPlugins={plugin_library}")
+    if trtexec.strongly_typed_flag:
+        cmd.append("--stronglyTyped")
+    cmd.append("--skipInference")
+    return cmd
+
+
+def parse_trtexec_device(log: str) -> dict | None:
+    """GPU name and compute capability from trtexec's '=== Device Information ===' lines."""
+    name = re.search(r"Selected Device: (.+)", log)
+    cc = re.search(r"Compute Capability: (\d+\.\d+)", log)
+    if not (name and cc):
+        return None
+    return {"name": name.group(1).strip(), "compute_capability": cc.group(1)}
+
+
+def build_with_trtexec(trtexec: Trtexec, onnx_path: Path, engine_path: Path, profile: dict, timing_cache: Path,
+                       plugin_library: Path | None, log: Callable[[str], None]) -> dict:
+    """Run trtexec (output in ``<engine>.log``); the record keeps the exact argument list."""
+    cmd = trtexec_command(trtexec, onnx_path, engine_path, profile, timing_cache, plugin_library)
+    line = shlex.join(cmd)
+    log(f"$ {line}")
+    log_path = engine_path.with_name(engine_path.name + ".log")
+    with open(log_path, "w") as fh:
+        result = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT)
+    text = log_path.read_text(errors="replace")
+    if result.returncode != 0 or not engine_path.is_file():
+        tail = " | ".join(text.strip().splitlines()[-5:])
+        raise NFormerError(f"trtexec failed (exit {result.returncode}) building {engine_path.name} from "
+                           f"{onnx_path.name}: {tail}; full log: {log_path}")
+    return {"tool": "trtexec", "command": cmd, "command_line": line, "log": log_path.name,
+            "tensorrt_version": trtexec.full_version, "gpu_from_log": parse_trtexec_device(text)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# TensorRT Python API
+
+
+def network_flags(trt) -> int:
+    """Strongly typed where the enum still has the flag (TensorRT 10; 11 keeps it as a no-op or drops it)."""
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    return 0 if flag is None else 1 << int(flag)
+
+
+def build_with_python_api(trt, onnx_path: Path, engine_path: Path, profile: dict, timing_cache: Path,
+                          plugin_library: Path | None, log: Callable[[str], None]) -> dict:
+    """Build one engine with the TensorRT Python API (``trt`` is the imported module)."""
+    calls = []
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    if plugin_library is not None:
+        builder.get_plugin_registry().load_library(str(plugin_library))
+        calls.append(f"IPluginRegistry.load_library({plugin_library})")
+    flags = network_flags(trt)
+    network = builder.create_network(flags)
+    calls.append(f"Builder.create_network(flags={flags})")
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise NFormerError(f"TensorRT's ONNX parser rejected {onnx_path.name}: {errors}")
+    calls.append(f"OnnxParser.parse_from_file({onnx_path.name})")
+    config = builder.create_builder_config()
+    opt_profile = builder.create_optimization_profile()
+    for name, ranges in profile.items():
+        opt_profile.set_shape(name, ranges["min"], ranges["opt"], ranges["max"])
+        calls.append(f"IOptimizationProfile.set_shape({name}, {ranges['min']}, {ranges['opt']}, {ranges['max']})")
+    config.add_optimization_profile(opt_profile)
+    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    calls.append(f"IBuilderConfig.set_timing_cache({timing_cache.name})")
+    plan = builder.build_serialized_network(network, config)
+    calls.append("Builder.build_serialized_network(network, config)")
+    if plan is None:
+        raise NFormerError(f"TensorRT could not build an engine from {onnx_path.name} (see the messages above)")
+    with open(engine_path, "wb") as f:
+        f.write(memoryview(plan))
+    with open(timing_cache, "wb") as f:
+        f.write(memoryview(config.get_timing_cache().serialize()))
+    for c in calls:
+        log(f"  {c}")
+    return {"tool": "tensorrt-python", "calls": calls, "tensorrt_version": str(trt.__version__)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# facts about the running machine, build records and the loader check
+
+
+def _short_version(version: str) -> str:
+    return ".".join(str(version).split(".")[:3])
+
+
+def gpu_facts(device: int | None = None) -> dict | None:
+    """Name and compute capability of the GPU (``nvidia-smi``, else pycuda); None without one."""
+    if device is None:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
+        device = int(visible) if visible.isdigit() else 0
+    exe = shutil.which("nvidia-smi")
+    if exe:
+        try:
+            out = subprocess.run([exe, "--query-gpu=name,compute_cap", "--format=csv,noheader", "-i", str(device)],
+                                 capture_output=True, text=True, timeout=30)
+            if out.returncode == 0 and "," in out.stdout:
+                name, cc = (s.strip() for s in out.stdout.strip().splitlines()[0].rsplit(",", 1))
+                return {"name": name, "compute_capability": cc}
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    try:
+        import pycuda.driver as cuda
+
+        cuda.init()
+        dev = cuda.Device(device)
+        major, minor = dev.compute_capability()
+        return {"name": dev.name(), "compute_capability": f"{major}.{minor}"}
+    except Exception:  # no pycuda or no GPU: nothing to report
+        return None
+
+
+def plugin_library_facts() -> dict | None:
+    """The built plugin library (``plugins.library_path()``) and its sha256, or None when absent."""
+    try:
+        import plugins
+
+        path = plugins.library_path()
+    except (ImportError, AttributeError, NFormerError):
+        return None
+    return {"path": str(path), "sha256": sha256_file(path)}
+
+
+def running_facts() -> dict:
+    """What an engine must match to load here: TensorRT version, GPU, plugin library."""
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise NFormerError("TensorRT is not installed here (`import tensorrt` fails): engines cannot be loaded; "
+                           "use the ONNX Runtime backend or install TensorRT (pip install -e \".[tensorrt]\")") from None
+    return {"tensorrt": _short_version(trt.__version__), "gpu": gpu_facts(), "plugin_library": plugin_library_facts()}
+
+
+def read_record(engine_path: str | Path) -> dict:
+    import json
+
+    engine_path = Path(engine_path)
+    path = engine_path.with_name(record_file(engine_path))
+    if not engine_path.is_file():
+        raise InputError(f"engine not found: {engine_path}; build it with `runtime build`")
+    if not path.is_file():
+        raise EngineMismatchError(f"{engine_path.name} has no build record ({path.name}) beside it, so nothing says "
+                                  "which TensorRT, GPU and plugin library it is for; rebuild it with `runtime build "
+                                  f"{engine_path.parent} --precision ...`")
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise EngineMismatchError(f"cannot read the build record {path}: {err}; rebuild the engine") from None
+    if record.get("format") != RECORD_FORMAT or record.get("format_version") != RECORD_FORMAT_VERSION:
+        raise EngineMismatchError(f"{path} is not a build record of this version ({RECORD_FORMAT} "
+                                  f"v{RECORD_FORMAT_VERSION}); rebuild the engine")
+    return record
+
+
+def check_engine(engine_path: str | Path, running: dict | None = None, model_dir: str | Path | None = None,
+                 verify_engine_checksum: bool = True) -> dict:
+    """Return the engine's build record, or raise EngineMismatchError saying what differs and how to rebuild.
+
+    ``running``: ``{"tensorrt": "10.8.0", "gpu": {"name", "compute_capability"} | None,
+    "plugin_library": {"path", "sha256"} | None}`` (default: :func:`running_facts`).
+    """
+    engine_path = Path(engine_path)
+    record = read_record(engine_path)
+    running = running_facts() if running is None else running
+    problems = []
+    built_trt = record["tensorrt"]["version"]
+    if _short_version(running["tensorrt"]) != _short_version(built_trt):
+        problems.append(f"it was built with TensorRT {built_trt} but this process runs TensorRT "
+                        f"{running['tensorrt']} (an engine loads only in the TensorRT version that built it)")
+    built_gpu, gpu = record.get("gpu"), running.get("gpu")
+    if gpu is None:
+        problems.append(f"it was built for {_gpu_words(built_gpu)} but no GPU is visible here")
+    elif built_gpu is None or built_gpu["compute_capability"] != gpu["compute_capability"] \
+            or built_gpu["name"] != gpu["name"]:
+        problems.append(f"it was built for {_gpu_words(built_gpu)} but this machine's GPU is {_gpu_words(gpu)} "
+                        "(engines are compiled and tuned for one GPU model)")
+    built_lib, lib = record.get("plugin_library"), running.get("plugin_library")
+    if built_lib is not None:
+        if lib is None:
+            problems.append(f"it was built with the plugin library {built_lib['path']} (sha256 "
+                            f"{built_lib['sha256'][:12]}) but no plugin library is built here (plugins.library_path())")
+        elif lib["sha256"] != built_lib["sha256"]:
+            problems.append(f"the plugin library {lib['path']} (sha256 {lib['sha256'][:12]}) is not the one it was "
+                            f"built with (sha256 {built_lib['sha256'][:12]})")
+    if verify_engine_checksum and sha256_file(engine_path) != record["engine_sha256"]:
+        problems.append("the engine file changed after its build record was written")
+    if model_dir is not None:
+        src = Path(model_dir) / record["source_onnx"]["path"]
+        if src.is_file() and sha256_file(src) != record["source_onnx"]["sha256"]:
+            problems.append(f"{src.name} changed since the engine was built from it (a new export or calibration)")
+    if problems:
+        raise EngineMismatchError(f"refusing engine {engine_path}: " + "; ".join(problems)
+                                  + f". Rebuild it on this machine with: {record.get('rebuild', 'runtime build')}")
+    return record
+
+
+def _gpu_words(gpu: dict | None) -> str:
+    return "an unknown GPU" if not gpu else f"{gpu['name']} (compute capability {gpu['compute_capability']})"
+
+
+# ---------------------------------------------------------------------------------------------------
+# the build command
+
+
+@dataclass
+class BuildOptions:
+    precision: str = "fp16"
+    refine_precision: str | None = None
+    calib_data: Path | None = None
+    calib_method: str = "entropy"
+    calib_images: int = 512
+    calib_seed: int = 0
+    batch: tuple[int, int, int] = DEFAULT_BATCH
+    n: tuple[int, int, int] = DEFAULT_N
+    engine_tool: str = "auto"
+    trtexec: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def rebuild_command(self, model_dir: Path) -> str:
+        args = ["runtime", "build", str(model_dir), "--precision", self.precision]
+        if self.refine_precision:
+            args += ["--refine-precision", self.refine_precision]
+        if self.precision == "int8":
+            args += ["--calib-data", str(self.calib_data), "--calib-method", self.calib_method,
+                     "--calib-images", str(self.calib_images)]
+        if tuple(self.batch) != DEFAULT_BATCH:
+            args += ["--min-batch", str(self.batch[0]), "--opt-batch", str(self.batch[1]), "--max-batch", str(self.batch[2])]
+        if tuple(self.n) != DEFAULT_N:
+            args += ["--min-n", str(self.n[0]), "--opt-n", str(self.n[1]), "--max-n", str(self.n[2])]
+        return shlex.join(args)
+
+
+def choose_tool(engine_tool: str, trtexec_path: str | None = None):
+    """``("trtexec", Trtexec)``, ``("python", tensorrt module)`` or ``("none", reason)``."""
+    if engine_tool not in ENGINE_TOOLS:
+        raise InputError(f"--engine-tool must be one of {', '.join(ENGINE_TOOLS)}, got {engine_tool!r}")
+    if engine_tool == "none":
+        return "none", "--engine-tool none"
+    if engine_tool in ("auto", "trtexec"):
+        found = find_trtexec(trtexec_path)
+        if found is not None:
+            if found.version[0] < MIN_TENSORRT_MAJOR:
+                raise NFormerError(f"{found.path} is TensorRT {found.version_string}; strongly typed builds of these "
+                                   f"files need TensorRT >= {MIN_TENSORRT_MAJOR}")
+            return "trtexec", found
+        if engine_tool == "trtexec":
+            raise InputError("trtexec is not on PATH (nor given with --trtexec); install TensorRT or use "
+                             "--engine-tool python / auto")
+    try:
+        import tensorrt as trt
+    except ImportError:
+        if engine_tool == "python":
+            raise InputError("the TensorRT Python package does not import here; pip install -e \".[tensorrt]\" "
+                             "or use --engine-tool trtexec") from None
+        return "none", "TensorRT is not available here (no trtexec on PATH, `import tensorrt` fails)"
+    if int(trt.__version__.split(".")[0]) < MIN_TENSORRT_MAJOR:
+        raise NFormerError(f"TensorRT {trt.__version__} is too old; these builds need TensorRT >= {MIN_TENSORRT_MAJOR}")
+    return "python", trt
+
+
+def build(model_dir: str | Path, options: BuildOptions, log: Callable[[str], None] = print) -> dict:
+    """Write the ONNX files for ``options.precision`` and, where TensorRT is available, the engines.
+
+    Returns ``{"variants": {network: entry}, "engines": {name: manifest entry}, "tool": str,
+    "skipped_engines": reason | None}``.
+    """
+    from calibration.variants import update_manifest_section, write_variants
+
+    model_dir = Path(model_dir)
+    manifest = load_manifest(model_dir)
+    profiles = shape_profiles(manifest["model"], options.batch, options.n)  # validate before any work
+    kind, tool = choose_tool(options.engine_tool, options.trtexec)
+    if options.calib_data is not None and options.precision != "int8":
+        log(f"note: --calib-data is used by --precision int8 only; ignored for {options.precision}")
+    variants = write_variants(model_dir, options.precision, refine_precision=options.refine_precision,
+                              calib_data=options.calib_data, calib_method=options.calib_method,
+                              calib_images=options.calib_images, calib_seed=options.calib_seed, log=log)
+    result = {"variants": variants, "engines": {}, "tool": kind, "skipped_engines": None}
+    if kind == "none":
+        result["skipped_engines"] = tool
+        log(f"engines: not built ({tool}); the ONNX files above are ready. On a machine with TensorRT >= "
+            f"{MIN_TENSORRT_MAJOR} run: {options.rebuild_command(model_dir)}")
+        return result
+    plugin = plugin_library_facts()
+    log(f"plugin library: {plugin['path']}" if plugin else
+        "plugin library: not built (plugins.library_path()); TensorRT imports the ReciprocalNeighbors "
+        "function body instead of the plugin")
+    timing_cache = model_dir / TIMING_CACHE
+    entries = {}
+    for network in ("encoder", "nformer"):
+        variant = variants[network]
+        onnx_path = model_dir / variant["path"]
+        name = f"{network}.{variant['precision']}"
+        engine_path = model_dir / engine_file(network, variant["precision"])
+        log(f"building {engine_path.name} from {onnx_path.name} ({kind}) ...")
+        plugin_path = Path(plugin["path"]) if plugin else None
+        if kind == "trtexec":
+            # the printed command is the one that runs: trtexec writes the engine only once it is built
+            info = build_with_trtexec(tool, onnx_path, engine_path, profiles[network], timing_cache, plugin_path, log)
+        else:
+            fd, tmp = tempfile.mkstemp(dir=model_dir, prefix=f".{engine_path.name}.", suffix=".tmp")
+            os.close(fd)
+            try:
+                info = build_with_python_api(tool, onnx_path, Path(tmp), profiles[network], timing_cache, plugin_path,
+                                             log)
+                umask = os.umask(0)
+                os.umask(umask)
+                os.chmod(tmp, 0o666 & ~umask)
+                os.replace(tmp, engine_path)
+            finally:
+                Path(tmp).unlink(missing_ok=True)
+        gpu = gpu_facts() or info.get("gpu_from_log")
+        record = {
+            "format": RECORD_FORMAT, "format_version": RECORD_FORMAT_VERSION,
+            "engine": engine_path.name, "engine_sha256": sha256_file(engine_path),
+            "network": network, "precision": variant["precision"],
+            "source_onnx": {"path": variant["path"], "sha256": sha256_file(onnx_path)},
+            "tensorrt": {"version": _short_version(info["tensorrt_version"]), "full_version": info["tensorrt_version"]},
+            "gpu": gpu, "profiles": profiles[network], "plugin_library": plugin,
+            "builder": {k: v for k, v in info.items() if k not in ("tensorrt_version", "gpu_from_log")},
+            "timing_cache": TIMING_CACHE, "rebuild": options.rebuild_command(model_dir),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        write_json_atomic(engine_path.with_name(record_file(engine_path)), record)
+        entries[name] = {"network": network, "precision": variant["precision"], "path": engine_path.name,
+                         "record": record_file(engine_path), "onnx": variant["path"], "sha256": record["engine_sha256"],
+                         "tensorrt": record["tensorrt"]["version"], "gpu": gpu, "profiles": profiles[network],
+                         "plugin_library_sha256": plugin["sha256"] if plugin else None,
+                         # the same facts in the shape runtime.tensorrt_backend reads
+                         "build": {"tensorrt": info["tensorrt_version"], "gpu": gpu["name"] if gpu else None,
+                                   "compute_capability": gpu["compute_capability"] if gpu else None,
+                                   "plugin_sha256": plugin["sha256"] if plugin else None}}
+        log(f"wrote {engine_path.name} and {record_file(engine_path)}")
+    update_manifest_section(model_dir, ENGINES_KEY, entries)
+    result["engines"] = entries
+    return result

@@ -1,0 +1,467 @@
+"""The gallery: embeddings of known people, refined together and searched; saved atomically.
+
+Place in the flow: the serving end of ``runtime/`` (no torch).  A video-analytics pipeline embeds
+person crops (``Pipeline.embed``), adds them with ids, camera ids and metadata, and searches new
+crops against them.  Search follows the original's protocol: the queries and the gallery are
+refined as one set (``nformer_layers.onnx`` fed by neighbour lists that ``runtime.neighbors``
+keeps exact incrementally: adding the queries costs O(N m d), not O(N^2 d)), then queries' refined
+embeddings are ranked against the gallery's by Euclidean distance between L2-normalised vectors.
+The queries leave the set afterwards; the gallery is unchanged.
+
+On disk (``save``/``load``) a gallery is a directory::
+
+    gallery/
+      CURRENT              {"format": "nformer-trt/gallery", "format_version": 1, "version": "v000003"}
+      v000003/
+        gallery.json       ids, camera ids, metadata, model identity, seed, checksums of the arrays
+        embeddings.npy     float32 [N, D] raw embeddings as added
+        features.npy       float32 [N, D] the L2-normalised rows the neighbour lists rank
+        neighbors.npz      the lists (loading needs no O(N^2) scan)
+        refined.npy        float32 [N, D] refined embeddings, when they were computed
+
+A save writes a new version directory under a temporary name, renames it into place and then
+replaces ``CURRENT`` (an atomic rename), so a crash or an exception at any point leaves the
+previous save readable; older versions are deleted only after the switch.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+import threading
+from dataclasses import asdict, dataclass, field
+from numbers import Integral
+from pathlib import Path
+
+import numpy as np
+
+from export.config import ModelConfig
+from export.errors import InputError
+
+from .layers_refiner import LayersRefiner
+from .metrics import euclidean_distances
+from .neighbors import DEFAULT_RESERVE, NeighborIndex
+from .refiner import l2_normalize, validate_features
+
+FORMAT = "nformer-trt/gallery"
+FORMAT_VERSION = 1
+POINTER = "CURRENT"
+ITEMS = "gallery.json"
+ARRAYS = ("embeddings.npy", "features.npy", "neighbors.npz", "refined.npy")
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result: a gallery item and its distance to the query (smaller is closer)."""
+    id: object
+    distance: float
+    camid: int
+    meta: dict = field(default_factory=dict)
+    position: int = -1
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def model_identity(manifest: dict | None, config: ModelConfig) -> dict:
+    """What a gallery records about the model its embeddings came from."""
+    ident = {"n_embd": config.n_embd, "topk": config.topk, "n_layer": config.n_layer, "landmarks": config.landmarks}
+    if manifest:
+        ident["encoder_sha256"] = manifest.get("files", {}).get("encoder", {}).get("sha256")
+        ident["checkpoint_sha256"] = manifest.get("source", {}).get("sha256")
+    return ident
+
+
+def _json_scalar_id(value, where: str):
+    if isinstance(value, (bool, np.bool_)):
+        raise InputError(f"{where}: ids must be strings or integers, found a boolean")
+    if isinstance(value, Integral):
+        return int(value)
+    if isinstance(value, str):
+        return value
+    raise InputError(f"{where}: ids must be strings or integers, found {type(value).__name__} {value!r}")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class Gallery:
+    """Embeddings with ids, camera ids and metadata; refined together; searched; saved atomically.
+
+    Thread-safe: one lock serialises changes, refinement and search.
+    """
+
+    def __init__(self, config: ModelConfig, refiner: LayersRefiner | None = None, seed: int = 0,
+                 reserve: int = DEFAULT_RESERVE, model: dict | None = None):
+        self.config = config
+        self.refiner = refiner
+        self.seed = int(seed)
+        self.model = model or model_identity(None, config)
+        self._lock = threading.RLock()
+        self._index = NeighborIndex(config.topk, config.n_embd, reserve)
+        self._raw = np.zeros((0, config.n_embd), np.float32)
+        self._ids: list = []
+        self._position: dict = {}
+        self._camids = np.zeros(0, np.int64)
+        self._meta: list[dict] = []
+        self._refined: np.ndarray | None = None
+
+    # ---- contents ----
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, item_id) -> bool:
+        return item_id in self._position
+
+    @property
+    def ids(self) -> list:
+        return list(self._ids)
+
+    @property
+    def camids(self) -> np.ndarray:
+        return self._camids.copy()
+
+    @property
+    def meta(self) -> list[dict]:
+        return [dict(m) for m in self._meta]
+
+    @property
+    def embeddings(self) -> np.ndarray:
+        """Raw embeddings as added, float32 [N, D]."""
+        return self._raw.copy()
+
+    def item(self, item_id) -> dict:
+        with self._lock:
+            if item_id not in self._position:
+                raise InputError(f"no item with id {item_id!r} in the gallery")
+            p = self._position[item_id]
+            return {"id": item_id, "camid": int(self._camids[p]), "meta": dict(self._meta[p]),
+                    "embedding": self._raw[p].copy(), "position": p}
+
+    # ---- changes ----
+
+    def _validated_batch(self, embeddings, ids, camids, meta):
+        x = np.asarray(embeddings)
+        if x.ndim == 2 and x.shape[0] == 0 and x.shape[1] == self.config.n_embd:
+            return None
+        x = validate_features(x, self.config.n_embd)
+        m = len(x)
+        if ids is None:
+            start = 1 + max((i for i in self._ids if isinstance(i, int)), default=-1)
+            ids = list(range(start, start + m))
+        else:
+            ids = [_json_scalar_id(i, "add") for i in (ids.tolist() if isinstance(ids, np.ndarray) else list(ids))]
+        if len(ids) != m:
+            raise InputError(f"add: {m} embeddings but {len(ids)} ids; give one id per row")
+        if len(set(ids)) != m:
+            counts: dict = {}
+            for i in ids:
+                counts[i] = counts.get(i, 0) + 1
+            raise InputError(f"add: ids must be unique, found repeated ids {[i for i, c in counts.items() if c > 1][:5]}")
+        taken = [i for i in ids if i in self._position]
+        if taken:
+            raise InputError(f"add: {len(taken)} id(s) already in the gallery, first {taken[:5]}; remove them "
+                             "first or use other ids")
+        if camids is None:
+            cams = np.full(m, -1, np.int64)
+        else:
+            cams = np.asarray(camids)
+            if cams.ndim == 0:
+                cams = np.full(m, cams)
+            if cams.shape != (m,) or not (np.issubdtype(cams.dtype, np.integer) or cams.size == 0):
+                raise InputError(f"add: camids must be {m} integers (one per row), found shape {cams.shape} "
+                                 f"dtype {cams.dtype}")
+            cams = cams.astype(np.int64)
+        if meta is None:
+            metas = [{} for _ in range(m)]
+        else:
+            metas = list(meta)
+            if len(metas) != m or not all(isinstance(d, dict) for d in metas):
+                raise InputError(f"add: meta must be a list of {m} dicts (one per row)")
+            try:
+                metas = json.loads(json.dumps(metas))      # JSON-able, and a copy the caller cannot change
+            except (TypeError, ValueError) as err:
+                raise InputError(f"add: metadata must be JSON-serialisable ({err})") from None
+        return x, ids, cams, metas
+
+    def add(self, embeddings, ids=None, camids=None, meta=None) -> list:
+        """Add raw encoder embeddings [m, D] with their ids (default: next integers), camera ids
+        (default -1) and metadata dicts.  Returns the ids.  Nothing changes on bad input."""
+        with self._lock:
+            batch = self._validated_batch(embeddings, ids, camids, meta)
+            if batch is None:
+                return []
+            x, ids, cams, metas = batch
+            self._index.add(l2_normalize(x))
+            n = len(self._ids)
+            self._raw = np.concatenate([self._raw, x])
+            self._camids = np.concatenate([self._camids, cams])
+            self._meta.extend(metas)
+            self._ids.extend(ids)
+            self._position.update({i: n + t for t, i in enumerate(ids)})
+            self._refined = None
+            return list(ids)
+
+    def remove(self, ids) -> None:
+        """Remove the items with these ids; an unknown id removes nothing and raises InputError."""
+        with self._lock:
+            if isinstance(ids, np.ndarray):
+                ids = ids.tolist()
+            elif isinstance(ids, (str, Integral)):
+                ids = [ids]
+            ids = list(ids)
+            unknown = [i for i in ids if i not in self._position]
+            if unknown:
+                raise InputError(f"remove: {len(unknown)} unknown id(s), first {unknown[:5]}; nothing was removed")
+            pos = np.unique([self._position[i] for i in ids]).astype(np.int64)
+            if len(pos) == 0:
+                return
+            self._index.remove(pos)
+            keep = np.ones(len(self._ids), bool)
+            keep[pos] = False
+            self._raw = self._raw[keep]
+            self._camids = self._camids[keep]
+            self._meta = [m for m, k in zip(self._meta, keep) if k]
+            self._ids = [i for i, k in zip(self._ids, keep) if k]
+            self._position = {i: t for t, i in enumerate(self._ids)}
+            self._refined = None
+
+    # ---- refinement and search ----
+
+    def _need_refiner(self) -> LayersRefiner:
+        if self.refiner is None:
+            raise InputError("this gallery is not bound to a refinement model: open it with "
+                             "Pipeline.load(MODEL_DIR).gallery(PATH)")
+        return self.refiner
+
+    def refine(self) -> np.ndarray:
+        """Refined, L2-normalised embeddings of the gallery as one set, float32 [N, D] (cached)."""
+        with self._lock:
+            if len(self) == 0:
+                raise InputError("the gallery is empty: add embeddings first")
+            if self._refined is None:
+                idx, valid = self._index.neighbors()
+                self._refined = self._need_refiner().refine(self._index.rows(), idx, valid, seed=self.seed,
+                                                            normalized_input=True)
+            return self._refined.copy()
+
+    def distances(self, query_embeddings, refined: bool = True) -> np.ndarray:
+        """Squared Euclidean distances [num_query, N] between L2-normalised queries and gallery
+        items; ``refined``: queries and gallery refined together first (the original's protocol)."""
+        with self._lock:
+            if len(self) == 0:
+                raise InputError("the gallery is empty: add embeddings before searching")
+            q = l2_normalize(validate_features(query_embeddings, self.config.n_embd))
+            g = self._index.rows()
+            if refined:
+                refiner = self._need_refiner()
+                with self._index.extended(q) as both:
+                    idx, valid = both.neighbors()
+                    out = refiner.refine(np.concatenate([g, q]), idx, valid, seed=self.seed, normalized_input=True)
+                g, q = out[:len(g)], out[len(g):]
+            return euclidean_distances(q, g)
+
+    def search(self, query_embeddings, topn: int = 10, query_camids=None, refined: bool = True) -> list[list[Hit]]:
+        """The ``topn`` nearest gallery items of each query (raw encoder embeddings [q, D]).
+
+        ``query_camids``: camera id per query; gallery items seen by the same camera are left out
+        of that query's hits (cross-camera re-identification).  Ties keep gallery order.
+        """
+        if topn < 1:
+            raise InputError(f"topn must be >= 1, found {topn}")
+        with self._lock:   # one acquisition: positions must not move between ranking and lookup
+            dist = self.distances(query_embeddings, refined)
+            cams = None
+            if query_camids is not None:
+                cams = np.asarray(query_camids)
+                if cams.shape != (len(dist),) or not np.issubdtype(cams.dtype, np.integer):
+                    raise InputError(f"query_camids must be {len(dist)} integers (one per query), found shape "
+                                     f"{cams.shape} dtype {cams.dtype}")
+            hits = []
+            for qi, row in enumerate(dist):
+                order = np.argsort(row, kind="stable")
+                if cams is not None:
+                    order = order[self._camids[order] != cams[qi]]
+                hits.append([Hit(self._ids[p], float(np.sqrt(row[p])), int(self._camids[p]),
+                                 json.loads(json.dumps(self._meta[p])), int(p)) for p in order[:topn]])
+            return hits
+
+    # ---- persistence ----
+
+    def save(self, path) -> Path:
+        """Write the gallery to directory ``path`` atomically; returns the version directory."""
+        path = Path(path)
+        with self._lock:
+            if path.exists() and not path.is_dir():
+                raise InputError(f"cannot save a gallery to {path}: it is a file; choose a directory")
+            if path.is_dir() and not (path / POINTER).is_file() and any(path.iterdir()):
+                raise InputError(f"{path} is a non-empty directory that is not a gallery (no {POINTER}); "
+                                 "choose an empty or new directory")
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise InputError(f"cannot create gallery directory {path}: {err.strerror or err}") from None
+            previous = _read_pointer(path) if (path / POINTER).is_file() else None
+            number = int(previous["version"][1:]) + 1 if previous else 1
+            version = f"v{number:06d}"
+            work = Path(tempfile.mkdtemp(dir=path, prefix=f".{version}.tmp-"))
+            try:
+                self._write_version(work)
+                os.rename(work, path / version)
+                work = path / version
+                _fsync_dir(path)
+                _write_durably(path / POINTER, json.dumps(
+                    {"format": FORMAT, "format_version": FORMAT_VERSION, "version": version}, indent=1).encode())
+            except BaseException:
+                shutil.rmtree(work, ignore_errors=True)
+                raise
+            for old in path.iterdir():   # previous versions and leftovers of interrupted saves
+                if old.name != version and old.is_dir() and (old.name.startswith("v") or old.name.startswith(".v")):
+                    shutil.rmtree(old, ignore_errors=True)
+            return path / version
+
+    def _write_version(self, folder: Path) -> None:
+        arrays = {"embeddings.npy": self._raw, "features.npy": self._index.rows()}
+        if self._refined is not None:
+            arrays["refined.npy"] = self._refined
+        for name, arr in arrays.items():
+            _write_durably(folder / name, _npy_bytes(arr))
+        with io.BytesIO() as f:
+            np.savez(f, **self._index.state())
+            _write_durably(folder / "neighbors.npz", f.getvalue())
+        items = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "count": len(self._ids),
+            "model": self.model, "seed": self.seed, "reserve": self._index.reserve,
+            "ids": self._ids, "camids": self._camids.tolist(), "meta": self._meta,
+            "sha256": {name: _sha256(folder / name) for name in ARRAYS if (folder / name).is_file()},
+        }
+        _write_durably(folder / ITEMS, json.dumps(items).encode())
+        _fsync_dir(folder)
+
+    @classmethod
+    def load(cls, path, config: ModelConfig, refiner: LayersRefiner | None = None, model: dict | None = None,
+             allow_model_mismatch: bool = False) -> "Gallery":
+        """Read a gallery saved by :meth:`save`; InputError for another format version, a gallery of
+        another model, or damaged files."""
+        path = Path(path)
+        if not (path / POINTER).is_file():
+            raise InputError(f"{path} is not a gallery directory (no {POINTER} file): expected a directory "
+                             "written by Gallery.save")
+        pointer = _read_pointer(path)
+        folder = path / pointer["version"]
+        try:
+            items = json.loads((folder / ITEMS).read_text())
+        except (OSError, ValueError) as err:
+            raise InputError(f"cannot read {folder / ITEMS}: {err}; the gallery is damaged") from None
+        _check_format(items, folder / ITEMS)
+        saved_model = items.get("model", {})
+        for key in ("n_embd", "topk"):
+            if saved_model.get(key) != getattr(config, key):
+                raise InputError(f"gallery {path} was made for a model with {key}={saved_model.get(key)}, this "
+                                 f"model has {key}={getattr(config, key)}; re-embed the gallery with this model")
+        if model and not allow_model_mismatch:
+            for key in ("checkpoint_sha256", "encoder_sha256"):
+                a, b = saved_model.get(key), model.get(key)
+                if a and b and a != b:
+                    raise InputError(f"gallery {path} holds embeddings of another model ({key} {a[:12]}..., this "
+                                     f"model {b[:12]}...); re-embed it with this model, or pass "
+                                     "allow_model_mismatch=True if the encoders are known to agree")
+                if a and b:
+                    break
+        for name, digest in items.get("sha256", {}).items():
+            if not (folder / name).is_file() or _sha256(folder / name) != digest:
+                raise InputError(f"{folder / name} is missing or does not match its checksum in {ITEMS}; the "
+                                 "gallery is damaged: restore it from a backup or rebuild it")
+        raw = _load_npy(folder / "embeddings.npy")
+        features = _load_npy(folder / "features.npy")
+        n = int(items["count"])
+        if raw.shape != (n, config.n_embd) or features.shape != raw.shape or len(items["ids"]) != n \
+                or len(items["camids"]) != n or len(items["meta"]) != n:
+            raise InputError(f"gallery {folder} is inconsistent: {n} items but arrays {raw.shape} / "
+                             f"{features.shape}; rebuild it")
+        gallery = cls(config, refiner, seed=items.get("seed", 0), reserve=items.get("reserve", DEFAULT_RESERVE),
+                      model=saved_model)
+        with np.load(folder / "neighbors.npz", allow_pickle=False) as z:
+            state = {k: z[k] for k in z.files}
+        gallery._index = NeighborIndex.from_state(features, state)
+        gallery._raw = raw.astype(np.float32)
+        gallery._ids = [_json_scalar_id(i, "load") for i in items["ids"]]
+        gallery._position = {i: t for t, i in enumerate(gallery._ids)}
+        gallery._camids = np.asarray(items["camids"], np.int64).reshape(n)
+        gallery._meta = list(items["meta"])
+        if (folder / "refined.npy").is_file():
+            refined = _load_npy(folder / "refined.npy")
+            if refined.shape == raw.shape:
+                gallery._refined = refined
+        return gallery
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    with io.BytesIO() as f:
+        np.save(f, np.ascontiguousarray(arr), allow_pickle=False)
+        return f.getvalue()
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file, fsync, then rename over it."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _check_format(data: dict, where: Path) -> None:
+    if data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION:
+        raise InputError(f"{where} has format {data.get('format')!r} version {data.get('format_version')!r}, "
+                         f"expected {FORMAT!r} version {FORMAT_VERSION}; it was written by another version of "
+                         "nformer-trt: open it with that version, or rebuild the gallery from its embeddings")
+
+
+def _read_pointer(path: Path) -> dict:
+    where = path / POINTER
+    try:
+        pointer = json.loads(where.read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(f"cannot read {where}: {err}; the gallery is damaged") from None
+    _check_format(pointer, where)
+    version = pointer.get("version", "")
+    if not (isinstance(version, str) and version.startswith("v") and version[1:].isdigit()
+            and (path / version).is_dir()):
+        raise InputError(f"{where} points at {version!r}, which is not a version directory of {path}; the "
+                         "gallery is damaged")
+    return pointer
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise InputError(f"cannot read {path}: {err}; the gallery is damaged") from None

@@ -1,0 +1,296 @@
+"""Serving exports: a Triton model repository and a DeepStream nvinfer config from a model directory.
+
+Place in the flow: the last hop, from the exported files (manifest, ONNX, engines) to the
+serving systems a video-analytics deployment runs.  Both read only the manifest and the files it
+names; nothing here needs TensorRT, Triton or DeepStream to be installed.
+
+* ``write_triton_repository(build/, OUT/)``: ``nformer_encoder`` (images -> embeddings, dynamic
+  batching) and ``nformer_refine`` (the whole set of features -> refined, no batching: a request
+  is one set), each with its ``config.pbtxt`` and model file (ONNX for Triton's ONNX Runtime
+  backend, or a TensorRT plan where the manifest lists an engine and ``engines=True``).
+* ``write_deepstream_config(build/, OUT.txt)``: a secondary-GIE nvinfer config for the encoder that
+  attaches the raw ``embeddings`` tensor to each object (``output-tensor-meta``).  nvinfer's
+  preprocessing is ``net-scale-factor * (x - offsets[c])``: one scale for all channels, while the
+  model wants ``(x / 255 - mean[c]) / std[c]``.  So the config sits next to ``OUT.encoder.onnx``,
+  the encoder with the per-channel ratio ``std[0] / std[c]`` folded in as a first Mul: offsets and
+  the single scale then reproduce the original's normalisation exactly (up to DeepStream's own
+  resize, which is not PIL's).
+
+Not verified here: no Triton server or DeepStream runs on this project's machines.  Tests parse
+the configs (Triton's model_config protobuf; the key-file syntax) and check the files they name.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from export.errors import InputError
+from export.manifest import load_manifest, model_config, sha256_file
+
+ENCODER_MODEL = "nformer_encoder"
+REFINE_MODEL = "nformer_refine"
+REPOSITORY_RECORD = "nformer_repository.json"
+INSTANCE_KINDS = {"auto": "KIND_AUTO", "gpu": "KIND_GPU", "cpu": "KIND_CPU"}
+_TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32",
+                 "int8": "TYPE_INT8", "uint8": "TYPE_UINT8"}
+
+
+def _io(manifest: dict, network: str) -> tuple[list[dict], list[dict]]:
+    entry = manifest["files"][network]
+    return entry["inputs"], entry["outputs"]
+
+
+def _dims(shape, drop_batch: bool) -> list[int]:
+    dims = shape[1:] if drop_batch else shape
+    return [d if isinstance(d, int) and d > 0 else -1 for d in dims]
+
+
+def _tensor_block(kind: str, specs: list[dict], drop_batch: bool, overrides: dict | None = None) -> str:
+    lines = [f"{kind} ["]
+    for t, spec in enumerate(specs):
+        dims = (overrides or {}).get(spec["name"]) or _dims(spec["shape"], drop_batch)
+        dtype = _TRITON_TYPES.get(spec["dtype"])
+        if dtype is None:
+            raise InputError(f"tensor {spec['name']} has dtype {spec['dtype']}, which has no Triton type here")
+        lines += ["  {", f'    name: "{spec["name"]}"', f"    data_type: {dtype}",
+                  f"    dims: [ {', '.join(map(str, dims))} ]", "  }" + ("," if t < len(specs) - 1 else "")]
+    lines.append("]")
+    return "\n".join(lines)
+
+
+def triton_configs(manifest: dict, max_batch: int = 32, max_queue_delay_us: int = 2000, instance_kind: str = "auto",
+                   instance_count: int = 1, platforms: dict | None = None) -> dict[str, str]:
+    """``{model name: config.pbtxt text}`` for the encoder and the refinement."""
+    if max_batch < 1 or instance_count < 1 or max_queue_delay_us < 0:
+        raise InputError("max_batch and instance_count must be >= 1 and max_queue_delay_us >= 0")
+    if instance_kind not in INSTANCE_KINDS:
+        raise InputError(f"instance kind must be one of {', '.join(INSTANCE_KINDS)}, found {instance_kind!r}")
+    platforms = platforms or {}
+    c = model_config(manifest)
+    preferred = sorted({b for b in (max_batch // 4, max_batch // 2, max_batch) if b >= 1})
+    head = "# written by `runtime triton-repo` from the manifest of an nformer-trt export\n"
+    group = (f"instance_group [\n  {{\n    count: {instance_count}\n    kind: {INSTANCE_KINDS[instance_kind]}\n"
+             "  }\n]")
+    enc_in, enc_out = _io(manifest, "encoder")
+    encoder = "\n".join([
+        head + f'name: "{ENCODER_MODEL}"',
+        f'platform: "{platforms.get("encoder", "onnxruntime_onnx")}"',
+        f"max_batch_size: {max_batch}",
+        _tensor_block("input", enc_in, True, {"images": [3, *c.input_size_hw]}),
+        _tensor_block("output", enc_out, True, {"embeddings": [c.feature_dim]}),
+        "dynamic_batching {",
+        f"  preferred_batch_size: [ {', '.join(map(str, preferred))} ]",
+        f"  max_queue_delay_microseconds: {max_queue_delay_us}",
+        "}",
+        group, ""])
+    ref_in, ref_out = _io(manifest, "nformer")
+    refine = "\n".join([
+        head + "# one request = one whole set (query and gallery together); N is dynamic",
+        f'name: "{REFINE_MODEL}"',
+        f'platform: "{platforms.get("nformer", "onnxruntime_onnx")}"',
+        "max_batch_size: 0",
+        _tensor_block("input", ref_in, False, {"features": [1, -1, c.n_embd], "landmarks": [c.n_layer, -1]}),
+        _tensor_block("output", ref_out, False, {"refined": [1, -1, c.n_embd]}),
+        group, ""])
+    return {ENCODER_MODEL: encoder, REFINE_MODEL: refine}
+
+
+def write_triton_repository(model_dir: str | Path, out_dir: str | Path, max_batch: int = 32,
+                            max_queue_delay_us: int = 2000, instance_kind: str = "auto", instance_count: int = 1,
+                            engines: bool = False, overwrite: bool = False) -> dict:
+    """Write the repository into ``out_dir`` (published only when complete).  Returns its record."""
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    manifest = load_manifest(model_dir)
+    sources = {"encoder": model_dir / manifest["files"]["encoder"]["path"],
+               "nformer": model_dir / manifest["files"]["nformer"]["path"]}
+    platforms = {}
+    if engines:
+        from .tensorrt_backend import listed_engines
+
+        for entry in listed_engines(manifest):
+            if entry["network"] in sources and entry["network"] not in platforms:
+                path = model_dir / entry.get("path", "")
+                if not path.is_file():
+                    raise InputError(f"engine {path} listed in the manifest is missing")
+                sources[entry["network"]] = path
+                platforms[entry["network"]] = "tensorrt_plan"
+        if not platforms:
+            raise InputError(f"--engines: the manifest in {model_dir} lists no TensorRT engines; build them first "
+                             "or leave out --engines")
+    configs = triton_configs(manifest, max_batch, max_queue_delay_us, instance_kind, instance_count, platforms)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir} is a file; choose a directory for the model repository")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise InputError(f"{out_dir} is not empty; choose a new directory or pass --overwrite")
+        if not (out_dir / REPOSITORY_RECORD).is_file():
+            raise InputError(f"{out_dir} is not empty and was not written by `runtime triton-repo` (no "
+                             f"{REPOSITORY_RECORD}); refusing to overwrite it")
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    except OSError as err:
+        raise InputError(f"cannot write next to {out_dir}: {err.strerror or err}") from None
+    try:
+        record = {"source": str(model_dir.resolve()), "manifest_sha256": sha256_file(model_dir / "manifest.json"),
+                  "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  "models": {}}
+        for network, name in (("encoder", ENCODER_MODEL), ("nformer", REFINE_MODEL)):
+            plan = platforms.get(network) == "tensorrt_plan"
+            folder = work / name / "1"
+            folder.mkdir(parents=True)
+            target = folder / ("model.plan" if plan else "model.onnx")
+            shutil.copyfile(sources[network], target)
+            (work / name / "config.pbtxt").write_text(configs[name])
+            record["models"][name] = {"config": f"{name}/config.pbtxt", "file": str(target.relative_to(work)),
+                                      "from": sources[network].name}
+        (work / "README.md").write_text(_triton_readme(record, platforms))
+        (work / REPOSITORY_RECORD).write_text(json.dumps(record, indent=1) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        work.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return {**record, "path": str(out_dir)}
+
+
+def _triton_readme(record: dict, platforms: dict) -> str:
+    plugin = ""
+    if platforms:
+        plugin = ("\nThe TensorRT plans were built with the project's plugin library (`libnformer_plugins.so`, "
+                  "`python -c 'import plugins; print(plugins.library_path())'`); the server's TensorRT must have it "
+                  "registered before it loads `nformer_refine` (not verified on this project's machines).\n")
+    return (f"# NFormer model repository\n\nWritten by `runtime triton-repo` from `{record['source']}`.\n\n"
+            f"- `{ENCODER_MODEL}`: `images` float32 [batch, 3, H, W] (normalised crops) -> `embeddings` float32 "
+            "[batch, 256]; dynamic batching.\n"
+            f"- `{REFINE_MODEL}`: `features` float32 [1, N, 256] (L2-normalised embeddings of the whole set) and "
+            "`landmarks` int64 [n_layer, l] -> `refined` float32 [1, N, 256].\n\n"
+            "Serve with `tritonserver --model-repository=<this directory>`.\n" + plugin)
+
+
+# ---- DeepStream ----
+
+def normalization_constants(mean, std, reference_channel: int = 0) -> dict:
+    """nvinfer's ``net-scale-factor`` / ``offsets`` and the per-channel ratio left to fold into the
+    model so that ``ratio[c] * scale * (x - offset[c]) == (x / 255 - mean[c]) / std[c]``."""
+    mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+    scale = 1.0 / (255.0 * std[reference_channel])
+    return {"net_scale_factor": scale, "offsets": (255.0 * mean).tolist(),
+            "channel_ratio": (std[reference_channel] / std).tolist()}
+
+
+def fold_channel_scale(encoder_onnx: Path, out_path: Path, ratio, input_name: str = "images") -> None:
+    """``encoder_onnx`` with ``input * ratio[c]`` (a Mul on the input) prepended; same input name."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(encoder_onnx))
+    graph = model.graph
+    inputs = [i for i in graph.input if i.name == input_name]
+    if not inputs:
+        raise InputError(f"{encoder_onnx} has no input named {input_name!r}")
+    inner = f"{input_name}_scaled_per_channel"
+    for node in graph.node:
+        node.input[:] = [inner if i == input_name else i for i in node.input]
+    const = numpy_helper.from_array(np.asarray(ratio, np.float32).reshape(1, -1, 1, 1), f"{input_name}_channel_ratio")
+    graph.initializer.append(const)
+    graph.node.insert(0, helper.make_node("Mul", [input_name, const.name], [inner], name="deepstream_channel_ratio"))
+    onnx.checker.check_model(model)
+    onnx.save(model, str(out_path))
+
+
+def write_deepstream_config(model_dir: str | Path, out_path: str | Path, batch_size: int = 16, gpu_id: int = 0,
+                            gie_unique_id: int = 2, operate_on_gie_id: int = 1, operate_on_class_ids: str = "0",
+                            precision: str = "fp16", engine: str | Path | None = None,
+                            plugin_library: str | Path | None = "auto") -> dict:
+    """Write an nvinfer secondary-GIE config (and the channel-folded encoder ONNX beside it).
+
+    ``engine``: an engine file nvinfer should load instead of building one from the ONNX (it must
+    have been built from the folded ONNX for exact preprocessing).  ``plugin_library``: "auto"
+    adds ``custom-lib-path`` when the project's plugin library is built, a path adds that one,
+    None leaves it out.  Returns what was written.
+    """
+    model_dir, out_path = Path(model_dir), Path(out_path)
+    manifest = load_manifest(model_dir)
+    c = model_config(manifest)
+    if precision not in ("fp32", "fp16"):
+        raise InputError(f"precision must be fp32 or fp16 for nvinfer, found {precision!r}")
+    if batch_size < 1:
+        raise InputError(f"batch size must be >= 1, found {batch_size}")
+    if not out_path.parent.is_dir():
+        raise InputError(f"cannot write {out_path}: directory {out_path.parent} does not exist")
+    norm = normalization_constants(c.pixel_mean, c.pixel_std)
+    onnx_out = out_path.with_name(out_path.stem + ".encoder.onnx")
+    lib = None
+    if plugin_library == "auto":
+        try:
+            import plugins
+
+            lib = Path(plugins.library_path())
+        except Exception:  # not built: nothing to add (the encoder itself has no custom op)
+            lib = None
+    elif plugin_library:
+        lib = Path(plugin_library)
+        if not lib.is_file():
+            raise InputError(f"plugin library {lib} does not exist; build it or leave out --plugin-lib")
+    if engine is not None and not Path(engine).is_file():
+        raise InputError(f"engine file {engine} does not exist")
+    tmp = onnx_out.with_name(f".{onnx_out.name}.tmp")
+    try:
+        fold_channel_scale(model_dir / manifest["files"]["encoder"]["path"], tmp, norm["channel_ratio"])
+        tmp.replace(onnx_out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    h, w = c.input_size_hw
+    lines = [
+        "# nvinfer (Gst-nvinfer) secondary-GIE config for the NFormer re-identification encoder,",
+        f"# written by `runtime deepstream-config` from {model_dir.resolve()}/manifest.json.",
+        "# Each object crop -> 256-d embedding attached as NvDsInferTensorMeta (output-tensor-meta);",
+        "# refine and search them with runtime.gallery.  Not run here: no DeepStream on this machine.",
+        "[property]",
+        f"gpu-id={gpu_id}",
+        "# y = net-scale-factor * (x - offsets[c]) then the model's first Mul by std[0]/std[c]:",
+        f"# exactly (x/255 - mean[c]) / std[c] with mean={list(c.pixel_mean)} std={list(c.pixel_std)}",
+        f"net-scale-factor={norm['net_scale_factor']:.12g}",
+        "offsets=" + ";".join(f"{o:.6g}" for o in norm["offsets"]),
+        "# 0 = RGB",
+        "model-color-format=0",
+        f"onnx-file={onnx_out.resolve()}",
+    ]
+    if engine is not None:
+        lines.append(f"model-engine-file={Path(engine).resolve()}")
+    else:
+        lines.append("# nvinfer builds the engine from onnx-file on first run; add model-engine-file= to reuse it")
+    lines += [
+        f"infer-dims=3;{h};{w}",
+        f"batch-size={batch_size}",
+        "# 0 = FP32, 2 = FP16",
+        f"network-mode={0 if precision == 'fp32' else 2}",
+        "# 100 = other: no parser, the raw output goes to the tensor meta",
+        "network-type=100",
+        "output-tensor-meta=1",
+        "output-blob-names=embeddings",
+        "# 2 = secondary: run on objects of the primary detector",
+        "process-mode=2",
+        f"gie-unique-id={gie_unique_id}",
+        f"operate-on-gie-id={operate_on_gie_id}",
+        f"operate-on-class-ids={operate_on_class_ids}",
+        "# the original resizes to HxW without keeping the aspect ratio, bilinear",
+        "maintain-aspect-ratio=0",
+        "scaling-filter=1",
+    ]
+    if lib is not None:
+        lines += ["# the project's TensorRT plugin library (nvinfer dlopens it; the encoder has no custom op)",
+                  f"custom-lib-path={lib.resolve()}"]
+    text = "\n".join(lines) + "\n"
+    tmp = out_path.with_name(f".{out_path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(out_path)
+    return {"config": str(out_path), "onnx": str(onnx_out), "engine": str(engine) if engine else None,
+            "custom_lib_path": str(lib) if lib else None, **norm}

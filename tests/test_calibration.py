@@ -1,0 +1,139 @@
+"""Calibration crops and the calibration cache (CPU): what is read, what is skipped, what is refused."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import calibration.images as calib_images
+from calibration.images import ImageBatches, LAYOUT_FOLDER, LAYOUT_MARKET, list_candidates, read_calibration_images
+from calibration.quantize import quantize_encoder
+from export.config import PIXEL_MEAN, PIXEL_STD
+from export.errors import InputError
+from runtime.preprocess import preprocess
+
+from precision_support import SMALL, fresh_copy, random_small_export, synthetic_data
+
+HW = SMALL.input_size_hw
+
+
+def _crops(folder, n, seed=0, suffix=".png"):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (70 + i % 5, 30 + i % 7, 3), dtype=np.uint8)).save(folder / f"{i:03d}{suffix}")
+    return folder
+
+
+def _read(candidates, count, log=None):
+    return read_calibration_images(candidates, count, HW, PIXEL_MEAN, PIXEL_STD, log=log or (lambda m: None))
+
+
+def test_folder_with_unreadable_and_non_image_files_reports_and_skips_them(tmp_path):
+    folder = _crops(tmp_path / "crops", 6)
+    (folder / "README.txt").write_text("not an image")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
+    (folder / "empty.png").write_bytes(b"")
+    _crops(folder / "camera2", 2, seed=1, suffix=".jpg")  # sub-folders are read too
+    candidates = list_candidates(folder)
+    assert candidates.layout == LAYOUT_FOLDER
+    assert [s.path.name for s in candidates.skipped] == ["README.txt"]
+    messages = []
+    crops = _read(candidates, 8, messages.append)
+    assert len(crops.files) == 8 and crops.images.shape == (8, 3, *HW)
+    assert {p.name for p in crops.files}.isdisjoint({"broken.jpg", "empty.png", "README.txt"})
+    skipped = {s.path.name: s.reason for s in crops.skipped}
+    assert set(skipped) == {"README.txt", "broken.jpg", "empty.png"}
+    assert "not an image file" in skipped["README.txt"] and skipped["broken.jpg"].startswith("cannot decode")
+    assert len(messages) == 1 and "skipped 3 file(s)" in messages[0] and "broken.jpg" in messages[0]
+    # exactly the runtime's preprocessing
+    i = crops.files.index(folder / "000.png")
+    np.testing.assert_array_equal(crops.images[i], preprocess(folder / "000.png", HW))
+
+
+def test_empty_folder_is_a_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match=r"no images .* \(the folder is empty\)"):
+        list_candidates(tmp_path / "empty")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "notes.txt").write_text("x")
+    with pytest.raises(InputError, match="found only 1 other file"):
+        list_candidates(tmp_path / "docs")
+    with pytest.raises(InputError, match="not a directory"):
+        list_candidates(tmp_path / "missing")
+
+
+def test_fewer_readable_images_than_asked_is_a_clear_error(tmp_path):
+    folder = _crops(tmp_path / "crops", 3)
+    (folder / "bad.jpg").write_bytes(b"junk")
+    with pytest.raises(InputError, match=r"holds 3 readable calibration image\(s\) but 4 were asked for.*"
+                                         r"--calib-images 3"):
+        _read(list_candidates(folder), 4)
+    (tmp_path / "only_bad").mkdir()
+    (tmp_path / "only_bad" / "x.jpg").write_bytes(b"junk")
+    with pytest.raises(InputError, match="no readable calibration image"):
+        _read(list_candidates(tmp_path / "only_bad"), 1)
+
+
+def test_market1501_layout_uses_the_training_split_only(tmp_path_factory):
+    data = synthetic_data(tmp_path_factory)
+    candidates = list_candidates(data)
+    assert candidates.layout == LAYOUT_MARKET
+    assert candidates.files and all(p.parent.name == "bounding_box_train" for p in candidates.files)
+    a = _read(candidates, 20)
+    b = _read(list_candidates(data), 20)
+    assert a.files == b.files  # seeded selection: same images every time
+    np.testing.assert_array_equal(a.images, b.images)
+
+
+def test_image_batches_follow_the_calibration_reader_protocol():
+    images = np.arange(10 * 3 * 2 * 2, dtype=np.float32).reshape(10, 3, 2, 2)
+    reader = ImageBatches(images, batch_size=4)
+    assert len(reader) == 3
+    sizes = [len(b["images"]) for b in reader]
+    assert sizes == [4, 4, 2]
+    reader.set_range(1, 2)
+    (only,) = list(reader)
+    np.testing.assert_array_equal(only["images"], images[4:8])
+
+
+def test_second_calibration_reads_no_image_and_a_changed_key_recalibrates(tmp_path_factory, tmp_path, monkeypatch):
+    _, build = random_small_export(tmp_path_factory)
+    model_dir = fresh_copy(build, tmp_path / "build")
+    crops = _crops(tmp_path / "crops", 24)
+    kw = dict(size_hw=HW, mean=PIXEL_MEAN, std=PIXEL_STD, count=16, cache_dir=model_dir, log=lambda m: None)
+    first = quantize_encoder(model_dir / "encoder.onnx", tmp_path / "a.onnx", crops, method="minmax", **kw)
+    assert not first["cache_hit"]
+    entry = json.loads(Path(first["cache"]).read_text())
+    assert entry["key"]["method"] == "minmax" and len(entry["images"]) == 16 and entry["ranges"]
+
+    def no_reading(path):
+        raise AssertionError(f"image {path} read despite the calibration cache")
+    monkeypatch.setattr(calib_images, "load_image", no_reading)
+    second = quantize_encoder(model_dir / "encoder.onnx", tmp_path / "b.onnx", crops, method="minmax", **kw)
+    assert second["cache_hit"] and second["cache"] == first["cache"]
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    # another method, or another image list, is another key: it has to read images
+    with pytest.raises(AssertionError, match="read despite"):
+        quantize_encoder(model_dir / "encoder.onnx", tmp_path / "c.onnx", crops, method="percentile", **kw)
+    _crops(crops, 25)  # one more file in the folder
+    with pytest.raises(AssertionError, match="read despite"):
+        quantize_encoder(model_dir / "encoder.onnx", tmp_path / "d.onnx", crops, method="minmax", **kw)
+
+
+def test_calibration_imports_no_torch(tmp_path_factory, tmp_path):
+    """Calibrating and converting on a deployment box: ONNX Runtime, numpy, Pillow, no PyTorch."""
+    _, build = random_small_export(tmp_path_factory)
+    model_dir = fresh_copy(build, tmp_path / "build")
+    crops = _crops(tmp_path / "crops", 8)
+    code = (f"import sys; from calibration.variants import write_variants; "
+            f"write_variants({str(model_dir)!r}, 'int8', calib_data={str(crops)!r}, calib_images=8, log=lambda m: None); "
+            f"write_variants({str(model_dir)!r}, 'fp16', log=lambda m: None); "
+            "import runtime.engine_builder, runtime.parity; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "False"

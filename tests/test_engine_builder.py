@@ -1,0 +1,300 @@
+"""`runtime build`'s engine side: trtexec command lines, TensorRT Python-API calls, build records and
+the loader check that refuses a mismatched engine.
+
+On a CPU machine the command lines and API calls are checked as constructed (a stand-in ``trtexec``
+script and a recording stand-in for the ``tensorrt`` module: they test this project's orchestration,
+not TensorRT).  The tests marked ``tensorrt`` build real engines and skip, with the reason, where
+TensorRT is missing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import sys
+import textwrap
+import types
+from pathlib import Path
+
+import pytest
+
+from runtime import engine_builder as eb
+from runtime.engine_builder import (BuildOptions, EngineMismatchError, Trtexec, build, build_with_python_api,
+                                    check_engine, parse_trtexec_build, parse_trtexec_version, shape_profiles,
+                                    trtexec_command)
+
+from precision_support import fresh_copy, random_small_export
+
+CONFIG = {"input_size_hw": [256, 128], "n_embd": 256, "n_layer": 4, "landmarks": 5}
+BANNER_10 = "&&&& RUNNING TensorRT.trtexec [TensorRT v101300] [b35] # trtexec --help"
+BANNER_11 = "&&&& RUNNING TensorRT.trtexec [TensorRT v110100] [b106] # trtexec --help"
+
+
+def test_trtexec_banner_gives_the_tensorrt_version():
+    assert parse_trtexec_version(BANNER_10) == (10, 13, 0) and parse_trtexec_build(BANNER_10) == 35
+    assert parse_trtexec_version(BANNER_11) == (11, 1, 0)
+    assert parse_trtexec_version("no banner here") is None
+    assert Trtexec("trtexec", (10, 13, 0), BANNER_10, 35).full_version == "10.13.0.35"
+
+
+def test_shape_profiles_defaults_and_validation():
+    p = shape_profiles(CONFIG)
+    assert p["encoder"] == {"images": {"min": [1, 3, 256, 128], "opt": [32, 3, 256, 128], "max": [128, 3, 256, 128]}}
+    assert p["nformer"]["features"] == {"min": [1, 1, 256], "opt": [1, 20000, 256], "max": [1, 100000, 256]}
+    assert p["nformer"]["landmarks"] == {"min": [4, 1], "opt": [4, 5], "max": [4, 5]}
+    assert shape_profiles(CONFIG, n=(1, 3, 4))["nformer"]["landmarks"]["opt"] == [4, 3]  # l <= N
+    with pytest.raises(eb.InputError, match="min <= opt <= max"):
+        shape_profiles(CONFIG, batch=(8, 4, 16))
+
+
+@pytest.mark.parametrize("version,help_text,strongly", [
+    ((10, 13, 0), BANNER_10 + "\n  --stronglyTyped   Create a strongly typed network.", True),
+    ((11, 1, 0), BANNER_11 + "\n  --stronglyTyped   [Deprecated] ... This flag is a no-op.", False),
+    ((10, 0, 1), "[TensorRT v100001]", False)])
+def test_trtexec_command_line(version, help_text, strongly, tmp_path):
+    tool = Trtexec("/opt/trt/bin/trtexec", version, help_text)
+    profile = shape_profiles(CONFIG)["nformer"]
+    cmd = trtexec_command(tool, tmp_path / "nformer.fp16.onnx", tmp_path / "nformer.fp16.engine", profile,
+                          tmp_path / "timing.cache", Path("/libs/libnformer_plugins.so"))
+    assert cmd[:3] == ["/opt/trt/bin/trtexec", f"--onnx={tmp_path}/nformer.fp16.onnx",
+                       f"--saveEngine={tmp_path}/nformer.fp16.engine"]
+    assert "--minShapes=features:1x1x256,landmarks:4x1" in cmd
+    assert "--optShapes=features:1x20000x256,landmarks:4x5" in cmd
+    assert "--maxShapes=features:1x100000x256,landmarks:4x5" in cmd
+    assert f"--timingCacheFile={tmp_path}/timing.cache" in cmd
+    assert "--dynamicPlugins=/libs/libnformer_plugins.so" in cmd
+    assert ("--stronglyTyped" in cmd) is strongly
+    assert cmd[-1] == "--skipInference"
+    # TensorRT 11 removed the precision flags: precision is in the ONNX file, never on the command line
+    assert not {"--fp16", "--int8", "--best", "--bf16"} & set(cmd) and not any(a.startswith("--calib") for a in cmd)
+    no_plugin = trtexec_command(tool, Path("a.onnx"), Path("a.engine"), profile, Path("t.cache"), None)
+    assert not any(a.startswith("--dynamicPlugins") for a in no_plugin)
+
+
+class _Recorder:
+    """A stand-in for the ``tensorrt`` module that records what is called with which arguments."""
+
+    def __init__(self, strongly_typed=True, version="10.13.0.35"):
+        self.calls = []
+        rec = self
+        self.__version__ = version
+        self.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda s, level: rec.calls.append(("Logger", level))})
+        self.NetworkDefinitionCreationFlag = types.SimpleNamespace(**({"STRONGLY_TYPED": 1} if strongly_typed else {}))
+
+        class Obj:
+            def __init__(self, kind):
+                self.kind = kind
+
+            def __getattr__(self, name):
+                def method(*args, **kwargs):
+                    rec.calls.append((f"{self.kind}.{name}", args, kwargs))
+                    return {"build_serialized_network": b"PLAN", "serialize": b"CACHE", "parse_from_file": True,
+                            "load_library": object()}.get(name, Obj(name))
+                return method
+
+        self.Builder = lambda logger: Obj("Builder")
+        self.OnnxParser = lambda network, logger: Obj("OnnxParser")
+
+    def names(self):
+        return [c[0] for c in self.calls]
+
+
+@pytest.mark.parametrize("strongly_typed,flags", [(True, 2), (False, 0)])
+def test_python_api_calls(strongly_typed, flags, tmp_path):
+    trt = _Recorder(strongly_typed)
+    (tmp_path / "timing.cache").write_bytes(b"OLD")
+    profile = shape_profiles(CONFIG)["encoder"]
+    info = build_with_python_api(trt, tmp_path / "encoder.int8.onnx", tmp_path / "e.engine", profile,
+                                 tmp_path / "timing.cache", Path("/libs/libnformer_plugins.so"), log=lambda m: None)
+    calls = {c[0]: c for c in trt.calls if len(c) == 3}
+    assert calls["get_plugin_registry.load_library"][1] == ("/libs/libnformer_plugins.so",)
+    assert calls["Builder.create_network"][1] == (flags,)
+    assert calls["OnnxParser.parse_from_file"][1] == (str(tmp_path / "encoder.int8.onnx"),)
+    assert calls["create_optimization_profile.set_shape"][1] == ("images", [1, 3, 256, 128], [32, 3, 256, 128],
+                                                                 [128, 3, 256, 128])
+    assert calls["create_builder_config.create_timing_cache"][1] == (b"OLD",)
+    assert calls["create_builder_config.set_timing_cache"][2] == {"ignore_mismatch": False}
+    assert "create_builder_config.set_flag" not in calls  # no precision flag (removed in TensorRT 11)
+    assert (tmp_path / "e.engine").read_bytes() == b"PLAN" and (tmp_path / "timing.cache").read_bytes() == b"CACHE"
+    assert info["tool"] == "tensorrt-python" and info["tensorrt_version"] == "10.13.0.35"
+
+
+FAKE_TRTEXEC = '''\
+#!{python}
+"""Stand-in for trtexec: prints TensorRT's banner and device lines, writes --saveEngine."""
+import json, os, sys
+print("&&&& RUNNING TensorRT.trtexec [TensorRT v101300] [b35] # trtexec " + " ".join(sys.argv[1:]))
+if "--help" in sys.argv:
+    print("  --stronglyTyped   Create a strongly typed network.")
+    sys.exit(0)
+args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if "=" in a)
+with open(os.environ["FAKE_TRTEXEC_CALLS"], "a") as f:
+    f.write(json.dumps(sys.argv) + "\\n")
+if os.environ.get("FAKE_TRTEXEC_FAIL"):
+    print("[E] Error[4]: fake parse failure")
+    sys.exit(1)
+print("[I] Selected Device: Fake GPU 80GB")
+print("[I] Compute Capability: 9.0")
+open(args["saveEngine"], "wb").write(b"ENGINE:" + open(args["onnx"], "rb").read()[:64])
+open(args["timingCacheFile"], "ab").write(b"t")
+'''
+
+
+@pytest.fixture()
+def fake_trtexec(tmp_path, monkeypatch):
+    exe = tmp_path / "bin" / "trtexec"
+    exe.parent.mkdir()
+    exe.write_text(textwrap.dedent(FAKE_TRTEXEC.format(python=sys.executable)))
+    exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{exe.parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_TRTEXEC_CALLS", str(tmp_path / "calls.jsonl"))
+    monkeypatch.setattr(eb, "gpu_facts", lambda device=None: None)  # the GPU comes from trtexec's log
+    lib = tmp_path / "libnformer_plugins.so"
+    lib.write_bytes(b"plugin v1")
+    monkeypatch.setattr(eb, "plugin_library_facts", lambda: {"path": str(lib), "sha256": eb.sha256_file(lib)})
+    return tmp_path
+
+
+@pytest.fixture()
+def model_dir(tmp_path_factory, tmp_path):
+    return fresh_copy(random_small_export(tmp_path_factory)[1], tmp_path / "build")
+
+
+def _running(record, **change):
+    facts = {"tensorrt": record["tensorrt"]["full_version"], "gpu": dict(record["gpu"]),
+             "plugin_library": dict(record["plugin_library"]) if record["plugin_library"] else None}
+    facts.update(change)
+    return facts
+
+
+def test_build_with_trtexec_writes_engines_records_and_manifest(fake_trtexec, model_dir):
+    messages = []
+    result = build(model_dir, BuildOptions(precision="fp16", engine_tool="auto", batch=(1, 8, 64)), log=messages.append)
+    assert result["tool"] == "trtexec"
+    calls = [json.loads(line) for line in (fake_trtexec / "calls.jsonl").read_text().splitlines()]
+    assert len(calls) == 2
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    assert set(manifest["engines"]) == {"encoder.fp16", "nformer.fp16"}
+    for argv, name in zip(calls, ("encoder.fp16", "nformer.fp16")):
+        entry = manifest["engines"][name]
+        record = json.loads((model_dir / entry["record"]).read_text())
+        assert record["builder"]["command"] == argv  # the exact command that ran is stored ...
+        assert f"$ {record['builder']['command_line']}" in messages  # ... and printed
+        assert f"--saveEngine={model_dir / entry['path']}" in argv and "--stronglyTyped" in argv
+        assert any(a.startswith("--dynamicPlugins=") for a in argv)
+        assert record["tensorrt"] == {"version": "10.13.0", "full_version": "10.13.0.35"}
+        assert record["gpu"] == {"name": "Fake GPU 80GB", "compute_capability": "9.0"}
+        assert record["source_onnx"]["path"] == f"{name}.onnx"
+        assert record["engine_sha256"] == entry["sha256"] == eb.sha256_file(model_dir / entry["path"])
+        assert record["plugin_library"]["sha256"] == entry["plugin_library_sha256"]
+        assert entry["build"] == {"tensorrt": "10.13.0.35", "gpu": "Fake GPU 80GB", "compute_capability": "9.0",
+                                  "plugin_sha256": entry["plugin_library_sha256"]}
+        assert record["rebuild"].startswith(f"runtime build {model_dir} --precision fp16 --min-batch 1 --opt-batch 8")
+        assert check_engine(model_dir / entry["path"], _running(record), model_dir=model_dir) == record
+    enc = json.loads((model_dir / "encoder.fp16.engine.json").read_text())
+    assert enc["profiles"]["images"]["opt"] == [8, 3, 128, 64]
+    assert (model_dir / "timing.cache").read_bytes() == b"tt"  # one timing cache, used by both builds
+
+
+def test_failed_trtexec_build_is_an_error_with_the_log(fake_trtexec, model_dir, monkeypatch):
+    monkeypatch.setenv("FAKE_TRTEXEC_FAIL", "1")
+    with pytest.raises(eb.NFormerError, match=r"trtexec failed \(exit 1\).*fake parse failure.*full log"):
+        build(model_dir, BuildOptions(precision="fp32"), log=lambda m: None)
+    assert "engines" not in json.loads((model_dir / "manifest.json").read_text())
+
+
+@pytest.mark.parametrize("case", ["tensorrt", "gpu_name", "compute_capability", "no_gpu", "plugin_changed",
+                                  "plugin_missing", "engine_changed", "onnx_changed", "no_record"])
+def test_loader_refuses_an_engine_that_does_not_match(case, fake_trtexec, model_dir):
+    build(model_dir, BuildOptions(precision="fp32"), log=lambda m: None)
+    engine = model_dir / "encoder.fp32.engine"
+    record = json.loads((model_dir / "encoder.fp32.engine.json").read_text())
+    running = _running(record)
+    expect = {"tensorrt": "TensorRT 10.13.0", "gpu_name": "Other GPU", "compute_capability": "compute capability 8.9",
+              "no_gpu": "no GPU", "plugin_changed": "plugin library", "plugin_missing": "no plugin library",
+              "engine_changed": "engine file changed", "onnx_changed": "encoder.onnx changed",
+              "no_record": "no build record"}[case]
+    if case == "tensorrt":
+        running["tensorrt"] = "10.8.0.43"
+    elif case == "gpu_name":
+        running["gpu"]["name"] = "Other GPU"
+    elif case == "compute_capability":
+        running["gpu"]["compute_capability"] = "8.9"
+    elif case == "no_gpu":
+        running["gpu"] = None
+    elif case == "plugin_changed":
+        running["plugin_library"]["sha256"] = "0" * 64
+    elif case == "plugin_missing":
+        running["plugin_library"] = None
+    elif case == "engine_changed":
+        engine.write_bytes(engine.read_bytes() + b"x")
+    elif case == "onnx_changed":
+        (model_dir / "encoder.onnx").write_bytes((model_dir / "encoder.onnx").read_bytes() + b"\0")
+    elif case == "no_record":
+        (model_dir / "encoder.fp32.engine.json").unlink()
+    with pytest.raises(EngineMismatchError) as err:
+        check_engine(engine, running, model_dir=model_dir)
+    message = str(err.value)
+    assert expect in message and "runtime build" in message and "\n" not in message
+
+
+def test_an_engine_without_the_plugin_loads_with_or_without_one(fake_trtexec, model_dir, monkeypatch):
+    monkeypatch.setattr(eb, "plugin_library_facts", lambda: None)
+    build(model_dir, BuildOptions(precision="fp32"), log=lambda m: None)
+    record = json.loads((model_dir / "nformer.fp32.engine.json").read_text())
+    assert record["plugin_library"] is None
+    check_engine(model_dir / "nformer.fp32.engine", _running(record), model_dir=model_dir)
+    check_engine(model_dir / "nformer.fp32.engine",
+                 _running(record, plugin_library={"path": "/x.so", "sha256": "1" * 64}), model_dir=model_dir)
+
+
+def test_without_tensorrt_the_build_writes_onnx_files_only(model_dir, monkeypatch):
+    monkeypatch.setattr(eb, "find_trtexec", lambda path=None: None)
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # `import tensorrt` fails
+    messages = []
+    result = build(model_dir, BuildOptions(precision="fp16"), log=messages.append)
+    assert result["tool"] == "none" and not result["engines"]
+    assert (model_dir / "encoder.fp16.onnx").is_file() and (model_dir / "nformer.fp16.onnx").is_file()
+    assert any("engines: not built" in m and "runtime build" in m for m in messages)
+    with pytest.raises(eb.NFormerError, match="TensorRT is not installed"):
+        eb.running_facts()
+
+
+# ---------------------------------------------------------------------------------------------------
+# real TensorRT (skipped where it is missing)
+
+def _tensorrt_or_skip():
+    try:
+        import tensorrt
+    except ImportError:
+        pytest.skip("TensorRT's Python package does not import here: engine builds through the Python API not run")
+    return tensorrt
+
+
+@pytest.mark.tensorrt
+def test_real_trtexec_build(model_dir):
+    if shutil.which("trtexec") is None:
+        pytest.skip("trtexec is not on PATH: engine builds with trtexec not run")
+    result = build(model_dir, BuildOptions(precision="fp16", engine_tool="trtexec", batch=(1, 4, 8), n=(1, 64, 256)))
+    for entry in result["engines"].values():
+        check_engine(model_dir / entry["path"], model_dir=model_dir)
+
+
+@pytest.mark.tensorrt
+def test_real_python_api_build_and_run(model_dir, tmp_path_factory):
+    _tensorrt_or_skip()
+    import numpy as np
+
+    result = build(model_dir, BuildOptions(precision="fp16", engine_tool="python", batch=(1, 4, 8), n=(1, 64, 256)))
+    for entry in result["engines"].values():
+        check_engine(model_dir / entry["path"], model_dir=model_dir)
+    from runtime.backends import OnnxRuntimeBackend
+    from runtime.tensorrt_backend import TensorRTBackend
+
+    images = np.random.default_rng(0).standard_normal((4, 3, 128, 64)).astype(np.float32)
+    ours = TensorRTBackend(model_dir / "encoder.fp16.engine").run({"images": images})["embeddings"]
+    ref = OnnxRuntimeBackend(model_dir / "encoder.onnx", ["CPUExecutionProvider"]).run({"images": images})["embeddings"]
+    from export.parity import cosine_rows
+
+    assert cosine_rows(ours, ref).mean() >= 0.999
