@@ -47,7 +47,7 @@ from typing import Callable
 import onnx
 
 from export.errors import InputError
-from export.manifest import MANIFEST_NAME, load_manifest, sha256_file, write_json_atomic
+from export.manifest import MANIFEST_NAME, io_spec, load_manifest, sha256_file, write_json_atomic
 
 from .quantize import DEFAULT_IMAGES, DEFAULT_METHOD, DEFAULT_PERCENTILE, quantize_encoder
 
@@ -68,16 +68,6 @@ def variant_file(network: str, precision: str) -> str:
 def default_refine_precision(precision: str) -> str:
     """The refinement's precision for a build at ``precision``: fp16 for fp16 and int8 builds."""
     return "fp32" if precision == "fp32" else "fp16"
-
-
-def io_spec(path: Path) -> dict:
-    proto = onnx.load(path, load_external_data=False)
-
-    def spec(v):
-        t = v.type.tensor_type
-        return {"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
-                "shape": [d.dim_param or d.dim_value for d in t.shape.dim]}
-    return {"inputs": [spec(v) for v in proto.graph.input], "outputs": [spec(v) for v in proto.graph.output]}
 
 
 def update_manifest_section(model_dir: str | Path, key: str, entries: dict) -> dict:

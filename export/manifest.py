@@ -26,13 +26,26 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def io_spec(path: str | Path) -> dict:
+    """Names, dtypes and shapes (symbolic dims by name) of an ONNX file's inputs and outputs."""
+    import onnx
+
+    proto = onnx.load(path, load_external_data=False)
+
+    def spec(v):
+        t = v.type.tensor_type
+        return {"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
+                "shape": [d.dim_param or d.dim_value for d in t.shape.dim]}
+    return {"inputs": [spec(v) for v in proto.graph.input], "outputs": [spec(v) for v in proto.graph.output]}
+
+
 def write_json_atomic(path: str | Path, data) -> None:
     """Write JSON so that a crash leaves either the old file or the new one, never half of one."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=False)
+            json.dump(data, f, indent=1, sort_keys=False, default=str)
             f.write("\n")
         os.replace(tmp, path)
     except BaseException:

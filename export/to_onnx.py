@@ -24,7 +24,7 @@ import torch
 from .checkpoint import load_checkpoint
 from .errors import InputError, NFormerError
 from .landmarks import sample_landmarks
-from .manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, sha256_file, write_json_atomic
+from .manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, io_spec, sha256_file, write_json_atomic
 from .model import NFormerModel
 from .nformer import NFormerLayers
 from .onnx_functions import OPSET, OUTPUTS as NEIGHBOR_OUTPUTS, reciprocal_neighbors_function
@@ -169,22 +169,12 @@ def check_against_reference(model: NFormerModel, out_dir: Path, batches=DEFAULT_
     return rows
 
 
-def _io_spec(path: Path) -> dict:
-    proto = onnx.load(path, load_external_data=False)
-
-    def spec(v):
-        t = v.type.tensor_type
-        return {"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
-                "shape": [d.dim_param or d.dim_value for d in t.shape.dim]}
-    return {"inputs": [spec(v) for v in proto.graph.input], "outputs": [spec(v) for v in proto.graph.output]}
-
-
 def build_manifest(model: NFormerModel, out_dir: Path, checkpoint: Path, checks: list[dict]) -> dict:
     import onnxruntime
 
     files = {}
     for name, file in FILES.items():
-        files[name] = {"path": file, "sha256": sha256_file(out_dir / file), **_io_spec(out_dir / file)}
+        files[name] = {"path": file, "sha256": sha256_file(out_dir / file), **io_spec(out_dir / file)}
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

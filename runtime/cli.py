@@ -273,18 +273,10 @@ def _comma_ints(ctx, param, value):
 def _write_report(path: Path | None, report) -> None:
     if path is None:
         return
-    import json
+    from export.manifest import write_json_atomic
 
     check_writable(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(report, f, indent=1, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json_atomic(path, report)
     click.echo(f"wrote {path}")
 
 
