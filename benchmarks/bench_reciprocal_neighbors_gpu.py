@@ -7,7 +7,11 @@ For each N (D = 256, k = 20, clustered unit-norm features: one identity centre p
 Market-1501's 19,281 / 751, plus per-image noise):
 
 * ``kernels``: the neighbour step alone (libnformer_kernels.so through ctypes): prepare, fp16
-  tensor-core candidate pass, fp64 rescore + certification, exact fallback, reciprocal check;
+  tensor-core candidate pass (wgmma on compute capability 9.0, else mma.sync), fp64 rescore +
+  certification, exact fallback, reciprocal check;
+* ``kernels-resident``: the same with the mma.sync resident-rows candidate kernel (the wgmma kernel's
+  baseline, same data, same run); ``kernels-generic``: the generic mma.sync candidate kernel;
+* ``phases-*``: per-kernel GPU time of one call (torch.profiler) at ``--profile-n``;
 * ``torch-dense-topk``: plain PyTorch fp32 ``topk(xn @ xn^T)`` + the reciprocal check, where the
   N x N matrix fits (else recorded as out of memory, not run);
 * ``refine-kernels``: the 4-layer NFormer (``export.nformer.NFormer``, random weights, 5 landmarks)
@@ -76,7 +80,7 @@ def free_bytes():
     return torch.cuda.mem_get_info()[0]
 
 
-def run_kernels_case(x, k, args, row, **options):
+def run_kernels_case(x, k, args, row, repeats=None, **options):
     n = x.shape[1]
     plan = rn_cuda.plan(1, n, x.shape[2], k)
     ws = torch.empty(rn_cuda.workspace_size(1, n, x.shape[2], k), dtype=torch.uint8, device=x.device)
@@ -88,14 +92,34 @@ def run_kernels_case(x, k, args, row, **options):
 
     _, _, stats = rn_cuda.reciprocal_neighbors(x, k, out=(idx, valid), workspace=ws, stats=True, **options)
     base = torch.cuda.memory_allocated() - ws.numel() - 2 * idx.numel() * 4
-    t, peak, times = timed(call, args.warmup, args.repeats)
+    t, peak, times = timed(call, args.warmup if repeats is None else 1, repeats or args.repeats)
     row.update({
         "time_s": t, "times_s": times, "peak_gb": peak / GB, "above_features_gb": (peak - base) / GB,
         "workspace_gb": ws.numel() / GB, "candidates": plan.candidates, "splits": plan.splits,
         "error_bound": plan.error_bound, "fallback_rows": stats["fallback_rows"],
-        "bound_violations": stats["bound_violations"],
+        "bound_violations": stats["bound_violations"], "candidate_kernel": stats["candidate_kernel"],
     })
     return idx, valid
+
+
+def profile_phases(x, k, results, n):
+    """Per-kernel GPU time of one call of the default and the resident path (torch.profiler / CUPTI)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for label, options in (("default", {}), ("resident", {"no_wgmma": True})):
+        rn_cuda.reciprocal_neighbors(x, k, **options)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            rn_cuda.reciprocal_neighbors(x, k, **options)
+            torch.cuda.synchronize()
+        phases = {}
+        for ev in prof.key_averages():
+            t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+            if t:
+                phases[ev.key[:80]] = round(t / 1e3, 4)  # ms
+        results.append({"case": f"phases-{label}", "n": n, "phases_ms": phases})
+        print(f"phases ({label}, N={n:,}): " + "; ".join(f"{k_}: {v} ms" for k_, v in sorted(
+            phases.items(), key=lambda kv: -kv[1])), flush=True)
 
 
 def verify(x, idx, valid, k):
@@ -150,6 +174,18 @@ def bench_size(n, args, model, results):
         t0 = time.time()
         row["verify"] = verify(x, idx, valid, k)
         print(f"  vs fp64 reference: {row['verify']} ({time.time() - t0:.1f} s)", flush=True)
+
+    if n <= args.resident_max:  # the mma.sync resident-rows kernel: the baseline of the wgmma kernel, same run
+        rrow = {"case": "kernels-resident", "n": n, "features_gb": features_gb}
+        r_idx, r_valid = run_kernels_case(x, k, args, rrow, repeats=None if n < 500_000 else 2, no_wgmma=True)
+        rrow["same_as_default"] = bool(torch.equal(r_idx, idx) and torch.equal(r_valid, valid))
+        results.append(rrow)
+        print(f"kernels-resident: {rrow['time_s'] * 1e3:.2f} ms ({rrow['candidate_kernel']}), "
+              f"same lists: {rrow['same_as_default']}", flush=True)
+        del r_idx, r_valid
+
+    if n == args.profile_n:
+        profile_phases(x, k, results, n)
 
     if n <= args.generic_max:  # the generic candidate kernel (other GPUs, larger k or D) on the same data
         grow = {"case": "kernels-generic", "n": n, "features_gb": features_gb}
@@ -238,8 +274,11 @@ def fmt_row(r):
     time_s = (f"{t * 1e3:.2f} ms" if t < 1 else f"{t:.3f} s") if t is not None else r.get("status", "-")
     peak = f"{r['peak_gb']:.2f}" if "peak_gb" in r else "-"
     extra = []
+    if r["case"].startswith("phases"):
+        return f"| {r['case']} | {r['n']:,} | - | - | " + "; ".join(
+            f"{k}: {v} ms" for k, v in sorted(r["phases_ms"].items(), key=lambda kv: -kv[1])) + " |"
     if r["case"].startswith("kernels") and "time_s" in r:
-        extra.append(f"ws {r['workspace_gb']:.2f} GB, c={r['candidates']} S={r['splits']}, "
+        extra.append(f"{r['candidate_kernel']} candidates, ws {r['workspace_gb']:.2f} GB, c={r['candidates']} S={r['splits']}, "
                      f"fallback rows {r['fallback_rows']}, bound violations {r['bound_violations']}")
         if "same_as_default" in r:
             extra.append("same lists as the default kernel" if r["same_as_default"] else "LISTS DIFFER")
@@ -262,8 +301,12 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--row-block", type=int, default=65536)
     ap.add_argument("--verify-max", type=int, default=100_000)
-    ap.add_argument("--generic-max", type=int, default=100_000,
+    ap.add_argument("--generic-max", type=int, default=19281,
                     help="also time the generic candidate kernel up to this N")
+    ap.add_argument("--resident-max", type=int, default=1_000_000,
+                    help="also time the mma.sync resident-rows kernel (the wgmma kernel's baseline) up to this N")
+    ap.add_argument("--profile-n", type=int, default=19281,
+                    help="per-kernel times (torch.profiler) of one call at this N")
     ap.add_argument("--no-refine", action="store_true")
     ap.add_argument("--max-seconds", type=float, default=25.0,
                     help="skip a size whose neighbour step is estimated (N^2 from the last size) above this")

@@ -49,9 +49,19 @@ elif [ -f .trt-headers/include/NvInfer.h ]; then TRT_ARGS=(-DTENSORRT_ROOT="$PWD
 step build "$LOG" bash -c "cmake -S plugins -B $BUILD -DCMAKE_CUDA_ARCHITECTURES='$ARCHS' ${TRT_ARGS[*]} && cmake --build $BUILD -j" \
     || { echo "build failed: nothing else can run"; exit 1; }
 
+# the wgmma candidate kernel must be real Hopper warpgroup MMA (HGMMA) in the machine code, not HMMA
+if command -v cuobjdump >/dev/null; then
+    step sass_hgmma "$LOG" bash -c "n=\$(cuobjdump -sass $BUILD/libnformer_kernels.so | grep -c HGMMA); \
+        echo \"HGMMA instructions in libnformer_kernels.so: \$n\"; [ \"\$n\" -gt 0 ]"
+fi
+
 if [ -x "$BUILD/nformer_plugin_selftest" ]; then
     step plugin_selftest "$LOG" "$BUILD/nformer_plugin_selftest" "$BUILD/libnformer_plugins.so" --gpu
 fi
+
+# a quick check of the candidate kernels first: if it fails, stop here and keep the device time
+step smoke "$LOG" timeout 120 python3 benchmarks/wgmma_smoke.py \
+    || { echo "smoke check failed: stopping before the long steps"; echo "failed steps: ${failed[*]}" | tee -a "$LOG"; exit 1; }
 
 [[ " $SKIP " == *" tests "* ]] || step gpu_tests "$OUT/gpu_test_log.txt" timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -m gpu tests/test_plugin_gpu.py -q -rs -p no:cacheprovider
 
@@ -83,7 +93,7 @@ int main(int argc, char** argv) {
     cudaMemcpy(dx, x.data(), x.size() * 4, cudaMemcpyHostToDevice);
     cudaMemcpy(dh, h.data(), h.size() * 2, cudaMemcpyHostToDevice);
     int bad = 0;
-    for (int k : {20, 64}) for (int dtype : {0, 1}) for (int flags : {0, 1, 4}) {
+    for (int k : {20, 64}) for (int dtype : {0, 1}) for (int flags : {0, 1, 4, 16}) {
         if (quick && !((k == 20 && dtype == 0 && flags != 4) || (k == 64 && dtype == 1 && flags == 4))) continue;
         size_t wsb = nformer_reciprocal_neighbors_workspace_ex(1, n, d, k, 0);
         int ke = k < n ? k : n;

@@ -101,6 +101,8 @@ def test_kernels_compile_for_every_target_gpu(build):
         text = lib.read_bytes().decode("latin-1").replace("-arch sm_", "ELF sm_")
     for arch in ARCHS:
         assert f"sm_{arch}.cubin" in text or f"ELF sm_{arch}" in text, f"no sm_{arch} machine code in {lib}"
+    # 90 is among the targets, so the wgmma candidate kernel is there too, as sm_90a machine code
+    assert "sm_90a.cubin" in text or "ELF sm_90a" in text, f"no sm_90a (wgmma) machine code in {lib}"
 
 
 def test_kernels_use_no_local_memory_stack(build, tmp_path):
@@ -111,6 +113,19 @@ def test_kernels_use_no_local_memory_stack(build, tmp_path):
     assert res.returncode == 0, res.stderr
     frames = [int(line.split()[0]) for line in res.stderr.splitlines() if "bytes stack frame" in line]
     assert frames and max(frames) <= 64, res.stderr  # a few spilled registers at most, far below the 1 KiB default
+
+
+def test_wgmma_kernel_compiles_unserialised_for_sm90a(build, tmp_path):
+    """The wgmma candidate pass: sm_90a only, no stack, and ptxas keeps its wgmma asynchronous (no C7510-C7519
+    "wgmma.mma_async instructions are serialized" or injected waits, which would cost most of its speed)."""
+    src = REPO / "plugins" / "reciprocal_neighbors" / "reciprocalNeighborsWgmma.cu"
+    res = run([build["nvcc"], "-O3", "-std=c++17", "-gencode", "arch=compute_90a,code=sm_90a", "-Xptxas", "-v",
+               "-c", src, "-o", tmp_path / "w.o"])
+    assert res.returncode == 0, res.stderr
+    assert "serialized" not in res.stderr and "is injected" not in res.stderr, res.stderr
+    frames = [int(line.split()[0]) for line in res.stderr.splitlines() if "bytes stack frame" in line]
+    assert frames and max(frames) == 0, res.stderr
+    assert res.stderr.count("Compiling entry function") == 4, res.stderr  # padded D = 64, 128, 192, 256
 
 
 def test_c_api_exports(build):

@@ -192,6 +192,48 @@ def test_smaller_candidate_tiles_match_the_reference(tile_rows, k):
     assert stats["bound_violations"] == 0
 
 
+def is_hopper():
+    return torch.cuda.get_device_capability() == (9, 0)
+
+
+@pytest.mark.parametrize("n", [1, 7, 21, 130, 1000, 19281])
+def test_default_candidate_kernel_on_hopper_is_wgmma(n):
+    """On compute capability 9.0 (H100/H200) with D <= 256 and k <= 33 the sm_90a wgmma kernel runs."""
+    if not is_hopper():
+        pytest.skip(f"not a compute capability 9.0 GPU ({torch.cuda.get_device_name()}): the wgmma kernel never runs")
+    x = random_unit(n, seed=20 + n)
+    ref_idx, ref_valid = reference_prefix(x, 20, ("random", n, "wgmma"))
+    idx, valid, stats = run_kernels(x, 20)
+    assert_same(idx, valid, ref_idx, ref_valid, f"wgmma N={n}")
+    if n > 1:
+        assert stats["candidate_kernel"] == "wgmma", stats
+    assert stats["bound_violations"] == 0, stats
+
+
+@pytest.mark.parametrize("dim", [33, 100, 150, 256])
+def test_every_padded_dimension_and_batches(dim):
+    """Padded D = 64, 128, 192, 256 (the wgmma kernel's four instances on Hopper), two batch items."""
+    x = torch.cat([clustered(2500, seed=21, dim=dim, identities=120),
+                   random_unit(2500, d=dim, seed=22)], dim=0)
+    ref_idx, ref_valid = reference_lists(x, 33)
+    idx, valid, stats = run_kernels(x, 33)
+    assert_same(idx, valid, ref_idx, ref_valid, f"D={dim} B=2 k=33")
+    assert stats["bound_violations"] == 0, stats
+    if is_hopper():
+        assert stats["candidate_kernel"] == "wgmma", stats
+
+
+@pytest.mark.parametrize("n", [3000, 19281])
+def test_resident_candidate_kernel_matches_the_reference(n):
+    """The mma.sync resident-rows kernel (what sm_80-sm_89 run, and Hopper with no_wgmma) must agree too."""
+    x = clustered(n, seed=23, identities=751)
+    ref_idx, ref_valid = reference_prefix(x, 20, ("resident", n))
+    idx, valid, stats = run_kernels(x, 20, no_wgmma=True)
+    assert_same(idx, valid, ref_idx, ref_valid, f"resident kernel N={n}")
+    assert stats["candidate_kernel"] in ("resident", "generic"), stats
+    assert stats["bound_violations"] == 0
+
+
 @pytest.mark.parametrize("n", [3000, 19281])
 def test_generic_candidate_kernel_matches_the_reference(n):
     """k = 20 runs the resident-rows kernel by default on an H100; the generic one must agree too."""
@@ -199,6 +241,7 @@ def test_generic_candidate_kernel_matches_the_reference(n):
     ref_idx, ref_valid = reference_prefix(x, 20, ("generic", n))
     idx, valid, stats = run_kernels(x, 20, generic=True)
     assert_same(idx, valid, ref_idx, ref_valid, f"generic kernel N={n}")
+    assert stats["candidate_kernel"] == "generic", stats
     assert stats["bound_violations"] == 0
 
 

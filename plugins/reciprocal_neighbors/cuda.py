@@ -22,6 +22,8 @@ DTYPE_FLOAT16 = 1
 FLAG_EXACT_ONLY = 1
 FLAG_TILE_ROWS = {128: 0, 64: 2, 32: 4}
 FLAG_GENERIC_CANDIDATES = 8
+FLAG_NO_WGMMA = 16
+CANDIDATE_KERNELS = {0: "none", 1: "generic", 2: "resident", 3: "wgmma"}  # workspace counter [2]
 
 _lock = threading.Lock()
 _lib = None
@@ -93,7 +95,7 @@ def workspace_size(batch: int, rows: int, dim: int, k: int, candidates: int = 0)
 
 def reciprocal_neighbors(features, k: int, *, out=None, workspace=None, candidates: int = 0,
                          exact_only: bool = False, tile_rows: int | None = None, generic: bool = False,
-                         stats: bool = False):
+                         no_wgmma: bool = False, stats: bool = False):
     """Run the kernels on ``features`` [B, N, D] (float32 or float16 CUDA tensor) on the current stream.
 
     Args:
@@ -105,7 +107,10 @@ def reciprocal_neighbors(features, k: int, *, out=None, workspace=None, candidat
         tile_rows: force 64- or 32-row candidate tiles of the generic kernel (default: the largest that fits).
         generic: use the generic candidate kernel where the resident-rows kernel (D <= 256, k <= 33,
             >= 223 KB shared memory per block) would run.
-        stats: also return ``{"fallback_rows", "bound_violations"}`` (synchronises to read them).
+        no_wgmma: use the mma.sync resident-rows kernel where the wgmma kernel (sm_90a builds on compute
+            capability 9.0) would run.
+        stats: also return ``{"fallback_rows", "bound_violations", "candidate_kernel"}`` (synchronises
+            to read them); ``candidate_kernel`` is "wgmma", "resident", "generic" or "none".
 
     Returns:
         ``(idx, valid)`` int32 tensors, plus the stats dict when ``stats`` is true.
@@ -144,7 +149,7 @@ def reciprocal_neighbors(features, k: int, *, out=None, workspace=None, candidat
     if tile_rows not in (None, *FLAG_TILE_ROWS):
         raise InputError(f"reciprocal_neighbors: tile_rows must be one of {sorted(FLAG_TILE_ROWS)}, got {tile_rows}")
     flags = ((FLAG_EXACT_ONLY if exact_only else 0) | FLAG_TILE_ROWS.get(tile_rows, 0)
-             | (FLAG_GENERIC_CANDIDATES if generic else 0))
+             | (FLAG_GENERIC_CANDIDATES if generic else 0) | (FLAG_NO_WGMMA if no_wgmma else 0))
     lib = load_kernels()
     with torch.cuda.device(device):
         stream = torch.cuda.current_stream(device).cuda_stream
@@ -160,5 +165,6 @@ def reciprocal_neighbors(features, k: int, *, out=None, workspace=None, candidat
         return idx, valid
     # the counters sit at the workspace base rounded up to 256 bytes
     offset = (-workspace.data_ptr()) % 256
-    counters = workspace.view(torch.uint8)[offset:offset + 8].clone().view(torch.int32).tolist()
-    return idx, valid, {"fallback_rows": counters[0], "bound_violations": counters[1]}
+    counters = workspace.view(torch.uint8)[offset:offset + 12].clone().view(torch.int32).tolist()
+    return idx, valid, {"fallback_rows": counters[0], "bound_violations": counters[1],
+                        "candidate_kernel": CANDIDATE_KERNELS.get(counters[2], str(counters[2]))}

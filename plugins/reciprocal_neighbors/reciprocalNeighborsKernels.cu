@@ -15,6 +15,8 @@
  * the lower index exactly as in the reference.
  */
 #include "reciprocalNeighborsKernels.h"
+#include "reciprocalNeighborsDevice.cuh"
+#include "reciprocalNeighborsWgmma.h"
 
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -36,8 +38,6 @@ constexpr int kBN = 64;            // columns per tile of the candidate pass
 constexpr int kBK = 32;            // K chunk (fp16 elements) per pipeline stage
 constexpr int kLds = kBK + 8;      // smem row stride (80 bytes: ldmatrix rows hit distinct banks)
 constexpr int kCStride = kBN + 4;  // smem stride of the fp32 score tile
-constexpr float kYScale = 256.0f;  // y = 256 x / n keeps the fp16 operand far from subnormals
-constexpr float kScoreUnscale = 1.0f / (kYScale * kYScale);
 constexpr int kMaxSplits = 4;
 constexpr int kTargetBlocks = 512; // blocks of 128 rows x split aimed at by the column splitting
 constexpr int kMaxUnion = 256;     // S * c cap (rescore keeps the union in shared memory)
@@ -160,22 +160,7 @@ __device__ __forceinline__ void warpArgMin(float const* scores, int c, int lane,
     minSlot = slot;
 }
 
-__device__ __forceinline__ void cpAsync16(void* smemPtr, void const* globalPtr, int srcBytes)
-{
-    unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smemPtr));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(globalPtr), "r"(srcBytes));
-}
 
-__device__ __forceinline__ void cpAsyncCommit()
-{
-    asm volatile("cp.async.commit_group;\n" ::);
-}
-
-template <int N>
-__device__ __forceinline__ void cpAsyncWait()
-{
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
 
 __device__ __forceinline__ void ldmatrixX4(uint32_t (&r)[4], void const* smemPtr)
 {
@@ -504,25 +489,6 @@ size_t residentSmemBytes(int paddedDim)
         + static_cast<size_t>(kRBM) * kRCap * sizeof(unsigned long long) + static_cast<size_t>(kRBM) * 3 * sizeof(int);
 }
 
-//! Buffer entries pack (score, column) in 64 bits so that unsigned order = score order: the float's
-//! bits mapped to an order-preserving unsigned key in the high word, the column in the low word.
-__device__ __forceinline__ unsigned long long packEntry(float score, int column)
-{
-    unsigned u = __float_as_uint(score);
-    unsigned k = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-    return (static_cast<unsigned long long>(k) << 32) | static_cast<unsigned>(column);
-}
-
-__device__ __forceinline__ float entryScore(unsigned long long e)
-{
-    unsigned k = static_cast<unsigned>(e >> 32);
-    return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
-}
-
-__device__ __forceinline__ int entryColumn(unsigned long long e)
-{
-    return static_cast<int>(static_cast<unsigned>(e & 0xffffffffull));
-}
 
 //! Sort a row's buffer (n valid entries; the rest padded with the smallest key) descending and keep the
 //! best c; the threshold becomes the c-th best score. Called by one whole warp, with n > c.
@@ -1218,9 +1184,32 @@ int32_t run(T const* x, ReciprocalNeighborsPlan const& p, int32_t* outIdx, int32
         bool const tile32 = (flags & kFLAG_TILE_32) != 0;
         bool const generic = tile64 || tile32 || (flags & kFLAG_GENERIC_CANDIDATES) != 0;
         size_t const residentBytes = residentSmemBytes(p.paddedDim);
-        if (!generic && p.paddedDim <= kRMaxDim && p.candidates <= kRMaxCandidates
+        CandidateKernel used = kCANDIDATES_GENERIC;
+#if NFORMER_HAVE_WGMMA
+        int ccMajor = 0;
+        int ccMinor = 0;
+        if ((err = cudaDeviceGetAttribute(&ccMajor, cudaDevAttrComputeCapabilityMajor, device)) != cudaSuccess
+            || (err = cudaDeviceGetAttribute(&ccMinor, cudaDevAttrComputeCapabilityMinor, device)) != cudaSuccess)
+        {
+            return static_cast<int32_t>(err);
+        }
+        // sm_90a machine code runs on compute capability 9.0 exactly (H100, H200, GH200)
+        bool const wgmma = !generic && (flags & kFLAG_NO_WGMMA) == 0 && ccMajor == 9 && ccMinor == 0
+            && p.paddedDim <= kWgmmaMaxPaddedDim && p.candidates <= kWgmmaMaxCandidates
+            && wgmmaCandidateSmemBytes(p.paddedDim) <= static_cast<size_t>(smemOptin);
+#else
+        bool const wgmma = false;
+#endif
+        if (wgmma)
+        {
+            used = kCANDIDATES_WGMMA;
+            err = launchWgmmaCandidates(
+                y, p.batch, p.rows, p.paddedDim, p.splits, p.candidates, candIdx, candScore, candThresh, stream);
+        }
+        else if (!generic && p.paddedDim <= kRMaxDim && p.candidates <= kRMaxCandidates
             && residentBytes <= static_cast<size_t>(smemOptin))
         {
+            used = kCANDIDATES_RESIDENT;
             auto kernel = candidateResidentKernel;
             err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(residentBytes));
             if (err == cudaSuccess)
@@ -1244,6 +1233,11 @@ int32_t run(T const* x, ReciprocalNeighborsPlan const& p, int32_t* outIdx, int32
             err = launchCandidates<32, 2>(p, y, candIdx, candScore, candThresh, stream);
         }
         if (err != cudaSuccess)
+        {
+            return static_cast<int32_t>(err);
+        }
+        // counters[2]: which candidate kernel ran (one byte; the counters were zeroed above)
+        if ((err = cudaMemsetAsync(counters + 2, static_cast<int>(used), 1, stream)) != cudaSuccess)
         {
             return static_cast<int32_t>(err);
         }

@@ -50,6 +50,17 @@ enum ReciprocalNeighborsFlags : int32_t
     kFLAG_TILE_32 = 4,
     //! Use the generic candidate kernel (any D and c) where the resident-rows kernel would run.
     kFLAG_GENERIC_CANDIDATES = 8,
+    //! Use the mma.sync resident-rows kernel where the wgmma kernel (sm_90a builds on H100/H200) would run.
+    kFLAG_NO_WGMMA = 16,
+};
+
+//! Which candidate kernel a call ran (workspace counter [2]).
+enum CandidateKernel : int32_t
+{
+    kCANDIDATES_NONE = 0,     //!< k_eff = 1 or exact-only: no candidate pass
+    kCANDIDATES_GENERIC = 1,  //!< mma.sync, rows and columns streamed (any D, any c)
+    kCANDIDATES_RESIDENT = 2, //!< mma.sync, the block's rows resident in shared memory (D <= 256, c <= 64)
+    kCANDIDATES_WGMMA = 3,    //!< wgmma (sm_90a), the block's rows in registers (D <= 256, c <= 64)
 };
 
 //! Status codes: 0 success, negative = invalid arguments (nothing was launched), positive = a cudaError_t.
@@ -91,7 +102,8 @@ size_t reciprocalNeighborsWorkspaceSize(int32_t batch, int32_t rows, int32_t dim
 //! Enqueue the whole step on `stream`. features [B, N, D] (fp32 or fp16, contiguous, device);
 //! neighborIndex / neighborValid int32 [B, N, min(k, N)] (device). Never allocates or synchronises.
 //! The first 16 bytes of the workspace hold int32 counters after the call: [0] rows that took the exact
-//! fallback scan, [1] candidate scores that broke the error bound (0 expected; such rows also fall back).
+//! fallback scan, [1] candidate scores that broke the error bound (0 expected; such rows also fall back),
+//! [2] the candidate kernel that ran (CandidateKernel).
 int32_t reciprocalNeighbors(void const* features, FeatureType type, int32_t batch, int32_t rows, int32_t dim,
     int32_t k, int32_t* neighborIndex, int32_t* neighborValid, void* workspace, size_t workspaceBytes,
     cudaStream_t stream, int32_t candidates = 0, int32_t flags = kFLAG_NONE);
