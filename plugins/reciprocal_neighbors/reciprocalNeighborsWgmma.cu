@@ -16,8 +16,9 @@
  *     they run, filters the previous tile's scores: the only block-wide barriers are the two that guard
  *     the stages;
  *   - each warp owns its 16 rows' candidate buffers (128 entries each): a score above the row's threshold
- *     is appended; a buffer that would overflow is cut back to its best c by a warp-wide radix select,
- *     and the threshold becomes the c-th best score. Everything dropped scored <= the final threshold.
+ *     is appended; a buffer that would overflow is cut back to between 3c/4 and c of its best entries
+ *     (a warp-wide bisection of the score keys), and the threshold rises to the cut. Everything dropped
+ *     scored <= the final threshold; the lists may hold fewer than c entries, which the rescore allows.
  */
 #include "reciprocalNeighborsDevice.cuh"
 #include "reciprocalNeighborsWgmma.h"
@@ -110,63 +111,81 @@ __device__ __forceinline__ void wgmmaM64N64K16(float (&d)[32], uint32_t const (&
 
 // ---------------------------------------------------------------- candidate buffers
 
-//! Cut a row's buffer of n > c entries back to its best c (any order) by a warp-wide radix select of the
-//! c-th largest score key; the row's threshold becomes that score. Called by one whole warp.
+//! Cut a row's buffer of n > c entries back to at most c of its best: bisect the order-preserving score
+//! keys for a cut T with c - c/4 <= #(key > T) <= c (fewer only where ties straddle every such T), keep
+//! the entries above T, and raise the row's threshold to T's score, so every dropped entry scored <= the
+//! threshold. A handful of warp reductions: an exact c-th-largest select (32 rounds) made the cuts of the
+//! first tiles of every split dominate the pass at N ~ 20k. Called by one whole warp.
 __device__ __noinline__ void cutToBest(unsigned long long* rowBuf, int n, int c, int lane, int* count, float* threshold)
 {
     unsigned long long e[kWCap / 32];
     unsigned key[kWCap / 32];
+    unsigned lowLocal = 0xffffffffu;
+    unsigned highLocal = 0u;
 #pragma unroll
     for (int q = 0; q < kWCap / 32; ++q)
     {
         int const i = lane + 32 * q;
-        e[q] = i < n ? rowBuf[i] : 0ull; // key 0 ranks below every stored score
+        e[q] = i < n ? rowBuf[i] : 0ull; // key 0 ranks below every stored score and is never kept
         key[q] = static_cast<unsigned>(e[q] >> 32);
+        if (i < n)
+        {
+            lowLocal = min(lowLocal, key[q]);
+            highLocal = max(highLocal, key[q]);
+        }
     }
-    unsigned kth = 0; // the largest key with at least c entries >= it: the c-th largest key
-    for (int bit = 31; bit >= 0; --bit)
-    {
-        unsigned const candidate = kth | (1u << bit);
-        int local = 0;
+    auto countAbove = [&](unsigned t) {
+        unsigned local = 0;
 #pragma unroll
         for (int q = 0; q < kWCap / 32; ++q)
         {
-            local += key[q] >= candidate ? 1 : 0;
+            local += key[q] > t ? 1u : 0u;
         }
-        if (__reduce_add_sync(kFull, static_cast<unsigned>(local)) >= static_cast<unsigned>(c))
-        {
-            kth = candidate;
-        }
-    }
-    int above = 0;
-#pragma unroll
-    for (int q = 0; q < kWCap / 32; ++q)
+        return __reduce_add_sync(kFull, local);
+    };
+    unsigned lo = __reduce_min_sync(kFull, lowLocal); // #(key > lo) may exceed c
+    unsigned hi = __reduce_max_sync(kFull, highLocal); // #(key > hi) = 0 <= c
+    unsigned const want = static_cast<unsigned>(c - c / 4);
+    unsigned cut = lo;
+    if (countAbove(lo) > static_cast<unsigned>(c))
     {
-        above += key[q] > kth ? 1 : 0;
+        while (hi - lo > 1u) // invariant: #(key > lo) > c >= #(key > hi)
+        {
+            unsigned const mid = lo + (hi - lo) / 2u;
+            unsigned const above = countAbove(mid);
+            if (above > static_cast<unsigned>(c))
+            {
+                lo = mid;
+            }
+            else
+            {
+                hi = mid;
+                if (above >= want)
+                {
+                    break;
+                }
+            }
+        }
+        cut = hi;
     }
-    int const equalNeeded = c - static_cast<int>(__reduce_add_sync(kFull, static_cast<unsigned>(above)));
     __syncwarp(); // every lane has read the buffer before any lane rewrites it
     unsigned const lower = (1u << lane) - 1u;
     int written = 0;
-    int equalSeen = 0;
 #pragma unroll
     for (int q = 0; q < kWCap / 32; ++q)
     {
-        bool const isEqual = key[q] == kth;
-        unsigned const equalMask = __ballot_sync(kFull, isEqual);
-        bool const keep = key[q] > kth || (isEqual && equalSeen + __popc(equalMask & lower) < equalNeeded);
+        bool const keep = key[q] > cut;
         unsigned const keepMask = __ballot_sync(kFull, keep);
         if (keep)
         {
             rowBuf[written + __popc(keepMask & lower)] = e[q];
         }
         written += __popc(keepMask);
-        equalSeen += __popc(equalMask);
     }
     if (lane == 0)
     {
-        *count = c;
-        *threshold = entryScore(static_cast<unsigned long long>(kth) << 32);
+        *count = written;
+        *threshold = entryScore(static_cast<unsigned long long>(cut) << 32);
     }
     __syncwarp();
 }
@@ -422,12 +441,11 @@ __global__ void __launch_bounds__(kWThreads, 1) candidateWgmmaKernel(__half cons
         {
             break;
         }
-        int const n0 = count[r];
-        if (n0 > c)
+        if (count[r] > c)
         {
-            cutToBest(buf + r * kWCap, n0, c, lane, &count[r], &thrShared[r]);
+            cutToBest(buf + r * kWCap, count[r], c, lane, &count[r], &thrShared[r]);
         }
-        int const n = min(n0, c);
+        int const n = count[r]; // <= c
         size_t const rowSplit = (static_cast<size_t>(batch) * rows + g) * splits + split;
         for (int p = lane; p < c; p += 32)
         {
