@@ -1324,6 +1324,14 @@ int32_t planReciprocalNeighbors(int32_t batch, int32_t rows, int32_t dim, int32_
     int64_t splits = (kTargetBlocks + rowBlocks - 1) / rowBlocks; // a few waves of blocks on a big GPU
     splits = std::min<int64_t>({splits, kMaxSplits, kMaxUnion / p.candidates, tiles});
     p.splits = static_cast<int32_t>(std::max<int64_t>(splits, 1));
+    if (candidates == 0 && kk > 0 && p.splits > 1)
+    {
+        // With S column splits the threshold T = max over splits of each split's c-th best is still at
+        // most the row's c-th best, so certification's worst case is that of one list of c; typically T
+        // is far lower. A smaller slack per split (kk + max(8, kk / S)) halves the list upkeep and the
+        // rescore at small N, where S > 1 and a row that cannot be certified costs one exact N-column scan.
+        p.candidates = roundUp32(kk + std::max(8, (std::min(kk, 64) + p.splits - 1) / p.splits));
+    }
     p.errorBound = candidateErrorBound(p.paddedDim);
     int64_t const totalRows = static_cast<int64_t>(batch) * rows;
     p.workspaceBytes = layoutFor(totalRows, p.paddedDim, totalRows * p.splits, p.candidates).total;
