@@ -1357,7 +1357,11 @@ size_t reciprocalNeighborsWorkspaceSize(int32_t batch, int32_t rows, int32_t dim
     int64_t const totalRows = static_cast<int64_t>(batch) * rows;
     int64_t const candidateRows
         = std::min<int64_t>(kMaxSplits * totalRows, 128LL * kTargetBlocks + totalRows + 127LL * batch);
-    size_t const bound = layoutFor(totalRows, p.paddedDim, candidateRows, p.candidates).total;
+    // ... with the default c of one split (>= the smaller c the plan takes where S > 1), so the size grows
+    // with N across the N where S drops to 1.
+    int const kk = p.kEff - 1;
+    int const cBound = candidates != 0 ? p.candidates : kk == 0 ? 32 : roundUp32(kk + std::max(16, std::min(kk, 64)));
+    size_t const bound = layoutFor(totalRows, p.paddedDim, candidateRows, std::max(p.candidates, cBound)).total;
     return std::max(bound, p.workspaceBytes);
 }
 
