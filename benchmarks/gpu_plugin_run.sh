@@ -109,13 +109,12 @@ int main(int argc, char** argv) {
     return bad;
 }
 CU
-[[ " $SKIP " == *" sanitizer "* ]] || step sanitize_build "$LOG" nvcc -O2 -std=c++17 -arch=sm_90 "$DRIVER.cu" -o "$DRIVER" \
-    -L"$BUILD" -lnformer_kernels -Xlinker -rpath -Xlinker "$PWD/$BUILD" \
-    && {
-        step memcheck "$OUT/sanitizer.log" timeout 150 compute-sanitizer --tool memcheck --leak-check no --error-exitcode 3 "$DRIVER" 2000
-        step racecheck "$OUT/sanitizer.log" timeout 120 compute-sanitizer --tool racecheck --error-exitcode 3 "$DRIVER" 700 quick
-        step synccheck "$OUT/sanitizer.log" timeout 120 compute-sanitizer --tool synccheck --error-exitcode 3 "$DRIVER" 700 quick
-    }
+if [[ " $SKIP " != *" sanitizer "* ]] && step sanitize_build "$LOG" nvcc -O2 -std=c++17 -arch=sm_90 "$DRIVER.cu" -o "$DRIVER" \
+    -L"$BUILD" -lnformer_kernels -Xlinker -rpath -Xlinker "$PWD/$BUILD"; then
+    step memcheck "$OUT/sanitizer.log" timeout 150 compute-sanitizer --tool memcheck --leak-check no --error-exitcode 3 "$DRIVER" 2000
+    step racecheck "$OUT/sanitizer.log" timeout 120 compute-sanitizer --tool racecheck --error-exitcode 3 "$DRIVER" 700 quick
+    step synccheck "$OUT/sanitizer.log" timeout 120 compute-sanitizer --tool synccheck --error-exitcode 3 "$DRIVER" 700 quick
+fi
 
 [[ " $SKIP " == *" benchmark "* ]] || step benchmark "$LOG" timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/bench_reciprocal_neighbors_gpu.py --json "$OUT/reciprocal_neighbors_gpu.json" \
     ${BENCH_ARGS:-}

@@ -160,8 +160,6 @@ __device__ __forceinline__ void warpArgMin(float const* scores, int c, int lane,
     minSlot = slot;
 }
 
-
-
 __device__ __forceinline__ void ldmatrixX4(uint32_t (&r)[4], void const* smemPtr)
 {
     unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smemPtr));
@@ -488,7 +486,6 @@ size_t residentSmemBytes(int paddedDim)
         + static_cast<size_t>(kRStages) * kBN * kRLdb * sizeof(__half)
         + static_cast<size_t>(kRBM) * kRCap * sizeof(unsigned long long) + static_cast<size_t>(kRBM) * 3 * sizeof(int);
 }
-
 
 //! Sort a row's buffer (n valid entries; the rest padded with the smallest key) descending and keep the
 //! best c; the threshold becomes the c-th best score. Called by one whole warp, with n > c.
