@@ -105,8 +105,8 @@ def reciprocal_neighbors(features, k: int, *, out=None, workspace=None, candidat
         candidates: approximate candidates kept per row (0: the kernels' default).
         exact_only: rank every row by the exact fp64 scan (skips the candidate pass).
         tile_rows: force 64- or 32-row candidate tiles of the generic kernel (default: the largest that fits).
-        generic: use the generic candidate kernel where the resident-rows kernel (D <= 256, k <= 33,
-            >= 223 KB shared memory per block) would run.
+        generic: use the generic candidate kernel where the wgmma or the resident-rows kernel (D <= 256,
+            k <= 33, >= 223 KB shared memory per block) would run.
         no_wgmma: use the mma.sync resident-rows kernel where the wgmma kernel (sm_90a builds on compute
             capability 9.0) would run.
         stats: also return ``{"fallback_rows", "bound_violations", "candidate_kernel"}`` (synchronises

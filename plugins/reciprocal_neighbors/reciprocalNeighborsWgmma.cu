@@ -12,9 +12,8 @@
  *     wgmma's register fragments (the layout of mma.sync m16n8k16's A), all D / 16 k-steps of them;
  *   - B (64 columns x D) streams through three shared-memory stages by cp.async, stored K-major with the
  *     128-byte swizzle (8 K-chunks of 16 bytes per 128-byte row segment, chunk j of row n at j ^ (n & 7));
- *   - per tile, each warpgroup issues D / 16 wgmma.m64n64k16 into one of two accumulator sets and, while
- *     they run, filters the previous tile's scores: the only block-wide barriers are the two that guard
- *     the stages;
+ *   - per tile, each warpgroup issues D / 16 wgmma.m64n64k16 back to back, waits for them and filters the
+ *     scores; the only block-wide barriers are the two per tile that guard the stages;
  *   - each warp owns its 16 rows' candidate buffers (128 entries each): a score above the row's threshold
  *     is appended; a buffer that would overflow is cut back to between 3c/4 and c of its best entries
  *     (a warp-wide bisection of the score keys), and the threshold rises to the cut. Everything dropped
@@ -390,7 +389,7 @@ __global__ void __launch_bounds__(kWThreads, 1) candidateWgmmaKernel(__half cons
         n0 += __shfl_xor_sync(kFull, n0, 2);
         n1 += __shfl_xor_sync(kFull, n1, 1);
         n1 += __shfl_xor_sync(kFull, n1, 2);
-        // Make room: a row whose buffer cannot take this tile's arrivals is cut back to its best c.
+        // Make room: a row whose buffer cannot take this tile's arrivals is cut back to at most c of its best.
         unsigned cut = __ballot_sync(kFull, quadLane == 0 && n0 > 0 && count[localRow0] + n0 > kWCap);
         while (cut != 0u)
         {
@@ -415,7 +414,7 @@ __global__ void __launch_bounds__(kWThreads, 1) candidateWgmmaKernel(__half cons
     // Per tile: wait for its stage, run its D / 16 wgmma (issued back to back, one wait), filter the
     // scores, and refill the stage with the tile three ahead once both warpgroups are done with it.
     // (Overlapping the filter with the next tile's wgmma through two accumulator sets and a partial
-    // wait made ptxas serialise every wgmma, C7514; the other warpgroup's work overlaps instead.)
+    // wait made ptxas serialise every wgmma, C7514, so each tile waits for its own chain.)
     float acc[32];
     for (int q = 0; q < tileCount; ++q)
     {
