@@ -28,7 +28,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +35,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from isolated import run_in_subprocess  # noqa: E402  (benchmarks/, this script's folder)
 
 
 def run_case(case: dict) -> dict:
@@ -61,11 +62,7 @@ def run_case(case: dict) -> dict:
 
 
 def spawn(case: dict) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--case", json.dumps(case)], capture_output=True, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": str(case["threads"])})
-    if out.returncode != 0:
-        return {**case, "error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_in_subprocess(__file__, case)
 
 
 def ort_cpu_int8(model: dict, data: Path) -> Path:
