@@ -39,18 +39,25 @@ def io_spec(path: str | Path) -> dict:
     return {"inputs": [spec(v) for v in proto.graph.input], "outputs": [spec(v) for v in proto.graph.output]}
 
 
-def write_json_atomic(path: str | Path, data) -> None:
-    """Write JSON so that a crash leaves either the old file or the new one, never half of one."""
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file beside it, fsync, then rename over it: a crash
+    leaves either the old file or the new one, never half of one."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=False, default=str)
-            f.write("\n")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: str | Path, data) -> None:
+    """Write JSON atomically (:func:`write_bytes_atomic`)."""
+    write_bytes_atomic(path, (json.dumps(data, indent=1, sort_keys=False, default=str) + "\n").encode())
 
 
 def load_manifest(model_dir: str | Path, verify_checksums: bool = False) -> dict:

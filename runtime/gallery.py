@@ -25,7 +25,6 @@ previous save readable; older versions are deleted only after the switch.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -40,6 +39,7 @@ import numpy as np
 
 from export.config import ModelConfig
 from export.errors import InputError
+from export.manifest import sha256_file, write_bytes_atomic
 
 from .layers_refiner import LayersRefiner
 from .metrics import euclidean_distances
@@ -83,14 +83,6 @@ def _json_scalar_id(value, where: str):
     if isinstance(value, str):
         return value
     raise InputError(f"{where}: ids must be strings or integers, found {type(value).__name__} {value!r}")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -332,7 +324,7 @@ class Gallery:
                 os.rename(work, path / version)
                 work = path / version
                 _fsync_dir(path)
-                _write_durably(path / POINTER, json.dumps(
+                write_bytes_atomic(path / POINTER, json.dumps(
                     {"format": FORMAT, "format_version": FORMAT_VERSION, "version": version}, indent=1).encode())
             except BaseException:
                 shutil.rmtree(work, ignore_errors=True)
@@ -347,17 +339,17 @@ class Gallery:
         if self._refined is not None:
             arrays["refined.npy"] = self._refined
         for name, arr in arrays.items():
-            _write_durably(folder / name, _npy_bytes(arr))
+            write_bytes_atomic(folder / name, _npy_bytes(arr))
         with io.BytesIO() as f:
             np.savez(f, **self._index.state())
-            _write_durably(folder / "neighbors.npz", f.getvalue())
+            write_bytes_atomic(folder / "neighbors.npz", f.getvalue())
         items = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "count": len(self._ids),
             "model": self.model, "seed": self.seed, "reserve": self._index.reserve,
             "ids": self._ids, "camids": self._camids.tolist(), "meta": self._meta,
-            "sha256": {name: _sha256(folder / name) for name in ARRAYS if (folder / name).is_file()},
+            "sha256": {name: sha256_file(folder / name) for name in ARRAYS if (folder / name).is_file()},
         }
-        _write_durably(folder / ITEMS, json.dumps(items).encode())
+        write_bytes_atomic(folder / ITEMS, json.dumps(items).encode())
         _fsync_dir(folder)
 
     @classmethod
@@ -391,7 +383,7 @@ class Gallery:
                 if a and b:
                     break
         for name, digest in items.get("sha256", {}).items():
-            if not (folder / name).is_file() or _sha256(folder / name) != digest:
+            if not (folder / name).is_file() or sha256_file(folder / name) != digest:
                 raise InputError(f"{folder / name} is missing or does not match its checksum in {ITEMS}; the "
                                  "gallery is damaged: restore it from a backup or rebuild it")
         raw = _load_npy(folder / "embeddings.npy")
@@ -422,20 +414,6 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
     with io.BytesIO() as f:
         np.save(f, np.ascontiguousarray(arr), allow_pickle=False)
         return f.getvalue()
-
-
-def _write_durably(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file, fsync, then rename over it."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _check_format(data: dict, where: Path) -> None:

@@ -127,7 +127,7 @@ def test_interrupted_save_leaves_the_previous_save_readable(pipe, features, tmp_
     g.add(features[:60], ids=list(range(60)))
     g.save(tmp_path / "gal")
     g.add(features[60:80], ids=list(range(60, 80)))
-    real = gallery_module._write_durably
+    real = gallery_module.write_bytes_atomic
     calls = []
 
     def failing(path, data):
@@ -135,10 +135,10 @@ def test_interrupted_save_leaves_the_previous_save_readable(pipe, features, tmp_
         if (fail_at == "arrays" and path.name == "features.npy") or (fail_at == "pointer" and path.name == "CURRENT"):
             raise OSError(28, "No space left on device (injected)")
         return real(path, data)
-    monkeypatch.setattr(gallery_module, "_write_durably", failing)
+    monkeypatch.setattr(gallery_module, "write_bytes_atomic", failing)
     with pytest.raises(OSError, match="injected"):
         g.save(tmp_path / "gal")
-    monkeypatch.setattr(gallery_module, "_write_durably", real)
+    monkeypatch.setattr(gallery_module, "write_bytes_atomic", real)
     assert sorted(p.name for p in (tmp_path / "gal").iterdir()) == ["CURRENT", "v000001"]
     old = pipe.gallery(tmp_path / "gal")
     assert old.ids == list(range(60))
