@@ -1,27 +1,41 @@
 """The reciprocal top-k neighbour step of NFormer: the one reference implementation.
 
-Every other implementation (the ONNX function body written by ``export.onnx_functions``, the
-TensorRT plugin in ``plugins/reciprocal_neighbors``) is tested against :func:`reciprocal_neighbors`.
+Every other implementation (the ONNX function body written by ``export.onnx_functions``, the numpy
+serving form ``runtime.neighbors``, the TensorRT plugin in ``plugins/reciprocal_neighbors``) is
+tested against :func:`reciprocal_neighbors`, and all of them against brute-force oracles.
 
-Contract (DESIGN.md section 1, made exact):
+Contract (DESIGN.md section 1, made exact on every machine):
 
-* ``key[i, j] = (x_i . x_j) / max(||x_j||, eps)`` computed in float64 from the float32 (or float16)
-  input.  This is the cosine ranking of the original (the row scale ``1/||x_i||`` does not change
-  the order of row ``i``).  Products of two fp32 numbers are exact in fp64 and a 256-term fp64 sum
-  is accurate to ~1e-14, so the neighbour sets are the same on every BLAS and GPU: an fp32
-  accumulation flips near-tied neighbours between libraries (DESIGN.md "precision rule").
+* The ranking key is ``export.contract.neighbor_key``'s: ``key[i, j] = dot(x_i, x_j) /
+  max(sqrt(dot(x_j, x_j)), eps)`` where ``dot`` sums the exact float64 products of the float32
+  values by a fixed pairwise double-double tree -- one value wherever and however it is computed
+  (within about 2^-100 of the correctly rounded dot product).  A float64 GEMM is not enough: its
+  last bits depend on the BLAS, the CPU and where a column sits in the call, so bitwise-identical
+  rows got different keys on one machine and equal keys on another.  The row scale
+  ``1/||x_i||`` does not change the order of row ``i``, so this is the original's cosine ranking.
 * Each row keeps itself first: ``idx[i, 0] = i``.  The original gets this from self-similarity
   being maximal; stating it makes exact duplicates and zero vectors safe (no empty softmax row).
-* The remaining ``k_eff - 1`` slots hold the other rows by decreasing key; equal keys are broken by
-  the lower index first (the ONNX ``TopK`` rule).  ``k_eff = min(k, N)``.
+* The remaining ``k_eff - 1`` slots hold the other rows by decreasing key; equal keys (always the
+  case for bitwise-identical rows) go to the lower index first.  ``k_eff = min(k, N)``.
 * ``valid[i, t] = i in idx[idx[i, t]]`` -- the reciprocal condition; ``valid[i, 0]`` is always true.
+
+How the reference evaluates it (the scheme of every fast implementation): a float64 GEMM gives a
+fast key ``F`` with ``|F - key| <= delta_i`` (:func:`export.contract.neighbor_key.key_error_bound`);
+each row takes its ``c = k_eff + EXTRA_CANDIDATES`` best columns by ``F``, rescores them with the
+canonical key and orders them by (key desc, index asc).  The result is certified when the last
+pick's key exceeds ``F_c + delta_i`` (every column left out scored at most ``F_c``, so its key is
+strictly lower); a row that is not certified (a duplicate group larger than the spare candidates
+at the end of its list, an all-zero row) is ranked by the canonical key against every column.
 
 The dense mask of the original, ``M[i, j] = 1 iff j in idx[i] and i in idx[j]``, is
 :func:`dense_reciprocal_mask` of these two arrays.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+from .contract.neighbor_key import NORM_EPS, padded_dim
 
 #: Op type of the custom ONNX node and name of the TensorRT plugin creator (one name for both).
 OP_TYPE = "ReciprocalNeighbors"
@@ -29,11 +43,15 @@ OP_TYPE = "ReciprocalNeighbors"
 OP_DOMAIN = "nformer"
 PLUGIN_VERSION = "1"
 PLUGIN_NAMESPACE = ""
-NORM_EPS = 1e-12
 #: Rows of the similarity computed at once: at most ROW_BLOCK, and fewer for large N so that a
 #: block holds at most BLOCK_ELEMENTS keys (256 MB of float64): memory stays O(N) at any N.
 ROW_BLOCK = 1024
 BLOCK_ELEMENTS = 1 << 25
+#: candidates per row beyond k_eff that are rescored with the canonical key
+EXTRA_CANDIDATES = 16
+#: float64 elements of the products held at once while rescoring
+_RESCORE_ELEMENTS = 1 << 21
+_U = 2.0 ** -53
 
 
 def row_block(n: int, block_elements: int = BLOCK_ELEMENTS) -> int:
@@ -48,42 +66,82 @@ def effective_k(k: int, n: int) -> int:
     return min(k, n)
 
 
-def ranking_key(rows: torch.Tensor, features: torch.Tensor, norms: torch.Tensor, row_offset: int) -> torch.Tensor:
-    """fp64 ranking key of a block of rows against all rows, self set to +inf.
+def dd_tree_sum(p: torch.Tensor) -> torch.Tensor:
+    """The contract's canonical sum of the last axis (float64, power-of-two width): the same
+    operations in the same order as ``export.contract.neighbor_key.dd_tree_sum``."""
+    w = p.shape[-1]
+    h = p
+    lo = torch.zeros_like(p)
+    while w > 1:
+        w //= 2
+        h1, h2 = h[..., :w], h[..., w:2 * w]
+        l1, l2 = lo[..., :w], lo[..., w:2 * w]
+        s = h1 + h2
+        v = s - h1
+        e = (h1 - (s - v)) + (h2 - v)
+        e = e + (l1 + l2)
+        h_new = s + e
+        lo = e - (h_new - s)
+        h = h_new
+    return h[..., 0] + lo[..., 0]
 
-    rows: [B, R, D] float64, features: [B, N, D] float64, norms: [B, N] float64 (clamped).
-    """
-    key = torch.matmul(rows, features.transpose(1, 2)) / norms[:, None, :]
-    r = torch.arange(rows.shape[1], device=rows.device)
-    key[:, r, r + row_offset] = float("inf")
-    return key
+
+def padded64(x: torch.Tensor) -> torch.Tensor:
+    """float32 rows [..., D] -> float64 [..., Dp], zero-padded (the tree's operand)."""
+    d = x.shape[-1]
+    out = x.new_zeros((*x.shape[:-1], padded_dim(d)), dtype=torch.float64)
+    out[..., :d] = x
+    return out
 
 
-def _top_k_lowest_index_ties(key: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest entries of each row, by value desc then index asc."""
-    top_values = torch.topk(key, k, dim=-1, sorted=True).values
-    threshold = top_values[..., -1:]
-    above = key > threshold
-    tied = key == threshold
-    need = k - above.sum(-1, keepdim=True)
-    take_tied = tied & (torch.cumsum(tied.to(torch.int64), dim=-1) <= need)
-    chosen = above | take_tied
-    # nonzero() walks rows in order and columns ascending: exactly k per row.
-    cols = chosen.reshape(-1, key.shape[-1]).nonzero()[:, 1].reshape(*key.shape[:-1], k)
-    vals = torch.gather(key, -1, cols)
-    order = torch.sort(vals, dim=-1, descending=True, stable=True).indices
-    return torch.gather(cols, -1, order)
+def canonical_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``dot`` of padded float64 rows (:func:`padded64`) broadcast against each other."""
+    return dd_tree_sum(a * b)
+
+
+def canonical_lengths(xp: torch.Tensor) -> torch.Tensor:
+    """``sqrt(dot(x, x))`` of padded rows, unclamped.  The square root is numpy's (the IEEE,
+    correctly rounded instruction): torch's vectorised float64 sqrt on a CPU is not correctly
+    rounded (measured: 63 of 3,000 unit rows differ from ``math.sqrt`` in the last bit)."""
+    return torch.from_numpy(np.sqrt(canonical_dots(xp, xp).cpu().numpy()))
+
+
+def key_error_bound(dim: int, lengths: torch.Tensor) -> torch.Tensor:
+    """``delta_i`` of ``export.contract.neighbor_key.key_error_bound`` in torch."""
+    return torch.where(lengths > 0, (dim + 8) * _U * 1.0001 * lengths + 2.0 ** -1000,
+                       torch.zeros_like(lengths))
+
+
+def _order(cols: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``k`` of each row by (key desc, column asc); returns (columns, keys)."""
+    by_col = torch.argsort(cols, dim=-1, stable=True)
+    cols = torch.gather(cols, -1, by_col)
+    keys = torch.gather(keys, -1, by_col)
+    by_key = torch.argsort(keys, dim=-1, descending=True, stable=True)[..., :k]
+    return torch.gather(cols, -1, by_key), torch.gather(keys, -1, by_key)
+
+
+def _exact_row(xp: torch.Tensor, nrm: torch.Tensor, i: int, k: int) -> torch.Tensor:
+    """Row ``i``'s list ranked by the canonical key against every column (xp [N, Dp], nrm [N])."""
+    n, dp = xp.shape
+    step = max(1, _RESCORE_ELEMENTS // dp)
+    keys = torch.cat([canonical_dots(xp[i], xp[s:s + step]) for s in range(0, n, step)]) / nrm
+    keys[i] = float("inf")
+    return _order(torch.arange(n), keys, k)[0]
 
 
 def reciprocal_neighbors(features: torch.Tensor, k: int,
-                         block_elements: int = BLOCK_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
+                         block_elements: int = BLOCK_ELEMENTS,
+                         extra: int = EXTRA_CANDIDATES) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k neighbour lists and their reciprocal validity.
 
     Args:
-        features: [B, N, D] float tensor (any float dtype; the ranking is done in float64).
+        features: [B, N, D] float tensor; rows are ranked as float32 values (float16 converts
+            exactly; float64 is rounded to float32 first).  Must be finite.
         k: neighbours per row (the original's ``topk``, 20).
         block_elements: memory budget of one similarity block (see :func:`row_block`); the
             result does not depend on it.
+        extra: spare candidates per row before the exact fallback; the result does not depend on it.
 
     Returns:
         ``(idx, valid)``: ``idx`` int64 [B, N, k_eff] with ``idx[:, i, 0] == i``; ``valid`` bool
@@ -91,17 +149,44 @@ def reciprocal_neighbors(features: torch.Tensor, k: int,
     """
     if features.dim() != 3:
         raise ValueError(f"features must be [B, N, D], got shape {tuple(features.shape)}")
-    b, n, _ = features.shape
+    b, n, d = features.shape
     k_eff = effective_k(k, n)
-    x = features.detach().to(torch.float64)
-    norms = torch.linalg.vector_norm(x, dim=-1).clamp_min(NORM_EPS)
-    blocks = []
+    x32 = features.detach().to(torch.float32).cpu()
+    if not torch.isfinite(x32).all():
+        raise ValueError("features must be finite (NaN or inf found, or values beyond float32)")
+    xp = padded64(x32)                                            # [B, N, Dp]
+    dp = xp.shape[-1]
+    lengths = canonical_lengths(xp)                               # [B, N]
+    nrm = lengths.clamp_min(NORM_EPS)
+    delta = key_error_bound(d, lengths)
+    x64 = x32.to(torch.float64)
+    c = min(n, k_eff + max(0, extra))
+    idx = torch.empty((b, n, k_eff), dtype=torch.int64)
     rows = row_block(n, block_elements)
+    sub = max(1, _RESCORE_ELEMENTS // (c * dp))
     for start in range(0, n, rows):
-        key = ranking_key(x[:, start:start + rows], x, norms, start)
-        blocks.append(_top_k_lowest_index_ties(key, k_eff))
-    idx = torch.cat(blocks, dim=1)
-    return idx, reciprocal_validity(idx)
+        stop = min(n, start + rows)
+        r = torch.arange(start, stop)
+        fast = torch.matmul(x64[:, start:stop], x64.transpose(1, 2)) / nrm[:, None, :]
+        fast[:, r - start, r] = float("inf")
+        cand_fast, cand = torch.topk(fast, c, dim=-1, sorted=True)   # [B, R, c]
+        del fast
+        for s in range(0, stop - start, sub):
+            rs = slice(s, s + sub)
+            cols = cand[:, rs]
+            gathered = torch.gather(xp[:, None].expand(b, cols.shape[1], n, dp), 2,
+                                    cols[..., None].expand(*cols.shape, dp))
+            keys = canonical_dots(xp[:, start:stop][:, rs, None, :], gathered)
+            keys = keys / torch.gather(nrm[:, None].expand(b, cols.shape[1], n), 2, cols)
+            keys[cols == r[rs][None, :, None]] = float("inf")
+            picked, picked_keys = _order(cols, keys, k_eff)
+            idx[:, start + s:start + s + cols.shape[1]] = picked
+            if c < n and k_eff > 1:
+                certified = picked_keys[..., -1] > cand_fast[:, rs, -1] + delta[:, start:stop][:, rs]
+                for bb, rr in (~certified).nonzero().tolist():
+                    i = start + s + rr
+                    idx[bb, i] = _exact_row(xp[bb], nrm[bb], i, k_eff)
+    return idx.to(features.device), reciprocal_validity(idx).to(features.device)
 
 
 def reciprocal_validity(idx: torch.Tensor) -> torch.Tensor:

@@ -9,15 +9,18 @@ arrays): key ``x_i . x_j / max(||x_j||, eps)`` in float64 from the float32 rows,
 slot 0, the other slots by decreasing key with equal keys to the lower index, ``k_eff = min(k,
 N)``, ``valid[i, t] = i in idx[idx[i, t]]``.
 
-How the keys are computed.  A float32 pass (one SGEMM per block of rows) finds, for each row, every
-column that can belong to its list: the float32 cosine differs from the exact one by at most
-``(d + 4) * 2^-24`` (the standard dot-product error bound), so every column within twice that of
-the row's C-th best float32 value is a candidate.  The candidates are then scored exactly: float32
-products are exact in float64, summed by a fixed pairwise tree.  That score is a function of the
-two rows alone, not of the shapes of the call that computed it, so a key stored by the first scan
-and the key of an exact duplicate computed later by a merge are bit-identical: duplicates are
-exact ties everywhere, as in the reference (a BLAS gives no such promise across call shapes).
-This is the "fast candidate pass, exact re-score" that DESIGN.md's precision rule allows.
+How the keys are computed.  The key is the contract's (``export.contract.neighbor_key``): the
+exact float64 products of the float32 values summed by a fixed double-double tree, divided by the
+column's canonical norm -- one value wherever it is computed.  A float32 pass (one SGEMM per block
+of rows) finds, for each row, every column that can belong to its list: the float32 cosine differs
+from the exact one by at most ``(d + 4) * 2^-24`` (the standard dot-product error bound), so every
+column within twice that of the row's C-th best float32 value is a candidate.  The candidates are
+then scored by a fixed float64 pairwise tree (a function of the two rows alone, so duplicates get
+bit-identical scores), within ``delta_i`` (``key_error_bound``) of the canonical key.  Entries of
+a list whose scores lie within ``2 delta_i`` of another entry (near-ties, duplicates) are rescored
+with the canonical key itself, so every decision is the canonical one: entries further apart keep
+their float64 score, whose order is already the canonical order.  This is the "fast candidate
+pass, exact re-score" that DESIGN.md's precision rule allows.
 
 Incremental maintenance.  Row order is insertion order (removal compacts and keeps the relative
 order, so "lower index" keeps meaning "inserted earlier"); each row also carries a never-reused
@@ -43,16 +46,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from export.contract.neighbor_key import NORM_EPS, dd_tree_sum, key_error_bound
 from export.errors import InputError
 
-#: same clamp as export.reciprocal_neighbors.NORM_EPS (a test checks they agree)
-NORM_EPS = 1e-12
 #: default spare candidates per row beyond the k - 1 that the output needs
 DEFAULT_RESERVE = 16
 #: elements held at once by a blocked computation (float32 keys, float64 products)
 BLOCK_ELEMENTS = 1 << 22
 _PAD_UID = -1
 _U32 = 2.0 ** -24
+#: version of the key stored in :meth:`NeighborIndex.state` (1: plain float64 keys, before the
+#: canonical key; such saved lists are recomputed on load)
+KEY_VERSION = 2
 
 
 def effective_k(k: int, n: int) -> int:
@@ -157,7 +162,7 @@ class NeighborIndex:
     owner (``runtime.gallery.Gallery``) serialises access.
     """
 
-    _ROW_ARRAYS = ("_x", "_scale", "_y32", "_uid", "_cand_key", "_cand_uid", "_count")
+    _ROW_ARRAYS = ("_x", "_scale", "_delta", "_y32", "_uid", "_cand_key", "_cand_uid", "_count")
 
     def __init__(self, k: int, dim: int | None = None, reserve: int = DEFAULT_RESERVE,
                  block_elements: int = BLOCK_ELEMENTS):
@@ -180,7 +185,8 @@ class NeighborIndex:
         self._dpad = 1 << max(dim - 1, 0).bit_length()          # the pairwise tree wants 2^p terms
         self.margin = candidate_margin(dim)
         self._x = np.zeros((0, self._dpad), np.float32)        # the rows, zero-padded
-        self._scale = np.zeros(0)                              # max(||x||, eps), float64
+        self._scale = np.zeros(0)                              # canonical norm, float64
+        self._delta = np.zeros(0)                              # key error bound of the row
         self._y32 = np.zeros((0, dim), np.float32)             # x / scale in float32 (norm <= 1)
         self._uid = np.zeros(0, np.int64)
         self._cand_key = np.zeros((0, self.capacity))
@@ -301,7 +307,7 @@ class NeighborIndex:
                 "cand_key": self._cand_key[:n].copy() if n else np.zeros((0, self.capacity)),
                 "cand_uid": self._cand_uid[:n].copy() if n else np.zeros((0, self.capacity), np.int64),
                 "count": self._count[:n].copy() if n else np.zeros(0, np.int64),
-                "next_uid": np.int64(self._next_uid)}
+                "next_uid": np.int64(self._next_uid), "key_version": np.int64(KEY_VERSION)}
 
     @classmethod
     def from_state(cls, rows, state: dict, block_elements: int = BLOCK_ELEMENTS) -> "NeighborIndex":
@@ -326,6 +332,10 @@ class NeighborIndex:
             raise InputError("the saved neighbour lists refer to rows that are not in the saved set")
         index._append(x, uids=uids)
         index._next_uid = max(int(state["next_uid"]), index._next_uid)
+        if int(state.get("key_version", 1)) != KEY_VERSION:
+            # lists saved with an older key: recompute them (O(N^2 d) once) rather than trust them
+            index._scan(np.arange(n))
+            return index
         index._cand_key[:n] = state["cand_key"]
         index._cand_uid[:n] = cand_uid
         index._count[:n] = count
@@ -368,9 +378,11 @@ class NeighborIndex:
         end = n + m
         self._x[n:end, :self.dim] = x32
         self._x[n:end, self.dim:] = 0.0
-        xs = self._x[n:end, :self.dim].astype(np.float64)
-        self._scale[n:end] = np.maximum(np.sqrt(np.einsum("ij,ij->i", xs, xs)), NORM_EPS)
-        self._y32[n:end] = xs / self._scale[n:end, None]
+        xs = self._x[n:end].astype(np.float64)
+        lengths = np.sqrt(self._dd_chunks(xs, xs))
+        self._scale[n:end] = np.maximum(lengths, NORM_EPS)
+        self._delta[n:end] = key_error_bound(self.dim, lengths)
+        self._y32[n:end] = xs[:, :self.dim] / self._scale[n:end, None]
         if uids is None:
             uids = np.arange(self._next_uid, self._next_uid + m, dtype=np.int64)
         self._uid[n:end] = uids
@@ -383,9 +395,17 @@ class NeighborIndex:
     def _block_rows(self, width: int) -> int:
         return int(max(8, min(4096, self.block_elements // max(width, 1))))
 
-    def _exact_keys(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        """Keys of the pairs (rows[p], cols[p]), bit-identical whatever the call: products of
-        float32 values are exact in float64 and the sum is a fixed pairwise tree."""
+    def _dd_chunks(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        out = np.empty(len(a))
+        step = max(64, (1 << 16) // self._dpad)
+        for s in range(0, len(a), step):
+            out[s:s + step] = dd_tree_sum(a[s:s + step] * b[s:s + step])
+        return out
+
+    def _fast_keys(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """Scores of the pairs (rows[p], cols[p]) within ``delta`` of the canonical key, and
+        bit-identical whatever the call: float32 products are exact in float64 and the sum is a
+        fixed pairwise tree."""
         out = np.empty(len(rows))
         step = max(64, (1 << 18) // self._dpad)   # products stay in cache: ~3x faster than big chunks
         for s in range(0, len(rows), step):
@@ -399,7 +419,37 @@ class NeighborIndex:
             out[s:s + len(r)] = p[:, 0] / self._scale[c]
         return out
 
-    def _store(self, block: np.ndarray, keys: np.ndarray, uids: np.ndarray) -> None:
+    def _canonical_keys(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """The contract's key of the pairs (rows[p], cols[p]) (never self pairs)."""
+        return self._dd_chunks(self._x[rows].astype(np.float64), self._x[cols].astype(np.float64)) / self._scale[cols]
+
+    def _resolve(self, rows: np.ndarray, keys: np.ndarray, uids: np.ndarray) -> None:
+        """Give the canonical key to every entry of ``keys`` [B, W] (rows at positions ``rows``,
+        columns by ``uids``) that lies within ``2 delta`` of another entry of its row, in place.
+
+        Every entry is within ``delta`` of its canonical key, so entries further apart are already
+        in canonical order; after this call the order of each row by (key desc, uid asc) is the
+        canonical one."""
+        if keys.shape[1] < 2:
+            return
+        order = np.argsort(-keys, axis=1, kind="stable")
+        ks = np.take_along_axis(keys, order, axis=1)
+        delta = self._delta[rows][:, None]
+        with np.errstate(invalid="ignore"):
+            close = (ks[:, :-1] - ks[:, 1:] <= 2 * delta) & (delta > 0) & np.isfinite(ks[:, 1:])
+        if not close.any():
+            return
+        near = np.zeros(ks.shape, bool)
+        near[:, :-1] |= close
+        near[:, 1:] |= close
+        r, slot = np.nonzero(near)
+        col_slot = order[r, slot]
+        cols = np.searchsorted(self._uid[:self._n], uids[r, col_slot])
+        keys[r, col_slot] = self._canonical_keys(rows[r], cols)
+
+    def _store(self, block: np.ndarray, keys: np.ndarray, uids: np.ndarray, resolve: bool = True) -> None:
+        if resolve:
+            self._resolve(block, keys, uids)
         top_k, top_u, cnt = select_top(keys, uids, self.capacity)
         self._cand_key[block], self._cand_uid[block], self._count[block] = top_k, top_u, cnt
 
@@ -423,7 +473,7 @@ class NeighborIndex:
             del cos
             row_of, cols = np.divmod(np.flatnonzero(mask), n)     # per row, columns ascending
             del mask
-            keys = self._exact_keys(block[row_of], cols)
+            keys = self._fast_keys(block[row_of], cols)
             pairs += len(keys)
             k_pad, u_pad = _ragged_to_padded(row_of, len(block), (keys, -np.inf),
                                              (self._uid[cols], _PAD_UID))
@@ -454,9 +504,10 @@ class NeighborIndex:
             row_of, col = np.divmod(np.flatnonzero(mask), len(new))
             if len(row_of) == 0:
                 continue
-            keys = self._exact_keys(block[row_of], new[col])
+            keys = self._fast_keys(block[row_of], new[col])
             pairs += len(keys)
-            take = complete[row_of] | (keys > tail[row_of])
+            # within 2 delta of the tail the canonical keys decide, after the merge
+            take = complete[row_of] | (keys >= tail[row_of] - 2 * self._delta[block[row_of]])
             row_of, col, keys = row_of[take], col[take], keys[take]
             if len(row_of) == 0:
                 continue
@@ -464,7 +515,16 @@ class NeighborIndex:
             local = np.searchsorted(hit, row_of)
             k_new, u_new = _ragged_to_padded(local, len(hit), (keys, -np.inf), (uid_new[col], _PAD_UID))
             rows = block[hit]
-            self._store(rows, np.concatenate([ck[hit], k_new], axis=1),
-                        np.concatenate([cu[hit], u_new], axis=1))
+            keys_all = np.concatenate([ck[hit], k_new], axis=1)
+            uids_all = np.concatenate([cu[hit], u_new], axis=1)
+            self._resolve(rows, keys_all, uids_all)
+            # a list that does not hold every other row may take a new column only above its
+            # (resolved) last entry: an old row that was not kept could rank between them
+            last = np.maximum(cnt[hit] - 1, 0)
+            tail_key = keys_all[np.arange(len(hit)), last]
+            drop = ~complete[hit][:, None] & (keys_all[:, ck.shape[1]:] <= tail_key[:, None])
+            keys_all[:, ck.shape[1]:][drop] = -np.inf
+            uids_all[:, ck.shape[1]:][drop] = _PAD_UID
+            self._store(rows, keys_all, uids_all, resolve=False)
             merged += len(hit)
         return merged, pairs

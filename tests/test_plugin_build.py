@@ -128,6 +128,129 @@ def test_wgmma_kernel_compiles_unserialised_for_sm90a(build, tmp_path):
     assert res.stderr.count("Compiling entry function") == 4, res.stderr  # padded D = 64, 128, 192, 256
 
 
+CANONICAL_DOT_HARNESS = r"""
+#include "canonicalDot.cuh"
+#include <cmath>
+#include <cstdio>
+#include <vector>
+using namespace nformer::canonical;
+
+// Tree-shape probe: a combine that is neither commutative nor associative, so any other pairing or operand
+// order of the slots gives another value.
+struct HashCombine
+{
+    DDNode operator()(DDNode a, DDNode b) const
+    {
+        return DDNode{std::fmod(a.hi * 31.0 + b.hi * 17.0 + 1.0, 1000003.0), 0.0};
+    }
+};
+
+// The kernels' warpCanonicalDot with the warp emulated: laneNode in each of 32 lanes, then the shuffle-down
+// levels w = 16 ... 1 with w < Dp (a lane whose source is past lane 31 reads its own value).
+template <int kCarry, typename Combine>
+double warpDot(std::vector<double> const& a, std::vector<double> const& b, int dim, Combine const& combine)
+{
+    DDNode lanes[32];
+    for (int l = 0; l < 32; ++l)
+        lanes[l] = laneNode<kCarry>(l, dim, [&](int d) { return a[d] * b[d]; }, combine);
+    int const dp = 1 << treeLevels(dim);
+    for (int w = 16; w >= 1; w >>= 1)
+    {
+        if (w >= dp)
+            continue;
+        DDNode next[32];
+        for (int l = 0; l < 32; ++l)
+            next[l] = combine(lanes[l], lanes[l + w < 32 ? l + w : l]);
+        for (int l = 0; l < 32; ++l)
+            lanes[l] = next[l];
+    }
+    return addRn(lanes[0].hi, lanes[0].lo);
+}
+
+int main()
+{
+    char mode[8];
+    int carry = 0, dim = 0;
+    while (std::scanf("%7s %d %d", mode, &carry, &dim) == 3)
+    {
+        std::vector<double> a(dim), b(dim);
+        for (auto& v : a) std::scanf("%la", &v);
+        for (auto& v : b) std::scanf("%la", &v);
+        double r = 0.0;
+        if (mode[0] == 'h')
+            r = carry ? warpDot<kTreeCarryLevels>(a, b, dim, HashCombine{}) : warpDot<0>(a, b, dim, HashCombine{});
+        else
+            r = carry ? warpDot<kTreeCarryLevels>(a, b, dim, DDCombine{}) : warpDot<0>(a, b, dim, DDCombine{});
+        std::printf("%a\n", r);
+    }
+    return 0;
+}
+"""
+
+
+def test_kernels_canonical_dot_is_the_contracts_tree(tmp_path):
+    """The kernels' canonical dot (plugins/reciprocal_neighbors/canonicalDot.cuh: the lane-local levels in
+    chunks and a bit-reversed carry, then the warp's shuffle levels, emulated here on the host) is the tree of
+    export/contract/neighbor_key.py: the same pairing and operand order (a non-commutative, non-associative
+    probe combine) and, with the real double-double combine, bitwise the same dot, for D = 1 ... 65536 and
+    both register variants (no carry levels for D <= 256, 8 carry levels above)."""
+    import numpy as np
+
+    from export.contract.neighbor_key import exact_dots, padded_dim
+
+    cxx = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if cxx is None:
+        pytest.skip("no C++ compiler on PATH: the host build of canonicalDot.cuh was not checked")
+    src = tmp_path / "canonical_dot.cpp"
+    src.write_text(CANONICAL_DOT_HARNESS)
+    exe = tmp_path / "canonical_dot"
+    res = run([cxx, "-std=c++17", "-O2", "-ffp-contract=off", "-Wall", "-Wno-unknown-pragmas",
+               "-I", REPO / "plugins" / "reciprocal_neighbors", src, "-o", exe])
+    assert res.returncode == 0, res.stderr
+    assert "warning" not in res.stderr, res.stderr
+
+    def hash_tree(p):
+        h = list(p)
+        w = len(h)
+        while w > 1:
+            w //= 2
+            h = [(h[j] * 31.0 + h[j + w] * 17.0 + 1.0) % 1000003.0 for j in range(w)]
+        return h[0]
+
+    dims = list(range(1, 70)) + [95, 96, 97, 127, 128, 129, 200, 255, 256, 257, 300, 511, 512, 513, 1000,
+                                 1024, 1025, 2048, 4095, 4097, 8192, 8193, 12345, 16384, 33000, 65535, 65536]
+    cases = [(carry, d) for d in dims for carry in ((0, 1) if d <= 256 else (1,))]
+    rng = np.random.default_rng(0)
+    lines, expect = [], []
+
+    def case(mode, carry, a, b):
+        lines.append(f"{mode} {carry} {len(a)}\n" + " ".join(float(v).hex() for v in a) + "\n"
+                     + " ".join(float(v).hex() for v in b) + "\n")
+
+    for carry, d in cases:
+        a = np.arange(1.0, d + 1.0)
+        case("h", carry, a, np.ones(d))
+        p = np.zeros(padded_dim(d))
+        p[:d] = a
+        expect.append(hash_tree(p))
+        for rep in range(3):  # wide exponent ranges, cancellation, a plain norm
+            a32 = (rng.standard_normal(d) * np.exp2(rng.integers(-40, 40, d))).astype(np.float32)
+            b32 = (rng.standard_normal(d) * np.exp2(rng.integers(-40, 40, d))).astype(np.float32)
+            if rep == 1:
+                b32 = a32.copy()
+                b32[::2] *= -1
+            if rep == 2:
+                a32 = rng.standard_normal(d).astype(np.float32)
+                b32 = a32
+            case("n", carry, a32, b32)
+            expect.append(exact_dots(a32[None], b32[None])[0])
+    out = subprocess.run([str(exe)], input="".join(lines), capture_output=True, text=True, check=True).stdout.split()
+    assert len(out) == len(expect)
+    got = np.array([float.fromhex(v) for v in out])
+    bad = np.flatnonzero(got.view(np.int64) != np.asarray(expect, dtype=np.float64).view(np.int64))
+    assert bad.size == 0, [(lines[i].split("\n")[0], got[i], expect[i]) for i in bad[:5]]
+
+
 def test_c_api_exports(build):
     syms = run(["nm", "-D", "--defined-only", build["dir"] / plugins.KERNELS_LIBRARY])
     assert syms.returncode == 0

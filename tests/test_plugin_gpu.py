@@ -1,9 +1,13 @@
 """The reciprocal-neighbour CUDA kernels against the one reference, on a GPU.
 
 Identical neighbour lists (same rows, same slot order) and validity flags as
-``export.reciprocal_neighbors.reciprocal_neighbors`` (fp64 keys, run on the CPU) on fresh random inputs
+``export.reciprocal_neighbors.reciprocal_neighbors`` (canonical keys, run on the CPU) on fresh random inputs
 of several sizes, gallery-like clustered features, exact duplicates (a group larger than the candidate
-list), zero rows, fp16 input, batches and odd feature sizes; poisoned outputs are fully overwritten.
+list), zero rows, fp16 input, batches and odd feature sizes; poisoned outputs are fully overwritten.  The
+contract tests compare with the brute-force oracle of ``tests/neighbor_oracle.py`` (every pair's canonical
+key, export/contract/neighbor_key.py) on duplicates at scattered positions, near-duplicates and rows whose
+keys tie only under the canonical summation order, through every kernel path (fast keys with near-tie
+resolution, canonical keys throughout, the fallback scan alone).
 Skipped, with the reason, without a CUDA GPU or without the built libnformer_kernels.so.  The inputs are
 drawn from a fresh seed on every run; a failure prints it (set NFORMER_TEST_SEED to replay).
 """
@@ -20,6 +24,7 @@ import plugins  # noqa: E402
 from export.reciprocal_neighbors import reciprocal_neighbors as reference  # noqa: E402
 from export.reciprocal_neighbors import reciprocal_validity  # noqa: E402
 from export.testing import clustered_features  # noqa: E402
+from neighbor_oracle import canonical_lists, fsum_lists  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -292,3 +297,102 @@ def test_errors_for_bad_inputs():
 def test_seed_is_reported():
     print(f"test inputs drawn with seed {SEED}")
     assert isinstance(SEED, int) and np.isfinite(SEED)
+
+
+# ---------------------------------------------------------------- the contract's key (export/contract/neighbor_key.py)
+
+#: the kernel paths that must give one answer: fast keys + near-tie resolution (default), canonical keys for
+#: every rescored candidate and fallback column, and every row through the fallback scan
+KEY_PATHS = {"default": {}, "canonical_keys": {"canonical_keys": True}, "exact_only": {"exact_only": True}}
+ORACLE_MAX_N = 2000  # canonical_lists evaluates every pair (numpy); above it, the torch reference
+
+
+def duplicate_heavy(n, d=256, seed=0, dtype=np.float32):
+    """Unit rows with exact duplicates at scattered positions (groups of up to 40, some larger than the
+    candidate lists) and near-duplicates (a copy with one component moved by 1e-6), as [1, N, D]."""
+    rng = np.random.default_rng(SEED + seed)
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    if n >= 2:
+        for src in rng.choice(n, size=max(1, n // 40), replace=False):
+            dst = rng.choice(n, size=int(rng.integers(1, min(40, n - 1) + 1)), replace=False)
+            x[dst] = x[src]
+        for src in rng.choice(n, size=max(1, n // 40), replace=False):
+            for t in rng.choice(n, size=min(3, n), replace=False):
+                if t != src:
+                    x[t] = x[src]
+                    x[t, rng.integers(d)] += np.float32(1e-6)
+    return torch.from_numpy(x.astype(dtype))[None]
+
+
+def contract_lists(x_cpu, k):
+    """(idx int64, valid bool) [1, N, k_eff] of the contract: the every-pair oracle, or the torch reference
+    (same contract, candidates + canonical rescoring) above ORACLE_MAX_N rows."""
+    assert x_cpu.shape[0] == 1
+    if x_cpu.shape[1] <= ORACLE_MAX_N:
+        idx, valid = canonical_lists(x_cpu[0].numpy(), k)
+        return torch.from_numpy(idx).long()[None], torch.from_numpy(valid != 0)[None]
+    return reference(x_cpu.float(), k)
+
+
+def assert_every_path_matches(x_cpu, k, what, dtype=torch.float32, paths=KEY_PATHS, ref=None):
+    ref_idx, ref_valid = contract_lists(x_cpu, k) if ref is None else ref
+    for name, kw in paths.items():
+        idx, valid, stats = run_kernels(x_cpu, k, dtype=dtype, **kw)
+        assert_same(idx, valid, ref_idx, ref_valid, f"{what} [{name}]")
+        assert stats["bound_violations"] == 0, (what, name, stats)
+
+
+@pytest.mark.parametrize("n", [1, 7, 64, 1500, 5000])
+def test_duplicates_and_near_duplicates_follow_the_contract(n):
+    """Exact duplicates anywhere in the set get one key (ties to the lower index), near-duplicates
+    (1e-6 apart) are ordered by their keys: every kernel path gives the contract's lists."""
+    x = duplicate_heavy(n, seed=30 + n)
+    if n <= 64:  # the oracle itself: the canonical key gives the correctly rounded key's lists here
+        f_idx, f_valid = fsum_lists(x[0].numpy(), 20)
+        c_idx, c_valid = canonical_lists(x[0].numpy(), 20)
+        assert np.array_equal(f_idx, c_idx) and np.array_equal(f_valid, c_valid)
+    assert_every_path_matches(x, 20, f"duplicates N={n}")
+
+
+def test_summation_order_ties_follow_the_contract():
+    """Rows that are permutations of one vector whose components span 2^-30 ... 2^11: against all-ones rows
+    their exact keys are equal and so are their canonical keys (the double-double tree holds the sums
+    exactly), but fp64 sums in different orders differ in the last bits (3 distinct fast keys among the 60
+    rows, a few 1e-15 apart). Only keys by the contract, ties to the lower index, give the oracle's lists:
+    11 ones rows, then the lowest-indexed permutations fill the list."""
+    rng = np.random.default_rng(SEED + 40)
+    n, d = 900, 256
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    v = ((1.0 + rng.random(d)) * np.exp2(np.where(rng.random(d) < 0.5, 10.0, -30.0))).astype(np.float32)
+    perm_rows = rng.choice(n, size=60, replace=False)
+    for r in perm_rows:
+        x[r] = v[rng.permutation(d)]
+    for r in rng.choice(np.setdiff1d(np.arange(n), perm_rows), size=12, replace=False):
+        x[r] = 1.0  # 12 duplicate rows whose keys are sums of v's components
+    x_cpu = torch.from_numpy(x)[None]
+    idx64, _ = contract_lists(x_cpu, 64)
+    assert_every_path_matches(x_cpu, 64, "permutations k=64", ref=(idx64, reciprocal_validity(idx64)))
+    idx20 = idx64[..., :20].contiguous()  # top-k lists are prefixes of one total order
+    assert_every_path_matches(x_cpu, 20, "permutations k=20", ref=(idx20, reciprocal_validity(idx20)))
+
+
+@pytest.mark.parametrize("dim", [1, 3, 20, 33, 300, 1000])
+def test_contract_lists_for_narrow_and_wide_rows(dim):
+    """Dp = 1 (no level), Dp < 32 (shuffle levels only), Dp = 32 and 64, and D > 256 (the kernels with the tree's carry
+    levels), with duplicates and near-duplicates; fp16 input once (ranked as its fp32 values)."""
+    x = duplicate_heavy(500, d=dim, seed=50 + dim)
+    assert_every_path_matches(x, 20, f"D={dim}")
+    if dim == 300:
+        x16 = duplicate_heavy(500, d=dim, seed=60, dtype=np.float16)
+        assert_every_path_matches(x16.float(), 20, "fp16 D=300", dtype=torch.float16)
+
+
+def test_fallback_and_rescore_rank_alike_on_the_candidate_kernels():
+    """The fallback scan (exact_only) and the rescore through each candidate kernel: one set of lists."""
+    x = duplicate_heavy(ORACLE_MAX_N, seed=70)
+    paths = {"default": {}, "resident": {"no_wgmma": True}, "generic": {"generic": True},
+             "canonical_keys": {"canonical_keys": True}, "exact_only": {"exact_only": True},
+             "c=32": {"candidates": 32}, "c=32 canonical_keys": {"candidates": 32, "canonical_keys": True}}
+    assert_every_path_matches(x, 20, f"N={ORACLE_MAX_N}", paths=paths)

@@ -28,8 +28,9 @@ NFORMER_API int nformer_reciprocal_neighbors(const void* features, int dtype, in
 
 /* As above; candidates = 0 picks the default c per row. flags: 1 = rank every row by the exact fp64 scan,
  * 2 / 4 = the generic candidate kernel with 64- / 32-row tiles, 8 = the generic kernel where the
- * resident-rows kernel would run, 16 = the mma.sync resident-rows kernel where the wgmma kernel would run
- * (testing). After the call the workspace's first int32 counters hold [0] fallback rows, [1] error-bound
+ * resident-rows kernel would run, 16 = the mma.sync resident-rows kernel where the wgmma kernel would run,
+ * 32 = the canonical key of every rescored candidate and fallback column, no fast-key filter (testing).
+ * After the call the workspace's first int32 counters hold [0] fallback rows, [1] error-bound
  * violations, [2] the candidate kernel that ran (0 none, 1 generic, 2 resident mma.sync, 3 wgmma). */
 NFORMER_API int nformer_reciprocal_neighbors_ex(const void* features, int dtype, int B, int N, int D, int k, int* idx,
     int* valid, void* workspace, size_t ws_bytes, cudaStream_t stream, int candidates, int flags);

@@ -23,6 +23,7 @@ FLAG_EXACT_ONLY = 1
 FLAG_TILE_ROWS = {128: 0, 64: 2, 32: 4}
 FLAG_GENERIC_CANDIDATES = 8
 FLAG_NO_WGMMA = 16
+FLAG_CANONICAL_KEYS = 32
 CANDIDATE_KERNELS = {0: "none", 1: "generic", 2: "resident", 3: "wgmma"}  # workspace counter [2]
 
 _lock = threading.Lock()
@@ -95,7 +96,7 @@ def workspace_size(batch: int, rows: int, dim: int, k: int, candidates: int = 0)
 
 def reciprocal_neighbors(features, k: int, *, out=None, workspace=None, candidates: int = 0,
                          exact_only: bool = False, tile_rows: int | None = None, generic: bool = False,
-                         no_wgmma: bool = False, stats: bool = False):
+                         no_wgmma: bool = False, canonical_keys: bool = False, stats: bool = False):
     """Run the kernels on ``features`` [B, N, D] (float32 or float16 CUDA tensor) on the current stream.
 
     Args:
@@ -103,12 +104,14 @@ def reciprocal_neighbors(features, k: int, *, out=None, workspace=None, candidat
         out: optional ``(idx, valid)`` int32 CUDA tensors [B, N, min(k, N)] to write into.
         workspace: optional uint8 CUDA tensor of at least :func:`workspace_size` bytes.
         candidates: approximate candidates kept per row (0: the kernels' default).
-        exact_only: rank every row by the exact fp64 scan (skips the candidate pass).
+        exact_only: rank every row by the exact scan of all columns (skips the candidate pass).
         tile_rows: force 64- or 32-row candidate tiles of the generic kernel (default: the largest that fits).
         generic: use the generic candidate kernel where the wgmma or the resident-rows kernel (D <= 256,
             k <= 33, >= 223 KB shared memory per block) would run.
         no_wgmma: use the mma.sync resident-rows kernel where the wgmma kernel (sm_90a builds on compute
             capability 9.0) would run.
+        canonical_keys: compute the contract's canonical key of every rescored candidate and every column
+            the fallback scans, without the fast fp64 filter in front of it (tests: the lists must not change).
         stats: also return ``{"fallback_rows", "bound_violations", "candidate_kernel"}`` (synchronises
             to read them); ``candidate_kernel`` is "wgmma", "resident", "generic" or "none".
 
@@ -149,7 +152,8 @@ def reciprocal_neighbors(features, k: int, *, out=None, workspace=None, candidat
     if tile_rows not in (None, *FLAG_TILE_ROWS):
         raise InputError(f"reciprocal_neighbors: tile_rows must be one of {sorted(FLAG_TILE_ROWS)}, got {tile_rows}")
     flags = ((FLAG_EXACT_ONLY if exact_only else 0) | FLAG_TILE_ROWS.get(tile_rows, 0)
-             | (FLAG_GENERIC_CANDIDATES if generic else 0) | (FLAG_NO_WGMMA if no_wgmma else 0))
+             | (FLAG_GENERIC_CANDIDATES if generic else 0) | (FLAG_NO_WGMMA if no_wgmma else 0)
+             | (FLAG_CANONICAL_KEYS if canonical_keys else 0))
     lib = load_kernels()
     with torch.cuda.device(device):
         stream = torch.cuda.current_stream(device).cuda_stream

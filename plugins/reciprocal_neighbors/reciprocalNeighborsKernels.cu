@@ -1,20 +1,30 @@
 /*
  * CUDA kernels of the reciprocal top-k neighbour step (see reciprocalNeighborsKernels.h and README.md).
  *
- * Exactness argument, in the cosine units a = (x_i . x_j) / (n_i n_j), n = max(||x||, 1e-12):
+ * The key is export/contract/neighbor_key.py's canonical key: key[i, j] = dot(x_i, x_j) / n_j, dot the exact
+ * fp64 products summed by a fixed pairwise double-double tree over Dp = next power of two >= D slots,
+ * n = max(sqrt(dot(x, x)), 1e-12) (warpCanonicalDot; prepare stores the canonical n). One value for a pair of
+ * rows wherever they sit and whatever the call's shape, so the lists equal every other implementation's.
+ *
+ * Exactness argument, in the cosine units a = (x_i . x_j) / (n_i n_j):
  *   - the candidate pass computes s~_ij from y = fp16(256 x / n) with fp32 accumulation, and
  *     |s~_ij - a_ij| <= E (errorBound(), about 1.1e-3 for D = 256: fp16 rounding of both operands plus a
  *     pessimistic tensor-core accumulation term);
  *   - each row keeps, per column split, the c best s~ seen; every column it never kept or later evicted
  *     scored <= the list's final minimum T_s, so a non-candidate j has a_ij <= T + E, T = max_s T_s;
- *   - the rescore computes the fp64 key of the candidates that can still matter, picks the best k_eff-1 by
- *     (key desc, index asc) and accepts the row only when the last pick's key K > n_i (T + E) + slack:
- *     then every non-candidate's key is strictly below K and the picks equal the fp64 reference.
- *   - rows that fail go to an exact fp64 scan of all N columns.
- * Keys of exact duplicates are bitwise equal here (one summation order for every column), so ties go to
- * the lower index exactly as in the reference.
+ *   - the rescore computes a fast fp64 key F (|F - key| <= delta_i = (D + 8) 2^-53 n_i, the contract's
+ *     key_error_bound) of the candidates that can still matter and picks the best k_eff-1 by F; where two
+ *     picks, or the last pick and the next candidate, lie within 2 delta_i, the canonical keys of the
+ *     candidates near the top decide instead (duplicates, near-duplicates). The row is accepted only when
+ *     the last pick's key K > n_i (T + E) + 1e-12 n_i (K >= F - delta_i): then every non-candidate's key
+ *     is strictly below K (the canonical key is within ~2^-52 relative of the exact value, far inside
+ *     the slack) and the picks are the canonical lists;
+ *   - rows that fail go to a scan of all N columns: fast keys skip the columns that cannot enter the
+ *     running list, canonical keys rank the rest.
+ * Exact duplicates have bitwise equal canonical keys, so ties go to the lower index as in the contract.
  */
 #include "reciprocalNeighborsKernels.h"
+#include "canonicalDot.cuh"
 #include "reciprocalNeighborsDevice.cuh"
 #include "reciprocalNeighborsWgmma.h"
 
@@ -79,13 +89,6 @@ __device__ __forceinline__ double toDouble<__half>(__half v)
     return static_cast<double>(__half2float(v));
 }
 
-//! The fp64 dot product behind every exact key, computed by a whole warp: lane l sums t = l, l + 32, ...
-//! in order, then a xor butterfly adds the 32 partial sums. One fixed summation order for every column,
-//! so equal rows give bitwise equal keys, and every lane ends with the same value. Products of fp32/fp16
-//! values are exact in fp64. Coalesced: the warp reads consecutive elements.
-template <typename T>
-__device__ __forceinline__ double warpExactDot(T const* __restrict__ a, T const* __restrict__ b, int dim, int lane);
-
 //! Ranking order of the reference: larger key first, equal keys by lower index.
 __device__ __forceinline__ bool ranksBefore(double ka, int ia, double kb, int ib)
 {
@@ -102,8 +105,11 @@ __device__ __forceinline__ double warpSum(double v)
     return v;
 }
 
+//! A fast fp64 dot product (the filter F in front of the canonical key, see warpCanonicalDot): lane l sums
+//! t = l, l + 32, ... with fma, then a xor butterfly adds the 32 partial sums; every lane ends with the same
+//! value. It is one fp64 summation order of the exact products, so |F / n_j - key[i, j]| <= keyErrorBound().
 template <typename T>
-__device__ __forceinline__ double warpExactDot(T const* __restrict__ a, T const* __restrict__ b, int dim, int lane)
+__device__ __forceinline__ double warpFastDot(T const* __restrict__ a, T const* __restrict__ b, int dim, int lane)
 {
     double acc = 0.0;
     for (int t = lane; t < dim; t += 32)
@@ -111,6 +117,50 @@ __device__ __forceinline__ double warpExactDot(T const* __restrict__ a, T const*
         acc = fma(toDouble(a[t]), toDouble(b[t]), acc);
     }
     return warpSum(acc);
+}
+
+using canonical::kNarrowTreeDim;
+using canonical::kTreeCarryLevels;
+static_assert(canonical::kTreeMaxDim >= kMaxDim, "the canonical dot's carry levels must cover kMaxDim");
+
+//! __launch_bounds__ blocks per SM of the kernels that evaluate the canonical dot: 0 (no minimum, what the
+//! kernels had) for D <= 256; 2 for wider rows, whose carry registers would otherwise take ~160 registers.
+constexpr int minBlocksFor(int carry)
+{
+    return carry > 0 ? 2 : 0;
+}
+
+//! The canonical dot product (export/contract/neighbor_key.py: dot) of two rows, by a whole warp; every lane
+//! returns the same value. canonical::laneNode runs the tree's levels w >= 32 in each lane (lane l owns the
+//! slots l + 32 m); the levels w = 16 ... 1 (those with w < Dp) are shuffle-downs of (hi, lo), after which
+//! lane 0 holds the root, and hi + lo (one rounded add) is the dot. kCarry: 0 for D <= 256, else
+//! kTreeCarryLevels (canonicalDot.cuh).
+template <int kCarry, typename T>
+__device__ __forceinline__ double warpCanonicalDot(T const* __restrict__ a, T const* __restrict__ b, int dim, int lane)
+{
+    canonical::DDCombine const combine;
+    canonical::DDNode node = canonical::laneNode<kCarry>(
+        lane, dim, [&](int d) { return __dmul_rn(toDouble(a[d]), toDouble(b[d])); }, combine); // exact products
+    int const dp = 1 << canonical::treeLevels(dim);
+#pragma unroll
+    for (int w = 16; w >= 1; w >>= 1)
+    {
+        if (w < dp)
+        {
+            canonical::DDNode const other{
+                __shfl_down_sync(0xffffffffu, node.hi, w), __shfl_down_sync(0xffffffffu, node.lo, w)};
+            node = combine(node, other);
+        }
+    }
+    return __shfl_sync(0xffffffffu, __dadd_rn(node.hi, node.lo), 0);
+}
+
+//! delta_i of export/contract/neighbor_key.py key_error_bound: |F - key[i, j]| <= delta_i for every fast key
+//! F = warpFastDot(x_i, x_j) / n_j of row i. From n_i (>= ||x_i||; the bound grows with the length, so the
+//! clamped norm is a safe stand-in for it).
+__device__ __forceinline__ double keyErrorBound(int dim, double ni)
+{
+    return static_cast<double>(dim + 8) * 0x1p-53 * 1.0001 * ni + 0x1p-1000;
 }
 
 //! Warp-wide best (key, index, slot) by ranksBefore; every lane ends with the same answer.
@@ -179,9 +229,10 @@ __device__ __forceinline__ void mmaF16(float (&d)[4], uint32_t const (&a)[4], ui
 
 // ---------------------------------------------------------------- 1. prepare
 
-//! One warp per row: fp64 norm (clamped), and the fp16 candidate operand y = 256 x / n (zero-padded).
-template <typename T>
-__global__ void __launch_bounds__(kThreads) prepareRowsKernel(
+//! One warp per row: the canonical norm n = max(sqrt(dot(x, x)), 1e-12) (the keys divide by it), and the
+//! fp16 candidate operand y = 256 x / n (zero-padded).
+template <typename T, int kCarry>
+__global__ void __launch_bounds__(kThreads, minBlocksFor(kCarry)) prepareRowsKernel(
     T const* __restrict__ x, int64_t totalRows, int dim, int paddedDim, double* __restrict__ norms, __half* __restrict__ y)
 {
     int64_t row = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) >> 5;
@@ -191,14 +242,7 @@ __global__ void __launch_bounds__(kThreads) prepareRowsKernel(
         return;
     }
     T const* xr = x + row * dim;
-    double ss = 0.0;
-    for (int t = lane; t < dim; t += 32)
-    {
-        double v = toDouble(xr[t]);
-        ss = fma(v, v, ss);
-    }
-    ss = warpSum(ss);
-    double n = fmax(sqrt(ss), kNormEps);
+    double const n = fmax(__dsqrt_rn(warpCanonicalDot<kCarry>(xr, xr, dim, lane)), kNormEps);
     if (lane == 0)
     {
         norms[row] = n;
@@ -790,13 +834,69 @@ __global__ void __launch_bounds__(kThreads, 1) candidateResidentKernel(__half co
 
 // ---------------------------------------------------------------- 3. rescore and certify
 
-//! One warp per row. Writes idx[i, 0] = i and the fp64 ranking of the candidates; rows whose result is
-//! not certified are appended to the fallback list (their slots are rewritten by the fallback kernel).
-template <typename T>
-__global__ void __launch_bounds__(kThreads) rescoreKernel(T const* __restrict__ x, double const* __restrict__ norms,
-    int64_t totalRows, int rows, int dim, int kEff, int unionSize, int splits, int const* __restrict__ candIdx,
-    float const* __restrict__ candScore, float const* __restrict__ candThresh, double errorBound, int exactOnly,
-    int32_t* __restrict__ outIdx, int* __restrict__ fallbackRows, int* __restrict__ counters)
+//! The best kk of a warp's (key, id) slots in shared memory by ranksBefore, written to out[1..kk]; a picked
+//! slot's id becomes -1 - id (ids < 0 are skipped, keys stay). Returns the kk-th key. With tieWindow >= 0
+//! also reports whether two consecutive picks, or the last pick and the best slot left, lie within
+//! tieWindow of each other (then fast keys do not decide the order). Every lane returns the same values.
+__device__ __forceinline__ double warpSelectBest(double const* key, int* id, int unionSize, int kk, int lane,
+    int32_t* out, double tieWindow, bool& nearTie)
+{
+    double kth = -INFINITY;
+    bool tie = false;
+    int const rounds = tieWindow >= 0.0 ? kk + 1 : kk;
+    for (int r = 0; r < rounds; ++r)
+    {
+        double best = -INFINITY;
+        int bestId = INT_MAX;
+        int slot = INT_MAX;
+        for (int p = lane; p < unionSize; p += 32)
+        {
+            int const q = id[p];
+            if (q >= 0 && ranksBefore(key[p], q, best, bestId))
+            {
+                best = key[p];
+                bestId = q;
+                slot = p;
+            }
+        }
+        warpBest(best, bestId, slot);
+        if (r > 0 && tieWindow >= 0.0)
+        {
+            tie |= !(kth - best > tieWindow); // fl(gap) > window implies gap > window; NaN (-inf - -inf) = tie
+        }
+        if (r == kk)
+        {
+            break; // the extra round only looks at the best slot left
+        }
+        if (lane == 0)
+        {
+            out[1 + r] = bestId;
+        }
+        if (slot != INT_MAX && lane == (slot & 31))
+        {
+            id[slot] = -1 - bestId;
+        }
+        kth = best;
+        __syncwarp();
+    }
+    __syncwarp();
+    nearTie = tie;
+    return kth;
+}
+
+//! One warp per row. Writes idx[i, 0] = i and the ranking of the candidates by the canonical key; rows whose
+//! result is not certified are appended to the fallback list (their slots are rewritten by the fallback).
+//! Keys: the fast F = warpFastDot / n_j of every candidate that can still matter, |F - key| <= delta_i; the
+//! picks by F are the picks by the canonical key when consecutive picks, and the last pick and the best
+//! candidate left, are more than 2 delta_i apart. Otherwise (duplicates, near-duplicates) the canonical key
+//! of every candidate with F >= F_kk - 4 delta_i decides (the others lie below kk of them in any case).
+//! canonicalAll: canonical keys for every candidate, no filter (tests).
+template <typename T, int kCarry>
+__global__ void __launch_bounds__(kThreads, minBlocksFor(kCarry)) rescoreKernel(T const* __restrict__ x,
+    double const* __restrict__ norms, int64_t totalRows, int rows, int dim, int kEff, int unionSize, int splits,
+    int const* __restrict__ candIdx, float const* __restrict__ candScore, float const* __restrict__ candThresh,
+    double errorBound, int exactOnly, int canonicalAll, int32_t* __restrict__ outIdx, int* __restrict__ fallbackRows,
+    int* __restrict__ counters)
 {
     extern __shared__ __align__(16) unsigned char smem[];
     int const lane = threadIdx.x & 31;
@@ -891,6 +991,7 @@ __global__ void __launch_bounds__(kThreads) rescoreKernel(T const* __restrict__ 
         }
     }
     double const ni = norms[gi];
+    double const delta = keyErrorBound(dim, ni);
     double const pruneBelow = static_cast<double>(akk) - 2.02 * errorBound;
     T const* xi = x + gi * dim;
     T const* xb = x + b * rows * static_cast<int64_t>(dim);
@@ -911,7 +1012,7 @@ __global__ void __launch_bounds__(kThreads) rescoreKernel(T const* __restrict__ 
             m &= m - 1u;
             int const jj = __shfl_sync(0xffffffffu, j, src);
             double const sj = static_cast<double>(__shfl_sync(0xffffffffu, s, src));
-            double const kj = warpExactDot(xi, xb + static_cast<int64_t>(jj) * dim, dim, lane) / nb[jj];
+            double const kj = __ddiv_rn(warpFastDot(xi, xb + static_cast<int64_t>(jj) * dim, dim, lane), nb[jj]);
             violation |= fabs(sj * ni - kj) > errorBound * ni;
             if (lane == src)
             {
@@ -923,38 +1024,48 @@ __global__ void __launch_bounds__(kThreads) rescoreKernel(T const* __restrict__ 
     violation = __any_sync(0xffffffffu, violation);
     __syncwarp();
 
-    double kthKey = -INFINITY;
-    for (int r = 0; r < kk; ++r)
+    bool nearTie = false;
+    double kthKey = warpSelectBest(key, id, unionSize, kk, lane, out, 2.0 * delta, nearTie);
+    if ((nearTie || canonicalAll) && kthKey != -INFINITY)
     {
-        double best = -INFINITY;
-        int bestId = INT_MAX;
-        int slot = INT_MAX;
-        for (int p = lane; p < unionSize; p += 32)
+        // The canonical key of every candidate that can still be among the best kk: the picks, and the rest
+        // with F >= F_kk - 4 delta (canonicalAll: every rescored one). One below that has a key
+        // < F_kk - delta <= every pick's key.
+        double const floorKey = canonicalAll ? -INFINITY : kthKey - 4.0 * delta;
+        for (int p0 = 0; p0 < unionSize; p0 += 32)
         {
-            if (ranksBefore(key[p], id[p], best, bestId))
+            int const p = p0 + lane;
+            int const q = id[p];
+            bool const relevant = q < 0 || (q != INT_MAX && key[p] >= floorKey); // q == INT_MAX: not rescored
+            int const j = q < 0 ? -1 - q : q;
+            key[p] = -INFINITY;
+            id[p] = INT_MAX;
+            unsigned m = __ballot_sync(0xffffffffu, relevant);
+            while (m != 0u)
             {
-                best = key[p];
-                bestId = id[p];
-                slot = p;
+                int const src = __ffs(m) - 1;
+                m &= m - 1u;
+                int const jj = __shfl_sync(0xffffffffu, j, src);
+                double const kj
+                    = __ddiv_rn(warpCanonicalDot<kCarry>(xi, xb + static_cast<int64_t>(jj) * dim, dim, lane), nb[jj]);
+                if (lane == src)
+                {
+                    key[p] = kj;
+                    id[p] = jj;
+                }
             }
         }
-        warpBest(best, bestId, slot);
-        if (lane == 0)
-        {
-            out[1 + r] = bestId;
-        }
-        if (slot != INT_MAX && lane == (slot & 31))
-        {
-            key[slot] = -INFINITY;
-            id[slot] = INT_MAX;
-        }
-        kthKey = best;
         __syncwarp();
+        bool unused = false;
+        kthKey = warpSelectBest(key, id, unionSize, kk, lane, out, -1.0, unused);
     }
 
+    // Certificate: every non-candidate j has a_ij <= T + E, so key[i, j] <= n_i (T + E) up to the canonical
+    // key's rounding (|dot - exact| <= 2^-53 |exact| + 2 log2(Dp) 2^-106 ||x_i|| ||x_j||, a few 1e-16 n_i
+    // here), far inside the 1e-12 n_i slack; the kk-th key is >= kthKey - delta whichever key it is.
     bool const complete = threshold == -INFINITY; // every other row of the item is a candidate
     certified = certified && !violation && kthKey != -INFINITY
-        && (complete || kthKey > ni * (static_cast<double>(threshold) + errorBound) + 1e-12 * ni);
+        && (complete || kthKey - delta > ni * (static_cast<double>(threshold) + errorBound) + 1e-12 * ni);
     if (!certified && lane == 0)
     {
         fallbackRows[atomicAdd(&counters[0], 1)] = static_cast<int>(gi);
@@ -967,13 +1078,15 @@ __global__ void __launch_bounds__(kThreads) rescoreKernel(T const* __restrict__ 
 
 // ---------------------------------------------------------------- 4. exact fallback
 
-//! Persistent blocks over the fallback list: each row is ranked by an fp64 scan of all N columns.
-//! Warp w scores columns w, w + 8, ... (one warp-wide dot each) and its lane 0 keeps a sorted top-kk;
-//! thread 0 merges the 8 lists.
-template <typename T>
-__global__ void __launch_bounds__(kThreads) fallbackKernel(T const* __restrict__ x, double const* __restrict__ norms,
-    int rows, int dim, int kEff, int const* __restrict__ fallbackRows, int const* __restrict__ counters,
-    int32_t* __restrict__ outIdx)
+//! Persistent blocks over the fallback list: each row is ranked by a scan of all N columns. Warp w scores
+//! columns w, w + 8, ... and its lane 0 keeps a sorted top-kk by the canonical key; thread 0 merges the 8
+//! lists. A column's fast key F (one warp-wide fast dot) that is below the list's last key - 2 delta_i puts
+//! it below that key (|F - key| <= delta_i) and the column is skipped; every other column gets its
+//! canonical key (a full list's last key only rises). canonicalAll: the canonical key of every column.
+template <typename T, int kCarry>
+__global__ void __launch_bounds__(kThreads, minBlocksFor(kCarry)) fallbackKernel(T const* __restrict__ x,
+    double const* __restrict__ norms, int rows, int dim, int kEff, int canonicalAll,
+    int const* __restrict__ fallbackRows, int const* __restrict__ counters, int32_t* __restrict__ outIdx)
 {
     __shared__ double listKey[kWarps][kReciprocalNeighborsMaxK];
     __shared__ int listId[kWarps][kReciprocalNeighborsMaxK];
@@ -991,6 +1104,7 @@ __global__ void __launch_bounds__(kThreads) fallbackKernel(T const* __restrict__
         T const* xi = x + gi * dim;
         T const* xb = x + b * rows * static_cast<int64_t>(dim);
         double const* nb = norms + b * rows;
+        double const window = 2.0 * keyErrorBound(dim, norms[gi]);
         if (lane == 0)
         {
             listLen[warp] = 0;
@@ -1002,7 +1116,27 @@ __global__ void __launch_bounds__(kThreads) fallbackKernel(T const* __restrict__
             {
                 continue;
             }
-            double const kj = warpExactDot(xi, xb + static_cast<int64_t>(j) * dim, dim, lane) / nb[j];
+            T const* xj = xb + static_cast<int64_t>(j) * dim;
+            double kj;
+            if (canonicalAll)
+            {
+                kj = __ddiv_rn(warpCanonicalDot<kCarry>(xi, xj, dim, lane), nb[j]);
+            }
+            else
+            {
+                double const fj = __ddiv_rn(warpFastDot(xi, xj, dim, lane), nb[j]);
+                int enter = 0;
+                if (lane == 0)
+                {
+                    int const n = listLen[warp];
+                    enter = n < kk || !(fj < listKey[warp][n - 1] - window);
+                }
+                if (__shfl_sync(0xffffffffu, enter, 0) == 0)
+                {
+                    continue; // key[i, j] <= fj + delta_i < the list's last key
+                }
+                kj = __ddiv_rn(warpCanonicalDot<kCarry>(xi, xj, dim, lane), nb[j]);
+            }
             if (lane == 0)
             {
                 int const n = listLen[warp];
@@ -1133,7 +1267,8 @@ cudaError_t launchCandidates(ReciprocalNeighborsPlan const& p, __half const* y, 
     return cudaGetLastError();
 }
 
-template <typename T>
+//! kCarry: the canonical dot's carry levels, 0 for D <= kNarrowTreeDim, else kTreeCarryLevels.
+template <typename T, int kCarry>
 int32_t run(T const* x, ReciprocalNeighborsPlan const& p, int32_t* outIdx, int32_t* outValid, unsigned char* ws,
     cudaStream_t stream, int flags)
 {
@@ -1148,6 +1283,7 @@ int32_t run(T const* x, ReciprocalNeighborsPlan const& p, int32_t* outIdx, int32
     int* fallbackRows = reinterpret_cast<int*>(ws + l.fallback);
     int const kk = p.kEff - 1;
     bool const exactOnly = (flags & kFLAG_EXACT_ONLY) != 0;
+    bool const canonicalAll = (flags & kFLAG_CANONICAL_KEYS) != 0;
     bool const needCandidates = kk > 0 && !exactOnly;
 
     cudaError_t err = cudaMemsetAsync(counters, 0, kCounterBytes, stream);
@@ -1168,7 +1304,7 @@ int32_t run(T const* x, ReciprocalNeighborsPlan const& p, int32_t* outIdx, int32
     if (kk > 0)
     {
         unsigned const blocks = static_cast<unsigned>((totalRows + kWarps - 1) / kWarps);
-        prepareRowsKernel<T><<<blocks, kThreads, 0, stream>>>(
+        prepareRowsKernel<T, kCarry><<<blocks, kThreads, 0, stream>>>(
             x, totalRows, p.dim, p.paddedDim, norms, needCandidates ? y : nullptr);
         if ((err = cudaGetLastError()) != cudaSuccess)
         {
@@ -1242,7 +1378,7 @@ int32_t run(T const* x, ReciprocalNeighborsPlan const& p, int32_t* outIdx, int32
     {
         int const unionSize = p.splits * p.candidates;
         size_t const smemBytes = static_cast<size_t>(kWarps) * unionSize * (sizeof(double) + sizeof(int) + sizeof(float));
-        auto kernel = rescoreKernel<T>;
+        auto kernel = rescoreKernel<T, kCarry>;
         if ((err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smemBytes)))
             != cudaSuccess)
         {
@@ -1250,7 +1386,8 @@ int32_t run(T const* x, ReciprocalNeighborsPlan const& p, int32_t* outIdx, int32
         }
         unsigned const blocks = static_cast<unsigned>((totalRows + kWarps - 1) / kWarps);
         kernel<<<blocks, kThreads, smemBytes, stream>>>(x, norms, totalRows, p.rows, p.dim, p.kEff, unionSize,
-            p.splits, candIdx, candScore, candThresh, p.errorBound, exactOnly ? 1 : 0, outIdx, fallbackRows, counters);
+            p.splits, candIdx, candScore, candThresh, p.errorBound, exactOnly ? 1 : 0, canonicalAll ? 1 : 0, outIdx,
+            fallbackRows, counters);
         if ((err = cudaGetLastError()) != cudaSuccess)
         {
             return static_cast<int32_t>(err);
@@ -1259,8 +1396,8 @@ int32_t run(T const* x, ReciprocalNeighborsPlan const& p, int32_t* outIdx, int32
     if (kk > 0)
     {
         int64_t const blocks = std::min<int64_t>(totalRows, static_cast<int64_t>(smCount) * 4);
-        fallbackKernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-            x, norms, p.rows, p.dim, p.kEff, fallbackRows, counters, outIdx);
+        fallbackKernel<T, kCarry><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+            x, norms, p.rows, p.dim, p.kEff, canonicalAll ? 1 : 0, fallbackRows, counters, outIdx);
         if ((err = cudaGetLastError()) != cudaSuccess)
         {
             return static_cast<int32_t>(err);
@@ -1381,11 +1518,16 @@ int32_t reciprocalNeighbors(void const* features, FeatureType type, int32_t batc
         return kSTATUS_NULL_POINTER;
     }
     auto* ws = reinterpret_cast<unsigned char*>(alignUp(reinterpret_cast<uintptr_t>(workspace), kAlign));
+    bool const narrow = p.dim <= kNarrowTreeDim;
     if (type == FeatureType::kFLOAT32)
     {
-        return run(static_cast<float const*>(features), p, neighborIndex, neighborValid, ws, stream, flags);
+        auto const* xf = static_cast<float const*>(features);
+        return narrow ? run<float, 0>(xf, p, neighborIndex, neighborValid, ws, stream, flags)
+                      : run<float, kTreeCarryLevels>(xf, p, neighborIndex, neighborValid, ws, stream, flags);
     }
-    return run(static_cast<__half const*>(features), p, neighborIndex, neighborValid, ws, stream, flags);
+    auto const* xh = static_cast<__half const*>(features);
+    return narrow ? run<__half, 0>(xh, p, neighborIndex, neighborValid, ws, stream, flags)
+                  : run<__half, kTreeCarryLevels>(xh, p, neighborIndex, neighborValid, ws, stream, flags);
 }
 
 char const* reciprocalNeighborsStatusString(int32_t status)

@@ -1,19 +1,21 @@
 /*
  * The reciprocal top-k neighbour step of NFormer as plain CUDA functions (no TensorRT).
  *
- * Contract: export/reciprocal_neighbors.py, the one reference. For features x [B, N, D]:
- *   key[i, j] = (x_i . x_j) / max(||x_j||, 1e-12) in float64 from the fp32/fp16 input,
+ * Contract: export/contract/neighbor_key.py (the key) and export/reciprocal_neighbors.py. For features x [B, N, D]:
+ *   key[i, j] = dot(x_i, x_j) / max(sqrt(dot(x_j, x_j)), 1e-12), dot = the exact fp64 products of the
+ *   fp32/fp16 input summed by the contract's fixed pairwise double-double tree (one value everywhere),
  *   idx[i, 0] = i, idx[i, 1..k_eff-1] = the other rows by key descending, equal keys to the lower index,
  *   valid[i, t] = (i in idx[idx[i, t]]),  k_eff = min(k, N).
  *
  * How it stays exact without an N x N matrix (see README.md beside this file):
- *   1. prepare: fp64 row norms, and y = fp16(256 * x / ||x||) as the candidate operand;
+ *   1. prepare: canonical row norms, and y = fp16(256 * x / ||x||) as the candidate operand;
  *   2. candidates: tensor-core tiles of y y^T (fp16 in, fp32 accumulate) stream over all columns while
  *      each row keeps its best c approximate scores (c = candidates per row) in shared memory;
- *   3. rescore: the candidates' keys in fp64; the row is certified when the k_eff-1'th exact key beats
- *      every non-candidate's largest possible key (threshold + a proven error bound of the fp16 pass);
+ *   3. rescore: the candidates' keys (fast fp64, canonical where near-ties leave the order open); the row is
+ *      certified when the k_eff-1'th key beats every non-candidate's largest possible key (threshold + a
+ *      proven error bound of the fp16 pass);
  *   4. fallback: rows that cannot be certified (duplicate groups larger than c, zero rows, near-ties)
- *      are ranked by an exact fp64 scan of the whole row;
+ *      are ranked by canonical keys over the whole row;
  *   5. validity: the reciprocal check on the final lists.
  * All scratch memory comes from one caller-provided workspace; nothing allocates or synchronises.
  */
@@ -52,6 +54,9 @@ enum ReciprocalNeighborsFlags : int32_t
     kFLAG_GENERIC_CANDIDATES = 8,
     //! Use the mma.sync resident-rows kernel where the wgmma kernel (sm_90a builds on H100/H200) would run.
     kFLAG_NO_WGMMA = 16,
+    //! Compute the canonical key of every rescored candidate and every fallback column, without the fast
+    //! fp64 filter in front of it (tests: the lists must not change; slower).
+    kFLAG_CANONICAL_KEYS = 32,
 };
 
 //! Which candidate kernel a call ran (workspace counter [2]).
