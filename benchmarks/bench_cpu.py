@@ -95,7 +95,7 @@ def run_case(case: dict) -> dict:
         else:
             import torch
 
-            from export.checkpoint import load_checkpoint
+            from export.reference.checkpoint import load_checkpoint
 
             model = load_checkpoint(case["checkpoint"])
             x = torch.from_numpy(images)
@@ -106,8 +106,8 @@ def run_case(case: dict) -> dict:
         seconds, mem = _timed(fn, case["repeats"])
         return {**case, "seconds": seconds, "images_per_s": b / seconds, "peak_mem_bytes": mem.delta}
     n = case["n"]
-    from export.landmarks import sample_landmarks
-    from export.testing import clustered_features
+    from export.contract.landmarks import sample_landmarks
+    from export.reference.testing import clustered_features
 
     x = clustered_features(n, seed=0)[None]
     lm = sample_landmarks(n, 4, 5, seed=0)
@@ -119,7 +119,7 @@ def run_case(case: dict) -> dict:
     else:
         import torch
 
-        from export.checkpoint import load_checkpoint
+        from export.reference.checkpoint import load_checkpoint
 
         model = load_checkpoint(case["checkpoint"]).nformer
         xt, lmt = torch.from_numpy(x), torch.from_numpy(lm)
@@ -156,9 +156,9 @@ def main():
         print(json.dumps(run_case(json.loads(args.case))))
         return
 
-    from export.config import ModelConfig
-    from export.parity import format_table
-    from export.testing import save_random_checkpoint
+    from export.contract.config import ModelConfig
+    from export.contract.parity import format_table
+    from export.reference.testing import save_random_checkpoint
     from export.to_onnx import export_checkpoint
 
     work = Path(tempfile.mkdtemp(prefix="nformer-bench-"))

@@ -72,7 +72,7 @@ def ort_cpu_int8(model: dict, data: Path) -> Path:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     from calibration.images import ImageBatches, list_candidates, read_calibration_images
-    from export.config import PIXEL_MEAN, PIXEL_STD
+    from export.contract.config import PIXEL_MEAN, PIXEL_STD
 
     crops = read_calibration_images(list_candidates(data), 64, model["input_size_hw"], PIXEL_MEAN, PIXEL_STD,
                                     log=lambda *a: None)
@@ -87,11 +87,11 @@ def ort_cpu_int8(model: dict, data: Path) -> Path:
 def prepare(work: Path, fp16: bool) -> list[dict]:
     """Export both models, write their INT8 (and FP16) files; one entry per model."""
     from calibration.variants import write_variants
-    from export.config import ModelConfig
-    from export.testing import save_random_checkpoint
+    from export.contract.config import ModelConfig
+    from export.reference.testing import save_random_checkpoint
     from export.to_onnx import export_checkpoint
-    from runtime.demo import SHIPPED, shipped_card
-    from runtime.synth import generate
+    from export.shipped import SHIPPED, shipped_card
+    from runtime.evaluation.synth import generate
 
     data = work / "synthetic"
     print("generating synthetic crops (runtime synth, 600 identities) ...", flush=True)
@@ -134,7 +134,7 @@ def main():
         print(json.dumps(run_case(json.loads(args.case))))
         return
 
-    from export.parity import format_table
+    from export.contract.parity import format_table
 
     work = Path(tempfile.mkdtemp(prefix="nformer-bench-precision-"))
     models = prepare(work, args.fp16)

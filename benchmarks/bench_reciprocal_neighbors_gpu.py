@@ -14,14 +14,14 @@ Market-1501's 19,281 / 751, plus per-image noise):
 * ``phases-*``: per-kernel GPU time of one call (torch.profiler) at ``--profile-n``;
 * ``torch-dense-topk``: plain PyTorch fp32 ``topk(xn @ xn^T)`` + the reciprocal check, where the
   N x N matrix fits (else recorded as out of memory, not run);
-* ``refine-kernels``: the 4-layer NFormer (``export.nformer.NFormer``, random weights, 5 landmarks)
+* ``refine-kernels``: the 4-layer NFormer (``export.reference.nformer.NFormer``, random weights, 5 landmarks)
   with the kernels' neighbour lists, O(N k) layers in eager PyTorch (``row_block`` bounds memory);
 * ``refine-dense-original``: the original's dense eval path (``dense=True``) where it fits.
 
 Time: CUDA events, median of ``--repeats`` calls after ``--warmup``.  Memory: peak of
 ``torch.cuda.max_memory_allocated`` during the calls (the kernels' workspace is a torch tensor, so it
 is included; the library allocates nothing itself), with the features, and above them.  Exactness:
-at N <= ``--verify-max`` the kernels' lists are compared with ``export.reciprocal_neighbors`` (fp64
+at N <= ``--verify-max`` the kernels' lists are compared with ``export.reference.reciprocal_neighbors`` (fp64
 reference, run on the GPU).  A table is printed and everything goes to JSON.
 """
 from __future__ import annotations
@@ -123,7 +123,7 @@ def profile_phases(x, k, results, n):
 
 
 def verify(x, idx, valid, k):
-    from export.reciprocal_neighbors import reciprocal_neighbors as reference
+    from export.reference.reciprocal_neighbors import reciprocal_neighbors as reference
 
     ref_idx, ref_valid = reference(x, k)
     rows_differ = int((ref_idx != idx.long()).any(-1).sum())
@@ -133,7 +133,7 @@ def verify(x, idx, valid, k):
 
 
 def dense_topk(x, k):
-    from export.reciprocal_neighbors import reciprocal_validity
+    from export.reference.reciprocal_neighbors import reciprocal_validity
 
     sim = torch.matmul(x, x.transpose(1, 2))
     idx = torch.topk(sim, k, dim=-1).indices
@@ -142,7 +142,7 @@ def dense_topk(x, k):
 
 
 def make_model(k, seed=0):
-    from export.nformer import NFormer
+    from export.reference.nformer import NFormer
 
     torch.manual_seed(seed)
     model = NFormer(n_layer=4, n_embd=256, n_head=2, k=k, num_classes=751)
@@ -321,7 +321,7 @@ def main(argv=None):
         try:
             model = make_model(args.k)
         except (ImportError, TypeError, AttributeError) as err:
-            print(f"refinement skipped: export.nformer.NFormer unavailable ({err})", flush=True)
+            print(f"refinement skipped: export.reference.nformer.NFormer unavailable ({err})", flush=True)
     results = []
     last = None
     for n in [int(s) for s in args.sizes.split(",")]:

@@ -55,10 +55,10 @@ def main():
     import numpy as np
     import onnxruntime
 
-    from export.config import ModelConfig
-    from export.parity import format_table
-    from export.testing import clustered_features, save_random_checkpoint
-    from runtime.bench import encoder_throughput
+    from export.contract.config import ModelConfig
+    from export.contract.parity import format_table
+    from export.reference.testing import clustered_features, save_random_checkpoint
+    from runtime.evaluation.bench import encoder_throughput
     from runtime.neighbors import NeighborIndex
     from runtime.pipeline import Pipeline
 

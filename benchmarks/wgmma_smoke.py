@@ -17,8 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from export.reciprocal_neighbors import reciprocal_neighbors as reference  # noqa: E402
-from export.testing import clustered_features  # noqa: E402
+from export.reference.reciprocal_neighbors import reciprocal_neighbors as reference  # noqa: E402
+from export.reference.testing import clustered_features  # noqa: E402
 from plugins.reciprocal_neighbors import cuda as rn  # noqa: E402
 
 

@@ -1,6 +1,6 @@
 """Stage 2 of the flow: precision variants of the exported ONNX files (FP16, INT8 Q/DQ).
 
-Reads crops through ``runtime.preprocess`` and ``runtime.datasets`` (the one preprocessing and the
+Reads crops through ``export.contract.preprocess`` and ``export.contract.market1501`` (the one preprocessing and the
 one reader) and writes ONNX files beside the FP32 ones, listed in the manifest's ``"variants"``:
 
 * ``images``   -- which crops calibrate, read and preprocessed (bad files reported and skipped);

@@ -28,8 +28,8 @@ import json
 import tempfile
 from pathlib import Path
 
-from export.errors import InputError
-from export.manifest import write_json_atomic
+from export.contract.errors import InputError
+from export.contract.files import write_json_atomic
 
 CACHE_DIR = "calibration_cache"
 FORMAT = "nformer-trt/calibration-cache"

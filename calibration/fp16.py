@@ -21,10 +21,8 @@ from pathlib import Path
 
 import onnx
 
-#: the custom node (export.reciprocal_neighbors holds the same names but imports torch; a test
-#: checks that they agree)
-OP_DOMAIN = "nformer"
-OP_TYPE = "ReciprocalNeighbors"
+from export.contract.ops import OP_DOMAIN, OP_TYPE
+
 FEATURES = "features"
 
 

@@ -1,8 +1,8 @@
 """Calibration crops: which images, read exactly as the runtime reads them.
 
 Place in the flow: ``calibration/`` reads crops here and hands them to ONNX Runtime's calibrators
-(``calibration.quantize``).  Images go through ``runtime.preprocess`` (the one preprocessing) and
-a Market-1501-layout directory through ``runtime.datasets`` (the one reader), so the activation
+(``calibration.quantize``).  Images go through ``export.contract.preprocess`` (the one preprocessing) and
+a Market-1501-layout directory through ``export.contract.market1501`` (the one reader), so the activation
 ranges are measured on exactly what the deployed encoder will see.
 
 Two layouts are accepted:
@@ -28,9 +28,9 @@ from typing import Callable
 
 import numpy as np
 
-from export.errors import InputError
-from runtime.datasets import SPLITS, read_market1501
-from runtime.preprocess import IMAGE_SUFFIXES, load_image, preprocess
+from export.contract.errors import InputError
+from export.contract.market1501 import SPLITS, read_market1501
+from export.contract.preprocess import IMAGE_SUFFIXES, load_image, preprocess
 
 LAYOUT_MARKET = "market1501-train"
 LAYOUT_FOLDER = "folder"

@@ -32,11 +32,11 @@ from typing import Callable
 
 import onnx
 
-from export.errors import InputError
-from export.manifest import sha256_file
+from export.contract.errors import InputError
+from export.contract.files import sha256_file
 
-from . import cache as calib_cache
-from .images import list_candidates, read_calibration_images
+from calibration import cache as calib_cache
+from calibration.images import list_candidates, read_calibration_images
 
 METHODS = ("entropy", "percentile", "minmax")
 DEFAULT_METHOD = "entropy"
@@ -90,7 +90,7 @@ def quantize_encoder(src: str | Path, dst: str | Path, calib_data: str | Path, *
     """
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-    from .images import ImageBatches
+    from calibration.images import ImageBatches
 
     src, dst = Path(src), Path(dst)
     options = quantization_options(method, percentile)

@@ -2,7 +2,7 @@
 
 Place in the flow: ``export`` wrote ``encoder.onnx``, ``nformer.onnx`` and ``manifest.json``; this
 module writes the precision-specific ONNX files **beside** them (the fp32 files stay) and records
-each in the manifest under ``"variants"``; ``runtime.engine_builder`` builds TensorRT engines from
+each in the manifest under ``"variants"``; ``runtime.tensorrt.build`` builds TensorRT engines from
 them and records those under ``"engines"`` (its docstring gives that format).  Both sections are
 updated with :func:`update_manifest_section` (read, merge, atomic write): the export's own keys are
 never touched, and a re-export (which rewrites the manifest) drops both sections with the files
@@ -46,10 +46,11 @@ from typing import Callable
 
 import onnx
 
-from export.errors import InputError
-from export.manifest import MANIFEST_NAME, io_spec, load_manifest, sha256_file, write_json_atomic
+from export.contract.errors import InputError
+from export.contract.manifest import MANIFEST_NAME, io_spec, load_manifest
+from export.contract.files import sha256_file, write_json_atomic
 
-from .quantize import DEFAULT_IMAGES, DEFAULT_METHOD, DEFAULT_PERCENTILE, quantize_encoder
+from calibration.quantize import DEFAULT_IMAGES, DEFAULT_METHOD, DEFAULT_PERCENTILE, quantize_encoder
 
 VARIANTS_KEY = "variants"
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -123,7 +124,7 @@ def write_variants(model_dir: str | Path, precision: str, *, refine_precision: s
     The entries are manifest-style dicts (fp32 entries describe the export's own files).  INT8 needs
     ``calib_data``; ``refine_precision`` defaults to :func:`default_refine_precision`.
     """
-    from .fp16 import convert_encoder, convert_nformer
+    from calibration.fp16 import convert_encoder, convert_nformer
 
     model_dir = Path(model_dir)
     if precision not in PRECISIONS:

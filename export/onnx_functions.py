@@ -46,14 +46,13 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto, helper
 
-from .reciprocal_neighbors import BLOCK_ELEMENTS, NORM_EPS, OP_DOMAIN, OP_TYPE, ROW_BLOCK
+from export.contract.ops import BLOCK_ELEMENTS, EXTRA_CANDIDATES, NORM_EPS, OP_DOMAIN, OP_TYPE, ROW_BLOCK
 
 INPUTS = ["features"]
 OUTPUTS = ["neighbor_index", "neighbor_valid"]
 ATTRIBUTES = ["k", "plugin_version", "plugin_namespace"]
 OPSET = 20
-#: candidates per row beyond k_eff that the fast key proposes for the canonical re-score
-EXTRA = 16
+EXTRA = EXTRA_CANDIDATES
 #: candidate products (c x Dp per row) held by one block: small enough to stay in cache
 CANDIDATE_ELEMENTS = 1 << 17
 #: largest power of two the tree width can take (D <= 2^40)

@@ -21,16 +21,17 @@ import numpy as np
 import onnx
 import torch
 
-from .checkpoint import load_checkpoint
-from .errors import InputError, NFormerError
-from .landmarks import sample_landmarks
-from .manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, io_spec, sha256_file, write_json_atomic
-from .model import NFormerModel
-from .nformer import NFormerLayers
-from .onnx_functions import OPSET, OUTPUTS as NEIGHBOR_OUTPUTS, reciprocal_neighbors_function
-from .parity import format_table, max_abs_error, neighbor_set_agreement, relative_error
-from .reciprocal_neighbors import OP_DOMAIN, OP_TYPE, PLUGIN_NAMESPACE, PLUGIN_VERSION
-from .testing import clustered_features
+from export.reference.checkpoint import load_checkpoint
+from export.contract.errors import InputError, NFormerError
+from export.contract.landmarks import sample_landmarks
+from export.contract.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, io_spec
+from export.contract.files import sha256_file, write_json_atomic
+from export.reference.model import NFormerModel
+from export.reference.nformer import NFormerLayers
+from export.onnx_functions import OPSET, OUTPUTS as NEIGHBOR_OUTPUTS, reciprocal_neighbors_function
+from export.contract.parity import format_table, max_abs_error, neighbor_set_agreement, relative_error
+from export.contract.ops import OP_DOMAIN, OP_TYPE, PLUGIN_NAMESPACE, PLUGIN_VERSION
+from export.reference.testing import clustered_features
 
 ENCODER_FILE = "encoder.onnx"
 NFORMER_FILE = "nformer.onnx"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from export.errors import NFormerError
+from export.contract.errors import NFormerError
 
 PLUGIN_LIBRARY = "libnformer_plugins.so"
 KERNELS_LIBRARY = "libnformer_kernels.so"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.errors import InputError
+from export.contract.errors import InputError
 
 
 class Backend(ABC):

@@ -24,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-from export.errors import InputError, NFormerError
+from export.contract.errors import InputError, NFormerError
 
 
 class BatcherClosed(NFormerError):

@@ -5,11 +5,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from export.config import ModelConfig
-from export.errors import InputError
+from export.contract.config import ModelConfig
+from export.contract.errors import InputError
 
-from .backends import Backend
-from .preprocess import preprocess_batch
+from runtime.backends import Backend
+from export.contract.preprocess import preprocess_batch
 
 
 class EncoderRunner:
@@ -26,7 +26,7 @@ class EncoderRunner:
         images = np.asarray(images)
         if images.ndim != 4 or images.shape[1:] != (3, h, w):
             raise InputError(f"images must be [batch, 3, {h}, {w}], found {images.shape}; use "
-                             "runtime.preprocess to prepare crops")
+                             "export.contract.preprocess to prepare crops")
         out = np.zeros((len(images), self.config.feature_dim), np.float32)
         for s in range(0, len(images), self.batch_size):
             batch = np.ascontiguousarray(images[s:s + self.batch_size], dtype=np.float32)

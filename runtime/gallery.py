@@ -37,14 +37,14 @@ from pathlib import Path
 
 import numpy as np
 
-from export.config import ModelConfig
-from export.errors import InputError
-from export.manifest import sha256_file, write_bytes_atomic
+from export.contract.config import ModelConfig
+from export.contract.errors import InputError
+from export.contract.files import sha256_file, write_bytes_atomic
 
-from .layers_refiner import LayersRefiner
-from .metrics import euclidean_distances
-from .neighbors import DEFAULT_RESERVE, NeighborIndex
-from .refiner import l2_normalize, validate_features
+from runtime.layers_refiner import LayersRefiner
+from runtime.evaluation.metrics import euclidean_distances
+from runtime.neighbors import DEFAULT_RESERVE, NeighborIndex
+from runtime.refiner import l2_normalize, validate_features
 
 FORMAT = "nformer-trt/gallery"
 FORMAT_VERSION = 1

@@ -3,19 +3,19 @@ keep the lists themselves (``runtime.gallery`` maintains them with ``runtime.nei
 
 Same contract as ``runtime.refiner.Refiner`` (whose validation it reuses): L2-normalised float32
 features in, refined embeddings out (L2-normalised unless asked for the raw tensor), landmarks from
-the seeded draw unless given.  The lists must be those of ``export.reciprocal_neighbors`` for the
+the seeded draw unless given.  The lists must be those of ``export.reference.reciprocal_neighbors`` for the
 same normalised features; ``runtime.neighbors`` computes exactly those.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from export.config import ModelConfig
-from export.errors import InputError
-from export.landmarks import sample_landmarks
+from export.contract.config import ModelConfig
+from export.contract.errors import InputError
+from export.contract.landmarks import sample_landmarks
 
-from .backends import Backend
-from .refiner import l2_normalize, validate_features, validate_landmarks
+from runtime.backends import Backend
+from runtime.refiner import l2_normalize, validate_features, validate_landmarks
 
 INPUTS = ("features", "landmarks", "neighbor_index", "neighbor_valid")
 

@@ -4,7 +4,7 @@ Place in the flow: the serving path (no torch).  A gallery that gains a few item
 ``nformer_layers.onnx`` (the refinement with ``neighbor_index`` / ``neighbor_valid`` as inputs)
 from a :class:`NeighborIndex` instead of re-ranking all N^2 pairs on every change.
 
-The lists are those of the one reference, ``export.reciprocal_neighbors`` (tests compare index
+The lists are those of the one reference, ``export.reference.reciprocal_neighbors`` (tests compare index
 arrays): key ``x_i . x_j / max(||x_j||, eps)`` in float64 from the float32 rows, the row itself in
 slot 0, the other slots by decreasing key with equal keys to the lower index, ``k_eff = min(k,
 N)``, ``valid[i, t] = i in idx[idx[i, t]]``.
@@ -47,7 +47,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from export.contract.neighbor_key import NORM_EPS, dd_tree_sum, key_error_bound
-from export.errors import InputError
+from export.contract.ops import effective_k
+from export.contract.errors import InputError
 
 #: default spare candidates per row beyond the k - 1 that the output needs
 DEFAULT_RESERVE = 16
@@ -58,12 +59,6 @@ _U32 = 2.0 ** -24
 #: version of the key stored in :meth:`NeighborIndex.state` (1: plain float64 keys, before the
 #: canonical key; such saved lists are recomputed on load)
 KEY_VERSION = 2
-
-
-def effective_k(k: int, n: int) -> int:
-    if k < 1:
-        raise InputError(f"k (neighbours per row) must be >= 1, found {k}")
-    return min(k, n)
 
 
 def candidate_margin(dim: int) -> float:
@@ -158,7 +153,7 @@ class NeighborIndex:
 
     ``add(rows)`` appends rows (positions N..N+m-1), ``remove(positions)`` drops rows (the others
     keep their relative order), ``neighbors()`` returns the lists of the current set, identical to
-    ``export.reciprocal_neighbors.reciprocal_neighbors`` on the same rows.  Not thread-safe: the
+    ``export.reference.reciprocal_neighbors.reciprocal_neighbors`` on the same rows.  Not thread-safe: the
     owner (``runtime.gallery.Gallery``) serialises access.
     """
 

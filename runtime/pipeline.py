@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
-from export.errors import InputError
-from export.manifest import load_manifest, model_config
+from export.contract.errors import InputError
+from export.contract.manifest import load_manifest, model_config
 
-from .backends import Backend, OnnxRuntimeBackend
-from .encoder import EncoderRunner
-from .refiner import Refiner
+from runtime.backends import Backend, OnnxRuntimeBackend
+from runtime.encoder import EncoderRunner
+from runtime.refiner import Refiner
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 
@@ -31,7 +31,7 @@ def open_network(model_dir: Path, manifest: dict, network: str, backend: str = "
         raise InputError(f"backend must be one of {', '.join(BACKENDS)}, found {backend!r}")
     notes: list[str] = []
     if backend != "onnxruntime":
-        from .tensorrt_backend import TensorRTBackend, find_engine, listed_engines
+        from runtime.tensorrt.backend import TensorRTBackend, find_engine, listed_engines
 
         entry, notes = find_engine(manifest, model_dir, network, precision) if listed_engines(manifest) else (None, [])
         if entry is not None:
@@ -91,7 +91,7 @@ class Pipeline:
 
     def enable_dynamic_batching(self, max_batch: int | None = None, max_wait_ms: float = 2.0):
         """Route ``embed`` through a DynamicBatcher (returned); safe to call embed from many threads."""
-        from .batching import DynamicBatcher
+        from runtime.batching import DynamicBatcher
 
         if self.batcher is not None:
             self.batcher.close()
@@ -105,7 +105,7 @@ class Pipeline:
         is shared with other threads' requests."""
         if self.batcher is None:
             return self.encoder.embed(crops, progress)
-        from .preprocess import preprocess_batch
+        from export.contract.preprocess import preprocess_batch
 
         c = self.config
         out = np.zeros((len(crops), c.feature_dim), np.float32)
@@ -122,7 +122,7 @@ class Pipeline:
     def layers_refiner(self):
         """The refinement with neighbour lists as inputs (``nformer_layers``), opened on first use."""
         if self._layers is None:
-            from .layers_refiner import LayersRefiner
+            from runtime.layers_refiner import LayersRefiner
 
             # engines of nformer_layers are optional: with backend="tensorrt" a missing one falls back
             # to ONNX Runtime (the reason lands in self.notes) rather than refusing the gallery
@@ -136,8 +136,8 @@ class Pipeline:
     def gallery(self, path=None, seed: int = 0, reserve: int | None = None, allow_model_mismatch: bool = False):
         """A new empty Gallery (``path`` None) or the one saved at ``path``, bound to this model's
         refinement.  ``seed``: landmark draw of a new gallery (a loaded one keeps its own)."""
-        from .gallery import Gallery, model_identity
-        from .neighbors import DEFAULT_RESERVE
+        from runtime.gallery import Gallery, model_identity
+        from runtime.neighbors import DEFAULT_RESERVE
 
         ident = model_identity(self.manifest, self.config)
         if path is None:

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from export.config import ModelConfig
-from export.errors import InputError
-from export.landmarks import sample_landmarks
+from export.contract.config import ModelConfig
+from export.contract.neighbor_key import NORM_EPS
+from export.contract.errors import InputError
+from export.contract.landmarks import sample_landmarks
 
-from .backends import Backend
+from runtime.backends import Backend
 
-NORM_EPS = 1e-12
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:

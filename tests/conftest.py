@@ -11,11 +11,10 @@ import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
-from export.config import ModelConfig  # noqa: E402
-from export.testing import save_random_checkpoint  # noqa: E402
+from export.contract.config import ModelConfig  # noqa: E402
+from export.reference.testing import save_random_checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_LAYOUT = REPO.parent / "shared" / "reference" / "official_checkpoint_layout.json"
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from export.config import ModelConfig
+from export.contract.config import ModelConfig
 
 SMALL = ModelConfig(arch="resnet18", widths=(16, 32, 64, 128), stem_width=16, feature_dim=128, n_embd=128,
                     input_size_hw=(128, 64))
@@ -23,7 +23,7 @@ def synthetic_data(tmp_path_factory, identities: int = 600) -> Path:
     """``runtime synth`` data (600 identities: the demo's set; ~10 s)."""
     key = ("synth", identities)
     if key not in _cache:
-        from runtime.synth import generate
+        from runtime.evaluation.synth import generate
 
         root = tmp_path_factory.mktemp(f"synth{identities}") / "data"
         generate(root, identities=identities, seed=0)
@@ -33,7 +33,7 @@ def synthetic_data(tmp_path_factory, identities: int = 600) -> Path:
 
 def shipped_export(tmp_path_factory) -> Path:
     """The shipped checkpoint exported once (skips when it is not in export/data yet)."""
-    from runtime.demo import SHIPPED, shipped_card
+    from export.shipped import SHIPPED, shipped_card
 
     if not SHIPPED.is_file():
         pytest.skip(f"the shipped checkpoint {SHIPPED} is not there")
@@ -51,7 +51,7 @@ def shipped_export(tmp_path_factory) -> Path:
 def random_small_export(tmp_path_factory) -> tuple[Path, Path]:
     """A random-weight small model (the shipped model's shapes) and its export: (checkpoint, model dir)."""
     if "random" not in _cache:
-        from export.testing import save_random_checkpoint
+        from export.reference.testing import save_random_checkpoint
         from export.to_onnx import export_checkpoint
 
         root = tmp_path_factory.mktemp("random_small")

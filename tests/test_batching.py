@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from export.errors import InputError
+from export.contract.errors import InputError
 from runtime.batching import BatcherClosed, DynamicBatcher
 from runtime.pipeline import Pipeline
 

@@ -13,9 +13,9 @@ from PIL import Image
 import calibration.images as calib_images
 from calibration.images import ImageBatches, LAYOUT_FOLDER, LAYOUT_MARKET, list_candidates, read_calibration_images
 from calibration.quantize import quantize_encoder
-from export.config import PIXEL_MEAN, PIXEL_STD
-from export.errors import InputError
-from runtime.preprocess import preprocess
+from export.contract.config import PIXEL_MEAN, PIXEL_STD
+from export.contract.errors import InputError
+from export.contract.preprocess import preprocess
 
 from precision_support import SMALL, fresh_copy, random_small_export, synthetic_data
 
@@ -134,6 +134,6 @@ def test_calibration_imports_no_torch(tmp_path_factory, tmp_path):
     code = (f"import sys; from calibration.variants import write_variants; "
             f"write_variants({str(model_dir)!r}, 'int8', calib_data={str(crops)!r}, calib_images=8, log=lambda m: None); "
             f"write_variants({str(model_dir)!r}, 'fp16', log=lambda m: None); "
-            "import runtime.engine_builder, runtime.parity; print('torch' in sys.modules)")
+            "import runtime.tensorrt.build, runtime.evaluation.parity; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "False"

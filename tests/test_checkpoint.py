@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from export.checkpoint import load_checkpoint
-from export.config import ModelConfig
-from export.errors import CheckpointError
-from export.model import NFormerModel
-from export.testing import original_state_dict, random_model
+from export.reference.checkpoint import load_checkpoint
+from export.contract.config import ModelConfig
+from export.contract.errors import CheckpointError
+from export.reference.model import NFormerModel
+from export.reference.testing import original_state_dict, random_model
 
 LAYOUT = json.loads((Path(__file__).parent / "data" / "official_checkpoint_layout.json").read_text())
 

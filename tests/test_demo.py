@@ -7,10 +7,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from export.checkpoint import load_checkpoint
+from export.reference.checkpoint import load_checkpoint
 from export.to_onnx import export_checkpoint
 from runtime.cli import main as runtime_cli
-from runtime.demo import REPORT_KEYS, SHIPPED, shipped_card
+from export.shipped import SHIPPED, shipped_card
+from runtime.evaluation.demo import REPORT_KEYS
 
 
 def test_shipped_checkpoint_is_small_plain_and_documented():

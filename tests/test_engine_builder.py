@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from runtime import engine_builder as eb
-from runtime.engine_builder import (BuildOptions, EngineMismatchError, Trtexec, build, build_with_python_api,
+from runtime.tensorrt.build import (BuildOptions, EngineMismatchError, Trtexec, build, build_with_python_api,
                                     check_engine, parse_trtexec_build, parse_trtexec_version, shape_profiles,
                                     trtexec_command)
 
@@ -290,11 +290,11 @@ def test_real_python_api_build_and_run(model_dir, tmp_path_factory):
     for entry in result["engines"].values():
         check_engine(model_dir / entry["path"], model_dir=model_dir)
     from runtime.backends import OnnxRuntimeBackend
-    from runtime.tensorrt_backend import TensorRTBackend
+    from runtime.tensorrt.backend import TensorRTBackend
 
     images = np.random.default_rng(0).standard_normal((4, 3, 128, 64)).astype(np.float32)
     ours = TensorRTBackend(model_dir / "encoder.fp16.engine").run({"images": images})["embeddings"]
     ref = OnnxRuntimeBackend(model_dir / "encoder.onnx", ["CPUExecutionProvider"]).run({"images": images})["embeddings"]
-    from export.parity import cosine_rows
+    from export.contract.parity import cosine_rows
 
     assert cosine_rows(ours, ref).mean() >= 0.999

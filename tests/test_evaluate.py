@@ -11,8 +11,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from runtime.cli import main as runtime_cli
-from runtime.evaluation import evaluate, rank_scores
-from runtime.metrics import euclidean_distances, evaluate_rank
+from runtime.evaluation.evaluate import evaluate, rank_scores
+from runtime.evaluation.metrics import euclidean_distances, evaluate_rank
 from runtime.pipeline import Pipeline
 from runtime.refiner import l2_normalize
 

@@ -21,9 +21,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import export.reciprocal_neighbors as rn
+import export.reference.reciprocal_neighbors as rn
 from export.contract import neighbor_key as nk
-from export.testing import clustered_features
+from export.reference.testing import clustered_features
 from neighbor_oracle import canonical_lists, fsum_lists
 from runtime.neighbors import KEY_VERSION, NeighborIndex
 from runtime.neighbors import reciprocal_neighbors as numpy_neighbors
@@ -257,7 +257,7 @@ def test_reference_is_the_same_under_other_blas_code_paths(env, tmp_path):
     np.save(tmp_path / "small.npy", sets[0])
     script = (
         "import json, numpy as np, torch\n"
-        "import export.reciprocal_neighbors as rn\n"
+        "import export.reference.reciprocal_neighbors as rn\n"
         f"sets = [np.load({str(tmp_path / 'small.npy')!r}), *np.load({str(tmp_path / 'sets.npy')!r})]\n"
         "out = [rn.reciprocal_neighbors(torch.from_numpy(x)[None], 20)[0][0].tolist() for x in sets]\n"
         "print(json.dumps(out))\n")

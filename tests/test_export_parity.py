@@ -10,11 +10,11 @@ import onnx
 import pytest
 import torch
 
-from export.landmarks import sample_landmarks
+from export.contract.landmarks import sample_landmarks
 from export.onnx_functions import OUTPUTS as NEIGHBOR_OUTPUTS
-from export.parity import neighbor_set_agreement, relative_error
-from export.reciprocal_neighbors import OP_DOMAIN, OP_TYPE
-from export.testing import clustered_features
+from export.contract.parity import neighbor_set_agreement, relative_error
+from export.reference.reciprocal_neighbors import OP_DOMAIN, OP_TYPE
+from export.reference.testing import clustered_features
 from export.to_onnx import _session
 
 RTOL = 1e-4
@@ -99,7 +99,7 @@ def test_encoder_graph_contract(resnet18_export):
 
 
 def test_manifest_describes_the_files(resnet18_export):
-    from export.manifest import load_manifest, model_config
+    from export.contract.manifest import load_manifest, model_config
 
     out_dir, model = resnet18_export
     manifest = load_manifest(out_dir, verify_checksums=True)
@@ -132,9 +132,9 @@ def test_cli_exports_and_prints_the_table(resnet18_checkpoint, tmp_path):
 
 
 def test_cli_exports_a_narrow_model_at_a_reduced_input_size(tmp_path):
-    from export.config import ModelConfig
-    from export.manifest import load_manifest, model_config
-    from export.testing import save_random_checkpoint
+    from export.contract.config import ModelConfig
+    from export.contract.manifest import load_manifest, model_config
+    from export.reference.testing import save_random_checkpoint
 
     config = ModelConfig(arch="resnet18", widths=(16, 32, 64, 128), stem_width=16, feature_dim=128, n_embd=128,
                          n_layer=2)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 import runtime.gallery as gallery_module
-from export.errors import InputError
-from export.testing import clustered_features
-from runtime.metrics import euclidean_distances
+from export.contract.errors import InputError
+from export.reference.testing import clustered_features
+from runtime.evaluation.metrics import euclidean_distances
 from runtime.pipeline import Pipeline
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from export.errors import InputError
-from runtime.datasets import parse_name, read_market1501
-from runtime.metrics import evaluate_rank
+from export.contract.errors import InputError
+from export.contract.market1501 import parse_name, read_market1501
+from runtime.evaluation.metrics import evaluate_rank
 
 
 def test_single_query_hand_computed():

@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from export.config import ModelConfig
-from export.landmarks import sample_landmarks
-from export.reciprocal_neighbors import reciprocal_neighbors
-from export.testing import clustered_features, random_model
+from export.contract.config import ModelConfig
+from export.contract.landmarks import sample_landmarks
+from export.reference.reciprocal_neighbors import reciprocal_neighbors
+from export.reference.testing import clustered_features, random_model
 
 
 @pytest.fixture(scope="module")

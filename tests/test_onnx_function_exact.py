@@ -19,8 +19,8 @@ from onnx import TensorProto, helper
 
 from export.contract.neighbor_key import exact_keys, norms
 from export.onnx_functions import EXTRA, OPSET, OUTPUTS, reciprocal_neighbors_function
-from export.reciprocal_neighbors import OP_DOMAIN, OP_TYPE
-from export.testing import clustered_features
+from export.reference.reciprocal_neighbors import OP_DOMAIN, OP_TYPE
+from export.reference.testing import clustered_features
 from neighbor_oracle import canonical_lists, fsum_lists
 
 _SESSIONS: dict = {}
@@ -94,7 +94,7 @@ def redone_rows(x: np.ndarray, k: int) -> int:
 
 
 def hard_set(n: int, dim: int = 256, seed: int = 0, big_group: int = 0, duplicates: int = 0) -> np.ndarray:
-    """Clustered rows (``export.testing.clustered_features`` with its ``duplicates``) plus: copies
+    """Clustered rows (``export.reference.testing.clustered_features`` with its ``duplicates``) plus: copies
     of rows at random positions (``big_group`` copies of row 0), near-duplicates (1e-6 apart in a
     few components), rows whose components are permuted where another row's are equal (the same
     exact dot summed in another order), zero rows."""

@@ -1,7 +1,7 @@
 """The reciprocal-neighbour CUDA kernels against the one reference, on a GPU.
 
 Identical neighbour lists (same rows, same slot order) and validity flags as
-``export.reciprocal_neighbors.reciprocal_neighbors`` (canonical keys, run on the CPU) on fresh random inputs
+``export.reference.reciprocal_neighbors.reciprocal_neighbors`` (canonical keys, run on the CPU) on fresh random inputs
 of several sizes, gallery-like clustered features, exact duplicates (a group larger than the candidate
 list), zero rows, fp16 input, batches and odd feature sizes; poisoned outputs are fully overwritten.  The
 contract tests compare with the brute-force oracle of ``tests/neighbor_oracle.py`` (every pair's canonical
@@ -21,9 +21,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import plugins  # noqa: E402
-from export.reciprocal_neighbors import reciprocal_neighbors as reference  # noqa: E402
-from export.reciprocal_neighbors import reciprocal_validity  # noqa: E402
-from export.testing import clustered_features  # noqa: E402
+from export.reference.reciprocal_neighbors import reciprocal_neighbors as reference  # noqa: E402
+from export.reference.reciprocal_neighbors import reciprocal_validity  # noqa: E402
+from export.reference.testing import clustered_features  # noqa: E402
 from neighbor_oracle import canonical_lists, fsum_lists  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -282,7 +282,7 @@ def test_workspace_is_bounded_and_no_nxn_memory_is_used():
 
 
 def test_errors_for_bad_inputs():
-    from export.errors import InputError
+    from export.contract.errors import InputError
 
     with pytest.raises(InputError, match="CUDA"):
         cuda.reciprocal_neighbors(torch.zeros(1, 5, 8), 3)

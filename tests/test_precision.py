@@ -9,19 +9,18 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-import export.reciprocal_neighbors as reference_op
 from calibration import fp16 as calib_fp16
 from calibration.quantize import check_qdq_encoder
 from calibration.variants import read_variants, write_variants
-from export.landmarks import sample_landmarks
-from export.parity import cosine_rows, neighbor_set_agreement
-from export.testing import clustered_features
+from export.contract.landmarks import sample_landmarks
+from export.contract.parity import cosine_rows, neighbor_set_agreement
+from export.reference.testing import clustered_features
 from runtime.backends import OnnxRuntimeBackend
 from runtime.cli import main as runtime_cli
-from runtime.datasets import read_market1501
-from runtime.demo import SHIPPED
-from runtime.metrics import euclidean_distances, evaluate_rank
-from runtime.preprocess import preprocess_batch
+from export.contract.market1501 import read_market1501
+from export.shipped import SHIPPED
+from runtime.evaluation.metrics import euclidean_distances, evaluate_rank
+from export.contract.preprocess import preprocess_batch
 from runtime.refiner import l2_normalize
 
 from precision_support import fresh_copy, shipped_export, synthetic_data
@@ -138,10 +137,6 @@ def test_fp16_outputs_stay_within_cosine_0999_of_fp32(evaluation):
     ev = evaluation
     assert cosine_rows(ev["fp16"]["raw"], ev["fp32"]["raw"]).mean() >= 0.999
     assert cosine_rows(ev["fp16"]["refined"], ev["fp32"]["refined"]).mean() >= 0.999
-
-
-def test_calibration_op_names_match_the_reference():
-    assert (calib_fp16.OP_DOMAIN, calib_fp16.OP_TYPE) == (reference_op.OP_DOMAIN, reference_op.OP_TYPE)
 
 
 def _cli(*args):

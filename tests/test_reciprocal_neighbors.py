@@ -8,9 +8,9 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from export.nformer import original_topk_mask
+from export.reference.nformer import original_topk_mask
 from export.onnx_functions import OPSET, OUTPUTS, reciprocal_neighbors_function
-from export.reciprocal_neighbors import (
+from export.reference.reciprocal_neighbors import (
     OP_DOMAIN,
     OP_TYPE,
     ROW_BLOCK,
@@ -18,7 +18,7 @@ from export.reciprocal_neighbors import (
     reciprocal_neighbors,
     row_block,
 )
-from export.testing import clustered_features
+from export.reference.testing import clustered_features
 
 
 def random_unit(n, d=256, seed=0):

@@ -11,12 +11,12 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from export.errors import InputError
-from export.landmarks import sample_landmarks
-from export.parity import relative_error
+from export.contract.errors import InputError
+from export.contract.landmarks import sample_landmarks
+from export.contract.parity import relative_error
 from runtime.cli import main as runtime_cli
 from runtime.pipeline import Pipeline
-from runtime.preprocess import preprocess
+from export.contract.preprocess import preprocess
 
 
 def torchvision_style(img: Image.Image) -> torch.Tensor:
@@ -189,12 +189,12 @@ def test_cli_refine_bad_input(resnet18_export, tmp_path, case):
 
 
 def test_serving_path_imports_no_torch():
-    code = ("import sys, runtime, runtime.cli, runtime.pipeline, runtime.backends, runtime.preprocess, "
-            "runtime.refiner, runtime.encoder, calibration, export.manifest, export.landmarks, "
+    code = ("import sys, runtime, runtime.cli, runtime.pipeline, runtime.backends, export.contract.preprocess, "
+            "runtime.refiner, runtime.encoder, calibration, export.contract.manifest, export.contract.landmarks, "
             "calibration.images, calibration.cache, calibration.quantize, calibration.fp16, calibration.variants, "
-            "runtime.engine_builder, runtime.parity, "
-            "runtime.neighbors, runtime.layers_refiner, runtime.gallery, runtime.batching, runtime.evaluation, "
-            "runtime.bench, runtime.serving, runtime.tensorrt_backend, runtime.cuda_memory; "
+            "runtime.tensorrt.build, runtime.evaluation.parity, "
+            "runtime.neighbors, runtime.layers_refiner, runtime.gallery, runtime.batching, runtime.evaluation.evaluate, "
+            "runtime.evaluation.bench, runtime.serving.exports, runtime.tensorrt.backend, runtime.tensorrt.cuda_memory; "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

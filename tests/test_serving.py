@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from export.errors import InputError
-from export.manifest import load_manifest
+from export.contract.errors import InputError
+from export.contract.manifest import load_manifest
 from runtime.backends import OnnxRuntimeBackend
 from runtime.cli import main as runtime_cli
 from runtime.pipeline import Pipeline
-from runtime.serving import normalization_constants, write_deepstream_config, write_triton_repository
+from runtime.serving.exports import normalization_constants, write_deepstream_config, write_triton_repository
 
 
 def parse_triton_config(path: Path):
@@ -136,7 +136,7 @@ def model_dir_with_engines(resnet18_export, tmp_path):
 def test_engine_lookup_is_a_no_op_without_engines(resnet18_export):
     pipe = Pipeline.load(resnet18_export[0])
     assert pipe.notes == [] and pipe.backend_names == {"encoder": "onnxruntime", "nformer": "onnxruntime"}
-    from runtime.evaluation import available_backends
+    from runtime.evaluation.evaluate import available_backends
 
     assert available_backends(resnet18_export[0]) == ["onnxruntime"]
 
@@ -157,7 +157,7 @@ def test_cuda_helper_without_pycuda_says_what_to_install():
     try:
         import pycuda.driver  # noqa: F401
     except ImportError:
-        from runtime.cuda_memory import CudaUnavailable, Device
+        from runtime.tensorrt.cuda_memory import CudaUnavailable, Device
 
         with pytest.raises(CudaUnavailable, match="pycuda is not installed"):
             Device(0)
@@ -213,7 +213,7 @@ def _build_engine(trt, onnx_path: Path, engine_path: Path, profiles: dict) -> No
 @pytest.mark.tensorrt
 def test_tensorrt_backend_matches_onnx_runtime(resnet18_export, tmp_path):
     trt = _require_tensorrt()
-    from runtime.tensorrt_backend import TensorRTBackend
+    from runtime.tensorrt.backend import TensorRTBackend
 
     model_dir = resnet18_export[0]
     engine = tmp_path / "encoder.engine"
@@ -241,9 +241,9 @@ def test_tensorrt_backend_matches_onnx_runtime(resnet18_export, tmp_path):
 def test_tensorrt_layers_refinement_matches_onnx_runtime(resnet18_export, tmp_path):
     """nformer_layers.onnx (no custom op) as an engine, fed by runtime.neighbors, vs ONNX Runtime."""
     trt = _require_tensorrt()
-    from export.landmarks import sample_landmarks
+    from export.contract.landmarks import sample_landmarks
     from runtime.neighbors import reciprocal_neighbors
-    from runtime.tensorrt_backend import TensorRTBackend
+    from runtime.tensorrt.backend import TensorRTBackend
 
     model_dir = resnet18_export[0]
     engine = tmp_path / "layers.engine"
@@ -266,8 +266,8 @@ def test_tensorrt_layers_refinement_matches_onnx_runtime(resnet18_export, tmp_pa
 
 
 def test_serving_modules_need_no_tritonclient_or_torch():
-    code = ("import sys, runtime.serving, runtime.gallery, runtime.batching, runtime.neighbors, runtime.bench, "
-            "runtime.evaluation, runtime.tensorrt_backend, runtime.cuda_memory; "
+    code = ("import sys, runtime.serving.exports, runtime.gallery, runtime.batching, runtime.neighbors, runtime.evaluation.bench, "
+            "runtime.evaluation.evaluate, runtime.tensorrt.backend, runtime.tensorrt.cuda_memory; "
             "print(any(m in sys.modules for m in ('torch', 'tritonclient', 'tensorrt', 'pycuda')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

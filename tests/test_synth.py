@@ -6,10 +6,10 @@ import hashlib
 import pytest
 from click.testing import CliRunner
 
-from export.errors import InputError
+from export.contract.errors import InputError
 from runtime.cli import main as runtime_cli
-from runtime.datasets import SPLITS, parse_name, read_market1501
-from runtime.synth import CAMERAS, generate, plan
+from export.contract.market1501 import SPLITS, parse_name, read_market1501
+from runtime.evaluation.synth import CAMERAS, generate, plan
 
 
 def digest(root):

@@ -31,13 +31,13 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from export.config import ModelConfig  # noqa: E402
-from export.landmarks import sample_landmarks  # noqa: E402
-from export.model import NFormerModel  # noqa: E402
-from export.reciprocal_neighbors import reciprocal_neighbors  # noqa: E402
-from runtime.datasets import read_market1501  # noqa: E402
-from runtime.metrics import euclidean_distances, evaluate_rank  # noqa: E402
-from runtime.preprocess import preprocess  # noqa: E402
+from export.contract.config import ModelConfig  # noqa: E402
+from export.contract.landmarks import sample_landmarks  # noqa: E402
+from export.reference.model import NFormerModel  # noqa: E402
+from export.reference.reciprocal_neighbors import reciprocal_neighbors  # noqa: E402
+from export.contract.market1501 import read_market1501  # noqa: E402
+from runtime.evaluation.metrics import euclidean_distances, evaluate_rank  # noqa: E402
+from export.contract.preprocess import preprocess  # noqa: E402
 
 SMALL = ModelConfig(arch="resnet18", widths=(16, 32, 64, 128), stem_width=16, feature_dim=128, n_embd=128,
                     n_layer=4, n_head=2, topk=20, landmarks=5, input_size_hw=(128, 64))
@@ -120,7 +120,7 @@ def write_card(checkpoint: Path, argv: list[str], seed: int, data: Path, identit
     """The model card beside the checkpoint: how it was made, how to export it, what it scored."""
     import hashlib
 
-    from export.checkpoint import load_checkpoint
+    from export.reference.checkpoint import load_checkpoint
 
     config = load_checkpoint(checkpoint).config
     card = {

@@ -1,6 +1,6 @@
 """The ranking key of the reciprocal-neighbour step, defined so that it has one value everywhere.
 
-Place in the flow: the contract (no torch).  The torch reference (``export.reciprocal_neighbors``),
+Place in the flow: the contract (no torch).  The torch reference (``export.reference.reciprocal_neighbors``),
 the ONNX function body (``export.onnx_functions``), the numpy serving form (``runtime.neighbors``)
 and the CUDA kernels (``plugins/reciprocal_neighbors``) all decide the neighbour lists by this key.
 

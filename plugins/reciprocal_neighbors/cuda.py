@@ -1,7 +1,7 @@
 """The reciprocal-neighbour CUDA kernels on torch CUDA tensors, through ctypes and libnformer_kernels.so.
 
 Used by the GPU tests and benchmarks (no TensorRT involved).  The result equals
-``export.reciprocal_neighbors.reciprocal_neighbors`` exactly, with int32 outputs as in the ONNX node::
+``export.reference.reciprocal_neighbors.reciprocal_neighbors`` exactly, with int32 outputs as in the ONNX node::
 
     from plugins.reciprocal_neighbors.cuda import reciprocal_neighbors
     idx, valid = reciprocal_neighbors(features_cuda, k=20)     # int32 [B, N, min(k, N)] each
@@ -14,7 +14,7 @@ import ctypes
 import threading
 from dataclasses import dataclass
 
-from export.errors import InputError
+from export.contract.errors import InputError
 from plugins import kernels_library_path
 
 DTYPE_FLOAT32 = 0

@@ -7,7 +7,7 @@ parameter names match the checkpoint keys under ``nformer.``.
 Two evaluation paths compute the same function (DESIGN.md section 1):
 
 * the default O(N k) path: the reciprocal neighbour lists ``(idx, valid)`` from
-  :func:`export.reciprocal_neighbors.reciprocal_neighbors`, gathers of ``k_hat[idx]`` and
+  :func:`export.reference.reciprocal_neighbors.reciprocal_neighbors`, gathers of ``k_hat[idx]`` and
   ``v[idx]`` and a softmax over the k slots with invalid slots at -inf.  This is what is exported.
 * ``dense=True``: the original's eval path transcribed -- N x N similarity, top-k mask,
   ``mask * mask^T``, dense landmark logits and a sparse softmax.  It is the baseline of the
@@ -20,14 +20,8 @@ import math
 import torch
 from torch import nn
 
-from .reciprocal_neighbors import (
-    OP_DOMAIN,
-    OP_TYPE,
-    PLUGIN_NAMESPACE,
-    PLUGIN_VERSION,
-    dense_reciprocal_mask,
-    reciprocal_neighbors,
-)
+from export.contract.ops import OP_DOMAIN, OP_TYPE, PLUGIN_NAMESPACE, PLUGIN_VERSION
+from export.reference.reciprocal_neighbors import dense_reciprocal_mask, reciprocal_neighbors
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:

@@ -49,7 +49,7 @@ entry per engine keyed ``"<network>.<precision>"``::
       "nformer.fp16": {...}
     }
 
-(``build`` repeats the record's facts in the shape ``runtime.tensorrt_backend`` reads; its
+(``build`` repeats the record's facts in the shape ``runtime.tensorrt.backend`` reads; its
 ``tensorrt`` is the full version, as ``tensorrt.__version__`` prints it.)
 
 Before deserialising an engine, call :func:`check_engine` (``model_dir`` given): it refuses, with an
@@ -73,8 +73,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from export.errors import InputError, NFormerError
-from export.manifest import load_manifest, sha256_file, write_json_atomic
+from export.contract.errors import InputError, NFormerError
+from export.contract.manifest import load_manifest
+from export.contract.files import sha256_file, write_json_atomic
 
 RECORD_FORMAT = "nformer-trt/engine-record"
 RECORD_FORMAT_VERSION = 1
@@ -532,7 +533,7 @@ def build(model_dir: str | Path, options: BuildOptions, log: Callable[[str], Non
                          "record": record_file(engine_path), "onnx": variant["path"], "sha256": record["engine_sha256"],
                          "tensorrt": record["tensorrt"]["version"], "gpu": gpu, "profiles": profiles[network],
                          "plugin_library_sha256": plugin["sha256"] if plugin else None,
-                         # the same facts in the shape runtime.tensorrt_backend reads
+                         # the same facts in the shape runtime.tensorrt.backend reads
                          "build": {"tensorrt": info["tensorrt_version"], "gpu": gpu["name"] if gpu else None,
                                    "compute_capability": gpu["compute_capability"] if gpu else None,
                                    "plugin_sha256": plugin["sha256"] if plugin else None}}

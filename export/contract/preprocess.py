@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from export.config import INPUT_SIZE_HW, PIXEL_MEAN, PIXEL_STD
-from export.errors import InputError
+from export.contract.config import INPUT_SIZE_HW, PIXEL_MEAN, PIXEL_STD
+from export.contract.errors import InputError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .resnet import STANDARD_WIDTHS, ResNet
+from export.reference.resnet import STANDARD_WIDTHS, ResNet
 
 
 class Encoder(nn.Module):

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from export.errors import InputError
+from export.contract.errors import InputError
 
-from .datasets import SPLITS
+from export.contract.market1501 import SPLITS
 
 HEIGHT, WIDTH = 128, 64          # Market-1501's crop size
 CANVAS = (88, 168)               # (w, h): room for crop jitter around the person

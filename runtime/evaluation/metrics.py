@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from export.errors import InputError
+from export.contract.errors import InputError
 
 
 def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50):

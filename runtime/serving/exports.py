@@ -29,8 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from export.errors import InputError
-from export.manifest import load_manifest, model_config, sha256_file
+from export.contract.errors import InputError
+from export.contract.manifest import load_manifest, model_config
+from export.contract.files import sha256_file
 
 ENCODER_MODEL = "nformer_encoder"
 REFINE_MODEL = "nformer_refine"
@@ -110,7 +111,7 @@ def write_triton_repository(model_dir: str | Path, out_dir: str | Path, max_batc
                "nformer": model_dir / manifest["files"]["nformer"]["path"]}
     platforms = {}
     if engines:
-        from .tensorrt_backend import listed_engines
+        from runtime.tensorrt.backend import listed_engines
 
         for entry in listed_engines(manifest):
             if entry["network"] in sources and entry["network"] not in platforms:

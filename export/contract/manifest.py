@@ -4,26 +4,16 @@ Written by ``export.to_onnx``; read by calibration and the runtime (no torch nee
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
-from .config import ModelConfig
-from .errors import InputError
+from export.contract.config import ModelConfig
+from export.contract.errors import InputError
+from export.contract.files import sha256_file
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "nformer-trt/manifest"
 FORMAT_VERSION = 1
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def io_spec(path: str | Path) -> dict:
@@ -37,27 +27,6 @@ def io_spec(path: str | Path) -> dict:
         return {"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
                 "shape": [d.dim_param or d.dim_value for d in t.shape.dim]}
     return {"inputs": [spec(v) for v in proto.graph.input], "outputs": [spec(v) for v in proto.graph.output]}
-
-
-def write_bytes_atomic(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file beside it, fsync, then rename over it: a crash
-    leaves either the old file or the new one, never half of one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: str | Path, data) -> None:
-    """Write JSON atomically (:func:`write_bytes_atomic`)."""
-    write_bytes_atomic(path, (json.dumps(data, indent=1, sort_keys=False, default=str) + "\n").encode())
 
 
 def load_manifest(model_dir: str | Path, verify_checksums: bool = False) -> dict:

@@ -33,15 +33,16 @@ from typing import Callable
 
 import numpy as np
 
-from export.errors import InputError, NFormerError
-from export.landmarks import sample_landmarks
-from export.manifest import load_manifest, model_config, sha256_file
-from export.parity import cosine_rows
+from export.contract.errors import InputError, NFormerError
+from export.contract.landmarks import sample_landmarks
+from export.contract.manifest import load_manifest, model_config
+from export.contract.files import sha256_file
+from export.contract.parity import cosine_rows
 
-from .datasets import read_market1501
-from .metrics import euclidean_distances, evaluate_rank
-from .preprocess import preprocess_batch
-from .refiner import l2_normalize
+from export.contract.market1501 import read_market1501
+from runtime.evaluation.metrics import euclidean_distances, evaluate_rank
+from export.contract.preprocess import preprocess_batch
+from runtime.refiner import l2_normalize
 
 TOLERANCES = {"min_cosine_mean": 0.99, "min_cosine_min": 0.95, "max_map_drop_points": 1.0}
 COLUMNS = ["backend", "precision", "refinement", "cosine_min", "cosine_mean", "refined_cosine_mean",
@@ -71,7 +72,7 @@ def find_checkpoint(model_dir: Path, manifest: dict, checkpoint: str | Path | No
     name, digest = source.get("checkpoint"), source.get("sha256")
     if not name:
         return None
-    from .demo import SHIPPED
+    from export.shipped import SHIPPED
 
     for path in (model_dir / name, model_dir.parent / name, Path.cwd() / name, SHIPPED):
         if path.is_file() and sha256_file(path) == digest:
@@ -86,9 +87,9 @@ def onnxruntime_runner(model_dir: str | Path, precision: str, threads: int | Non
     None when the precision's encoder file is absent."""
     from calibration.variants import variant_file
 
-    from .backends import OnnxRuntimeBackend
-    from .encoder import EncoderRunner
-    from .refiner import Refiner
+    from runtime.backends import OnnxRuntimeBackend
+    from runtime.encoder import EncoderRunner
+    from runtime.refiner import Refiner
 
     model_dir = Path(model_dir)
     manifest = load_manifest(model_dir)
@@ -118,9 +119,9 @@ def tensorrt_runners(model_dir: Path, config, log) -> tuple[list[Runner], list[d
     encoders = {e["precision"]: e for e in engines.values() if e["network"] == "encoder"}
     if not encoders:
         return [], []
-    from .encoder import EncoderRunner
-    from .engine_builder import check_engine
-    from .refiner import Refiner
+    from runtime.encoder import EncoderRunner
+    from runtime.tensorrt.build import check_engine
+    from runtime.refiner import Refiner
 
     runners, skipped = [], []
     for precision, enc in sorted(encoders.items()):
@@ -130,7 +131,7 @@ def tensorrt_runners(model_dir: Path, config, log) -> tuple[list[Runner], list[d
             skipped.append({"backend": "tensorrt", "precision": precision, "reason": "no refinement engine"})
             continue
         try:
-            from .tensorrt_backend import TensorRTBackend
+            from runtime.tensorrt.backend import TensorRTBackend
 
             for entry in (enc, ref):
                 check_engine(model_dir / entry["path"], model_dir=model_dir)
@@ -152,7 +153,7 @@ def tensorrt_runners(model_dir: Path, config, log) -> tuple[list[Runner], list[d
 def pytorch_runner(checkpoint: Path, config) -> Runner:
     import torch
 
-    from export.checkpoint import load_checkpoint
+    from export.reference.checkpoint import load_checkpoint
 
     model = load_checkpoint(checkpoint, n_head=config.n_head, topk=config.topk, landmarks=config.landmarks,
                             last_stride=config.last_stride, input_size_hw=tuple(config.input_size_hw))
@@ -183,7 +184,7 @@ def run_parity(model_dir: str | Path, data_dir: str | Path, *, checkpoint: str |
                seed: int = 0, threads: int | None = None, tolerances: dict | None = None,
                include_tensorrt: bool = True, log: Callable[[str], None] = print) -> dict:
     """Evaluate every runner present; returns the report (``rows``, ``reference``, ``skipped`` ...)."""
-    from .neighbors import reciprocal_neighbors
+    from runtime.neighbors import reciprocal_neighbors
 
     tol = {**TOLERANCES, **(tolerances or {})}
     model_dir, data_dir = Path(model_dir), Path(data_dir)

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from .config import ModelConfig
-from .model import NFormerModel
+from export.contract.config import ModelConfig
+from export.reference.model import NFormerModel
 
 
 def random_model(config: ModelConfig, seed: int = 0) -> NFormerModel:

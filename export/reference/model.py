@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from .config import ModelConfig
-from .encoder import Encoder
-from .nformer import NFormer
+from export.contract.config import ModelConfig
+from export.reference.encoder import Encoder
+from export.reference.nformer import NFormer
 
 
 class NFormerModel(nn.Module):

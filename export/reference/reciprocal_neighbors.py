@@ -35,35 +35,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .contract.neighbor_key import NORM_EPS, padded_dim
+from export.contract.neighbor_key import NORM_EPS, padded_dim
+from export.contract.ops import (  # noqa: F401  (re-exported for the reference's users)
+    BLOCK_ELEMENTS, EXTRA_CANDIDATES, OP_DOMAIN, OP_TYPE, PLUGIN_NAMESPACE, PLUGIN_VERSION, ROW_BLOCK, effective_k,
+    row_block)
 
-#: Op type of the custom ONNX node and name of the TensorRT plugin creator (one name for both).
-OP_TYPE = "ReciprocalNeighbors"
-#: Custom ONNX domain of that node (TensorRT matches on op type + version + namespace, not domain).
-OP_DOMAIN = "nformer"
-PLUGIN_VERSION = "1"
-PLUGIN_NAMESPACE = ""
-#: Rows of the similarity computed at once: at most ROW_BLOCK, and fewer for large N so that a
-#: block holds at most BLOCK_ELEMENTS keys (256 MB of float64): memory stays O(N) at any N.
-ROW_BLOCK = 1024
-BLOCK_ELEMENTS = 1 << 25
-#: candidates per row beyond k_eff that are rescored with the canonical key
-EXTRA_CANDIDATES = 16
 #: float64 elements of the products held at once while rescoring
 _RESCORE_ELEMENTS = 1 << 21
 _U = 2.0 ** -53
-
-
-def row_block(n: int, block_elements: int = BLOCK_ELEMENTS) -> int:
-    """Rows per similarity block for a set of N rows: ``clip(block_elements // N, 1, ROW_BLOCK)``."""
-    return max(1, min(ROW_BLOCK, block_elements // max(n, 1)))
-
-
-def effective_k(k: int, n: int) -> int:
-    """``min(k, N)``: every N >= 1 works."""
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    return min(k, n)
 
 
 def dd_tree_sum(p: torch.Tensor) -> torch.Tensor:

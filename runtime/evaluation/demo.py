@@ -16,16 +16,15 @@ from typing import Callable
 
 import numpy as np
 
-from export.errors import NFormerError
-from export.landmarks import sample_landmarks
+from export.contract.errors import NFormerError
+from export.contract.landmarks import sample_landmarks
+from export.shipped import SHIPPED, shipped_card
 
-from .datasets import read_market1501
-from .metrics import euclidean_distances, evaluate_rank
-from .preprocess import preprocess
-from .refiner import l2_normalize
+from export.contract.market1501 import read_market1501
+from runtime.evaluation.metrics import euclidean_distances, evaluate_rank
+from export.contract.preprocess import preprocess
+from runtime.refiner import l2_normalize
 
-SHIPPED = Path(__file__).resolve().parents[1] / "export" / "data" / "nformer_synthetic.pth"
-SHIPPED_CARD = SHIPPED.with_suffix(".json")
 REPORT_KEYS = ("backend", "precision", "stage", "mAP", "rank1", "images_per_s", "cosine_to_reference_mean")
 
 
@@ -38,12 +37,8 @@ class Variant:
     refine: Callable[[np.ndarray, np.ndarray], np.ndarray]  # (unit features [N,D], landmarks) -> refined [N,D]
 
 
-def shipped_card() -> dict:
-    return json.loads(SHIPPED_CARD.read_text())
-
-
 def ensure_data(work_dir: Path, identities: int, seed: int, log) -> Path:
-    from .synth import generate, total_images
+    from runtime.evaluation.synth import generate, total_images
 
     data_dir = work_dir / f"synthetic-market1501-i{identities}-s{seed}"
     if (data_dir / "query").is_dir():
@@ -57,7 +52,8 @@ def ensure_data(work_dir: Path, identities: int, seed: int, log) -> Path:
 
 
 def ensure_export(work_dir: Path, log) -> Path:
-    from export.manifest import load_manifest, sha256_file
+    from export.contract.manifest import load_manifest
+    from export.contract.files import sha256_file
     from export.to_onnx import export_checkpoint
 
     build = work_dir / "build"
@@ -85,9 +81,9 @@ def variants(build: Path, data_dir: Path | None = None, log=print) -> list[Varia
     """
     import torch
 
-    from export.checkpoint import load_checkpoint
+    from export.reference.checkpoint import load_checkpoint
 
-    from .pipeline import Pipeline
+    from runtime.pipeline import Pipeline
 
     model = load_checkpoint(SHIPPED, input_size_hw=tuple(shipped_card()["export_options"]["input_size_hw"]))
 
@@ -113,9 +109,9 @@ def precision_variants(build: Path, data_dir: Path, log=print) -> list[Variant]:
     """ONNX Runtime rows for the FP16 files and the INT8 encoder (with the FP16 refinement), and
     TensorRT rows for engines that `runtime build` put in ``build`` (when they run here)."""
     from calibration.variants import write_variants
-    from export.manifest import load_manifest, model_config
+    from export.contract.manifest import load_manifest, model_config
 
-    from .parity import onnxruntime_runner, tensorrt_runners
+    from runtime.evaluation.parity import onnxruntime_runner, tensorrt_runners
 
     write_variants(build, "fp16", log=log)
     write_variants(build, "int8", calib_data=data_dir, log=log)  # cached ranges on a rerun
@@ -208,7 +204,7 @@ def run_demo(work_dir: str | Path = "nformer-demo", report: str | Path | None = 
     figure = Path(figure) if figure else work_dir / "demo.png"
     draw_figure(figure, figure_data)
     if report:
-        from export.manifest import write_json_atomic
+        from export.contract.files import write_json_atomic
 
         write_json_atomic(Path(report), [{k: r[k] for k in REPORT_KEYS} for r in rows])
     return rows, figure

@@ -1,8 +1,8 @@
 """Retrieval accuracy of a model directory on a Market-1501-layout data set (``runtime evaluate``).
 
 Place in the flow: the task-level check of DESIGN.md section 3.  Images are read by the one
-reader (``runtime.datasets``) and preprocessed by the one preprocessing; mAP and CMC come from
-``runtime.metrics.evaluate_rank`` with the Market-1501 protocol.  Two rows per backend:
+reader (``export.contract.market1501``) and preprocessed by the one preprocessing; mAP and CMC come from
+``runtime.evaluation.metrics.evaluate_rank`` with the Market-1501 protocol.  Two rows per backend:
 ``encoder`` (L2-normalised encoder embeddings, Euclidean distance) and ``refined`` (query and
 gallery refined together as one set, the original's test protocol, then the same ranking).
 """
@@ -15,20 +15,20 @@ from pathlib import Path
 
 import numpy as np
 
-from export.errors import InputError
+from export.contract.errors import InputError
 
-from .datasets import read_market1501
-from .metrics import euclidean_distances, evaluate_rank
-from .refiner import l2_normalize
+from export.contract.market1501 import read_market1501
+from runtime.evaluation.metrics import euclidean_distances, evaluate_rank
+from runtime.refiner import l2_normalize
 
 RANKS = (1, 5, 10)
 
 
 def available_backends(model_dir: str | Path) -> list[str]:
     """``onnxruntime`` always; ``tensorrt`` when the manifest lists usable engines for both networks."""
-    from export.manifest import load_manifest
+    from export.contract.manifest import load_manifest
 
-    from .tensorrt_backend import find_engine, listed_engines
+    from runtime.tensorrt.backend import find_engine, listed_engines
 
     model_dir = Path(model_dir)
     manifest = load_manifest(model_dir)
@@ -55,7 +55,7 @@ def evaluate(dataset_dir: str | Path, model_dir: str | Path, backends=None, batc
     """
     from tqdm import tqdm
 
-    from .pipeline import Pipeline
+    from runtime.pipeline import Pipeline
 
     data = read_market1501(dataset_dir, splits=("query", "gallery"))
     backends = list(backends or available_backends(model_dir))

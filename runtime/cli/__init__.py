@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from export.errors import InputError, NFormerError
+from export.contract.errors import InputError, NFormerError
 
 
 def user_errors(fn):
@@ -77,8 +77,8 @@ def embed(model_dir, crops, out, names_out, batch_size, threads):
     """Embed every image in the folder CROPS with MODEL_DIR's encoder."""
     from tqdm import tqdm
 
-    from .pipeline import Pipeline
-    from .preprocess import list_images, load_image
+    from runtime.pipeline import Pipeline
+    from export.contract.preprocess import list_images, load_image
 
     check_writable(out)
     if names_out:
@@ -112,7 +112,7 @@ def embed(model_dir, crops, out, names_out, batch_size, threads):
 @user_errors
 def refine(model_dir, embeddings, out, seed, landmarks_file, raw, threads):
     """Refine the embeddings in EMBEDDINGS (.npy, [N, 256]) as one set with MODEL_DIR's NFormer."""
-    from .pipeline import Pipeline
+    from runtime.pipeline import Pipeline
 
     check_writable(out)
     features = load_npy(embeddings)
@@ -133,7 +133,7 @@ def synth(out_dir, identities, seed):
     """Write a synthetic re-identification data set in the Market-1501 layout into OUT_DIR."""
     from tqdm import tqdm
 
-    from .synth import generate, total_images
+    from runtime.evaluation.synth import generate, total_images
 
     with tqdm(total=total_images(identities, seed), unit="img") as bar:
         counts = generate(out_dir, identities, seed, progress=bar.update)
@@ -154,9 +154,9 @@ def synth(out_dir, identities, seed):
 @user_errors
 def demo(report, work_dir, figure, identities, seed):
     """Evaluate the shipped small NFormer on synthetic data on every backend available here."""
-    from export.parity import format_table
+    from export.contract.parity import format_table
 
-    from .demo import REPORT_KEYS, run_demo
+    from runtime.evaluation.demo import REPORT_KEYS, run_demo
 
     if report:
         check_writable(report)
@@ -199,7 +199,7 @@ def demo(report, work_dir, figure, identities, seed):
 def build(model_dir, precision, refine_precision, calib_data, calib_method, calib_images, min_batch, opt_batch,
           max_batch, min_n, opt_n, max_n, engine_tool, trtexec_path):
     """Write MODEL_DIR's ONNX files for a precision and, where TensorRT is available, its engines."""
-    from .engine_builder import BuildOptions, build as build_engines
+    from runtime.tensorrt.build import BuildOptions, build as build_engines
 
     options = BuildOptions(precision=precision, refine_precision=refine_precision, calib_data=calib_data,
                            calib_method=calib_method, calib_images=calib_images,
@@ -232,10 +232,10 @@ def parity(model_dir, data_dir, report, checkpoint, seed, threads, min_cosine_me
 
     Exits 1 when a row is outside the tolerances (printed with the table).
     """
-    from export.manifest import write_json_atomic
-    from export.parity import format_table
+    from export.contract.files import write_json_atomic
+    from export.contract.parity import format_table
 
-    from .parity import COLUMNS, run_parity
+    from runtime.evaluation.parity import COLUMNS, run_parity
 
     if report:
         check_writable(report)
@@ -273,7 +273,7 @@ def _comma_ints(ctx, param, value):
 def _write_report(path: Path | None, report) -> None:
     if path is None:
         return
-    from export.manifest import write_json_atomic
+    from export.contract.files import write_json_atomic
 
     check_writable(path)
     write_json_atomic(path, report)
@@ -298,9 +298,9 @@ def evaluate(dataset_dir, model_dir, backends, batch_size, seed, max_rank, threa
     Two rows per backend: encoder-only embeddings, and embeddings refined with query and gallery as
     one set (the original's protocol); ranking by Euclidean distance of L2-normalised vectors.
     """
-    from export.parity import format_table
+    from export.contract.parity import format_table
 
-    from .evaluation import check_backends, evaluate as run_evaluation
+    from runtime.evaluation.evaluate import check_backends, evaluate as run_evaluation
 
     if report:
         check_writable(report)
@@ -332,10 +332,10 @@ def bench(model_dir, producers, requests, request_size, max_batch, max_wait_ms, 
           json_out):
     """Throughput of MODEL_DIR: encoder images/s with dynamic batching vs one request at a time
     (PRODUCERS threads), and refinement time per set size."""
-    from export.parity import format_table
+    from export.contract.parity import format_table
 
-    from .bench import bench_pipeline
-    from .pipeline import Pipeline
+    from runtime.evaluation.bench import bench_pipeline
+    from runtime.pipeline import Pipeline
 
     if json_out:
         check_writable(json_out)
@@ -363,7 +363,7 @@ def bench(model_dir, producers, requests, request_size, max_batch, max_wait_ms, 
 def triton_repo(model_dir, out_dir, max_batch, max_queue_delay_us, instance_kind, instances, engines, overwrite):
     """Write a Triton model repository to OUT_DIR: the encoder (dynamic batching) and the
     refinement (one request = one set) as two models with their config.pbtxt."""
-    from .serving import write_triton_repository
+    from runtime.serving.exports import write_triton_repository
 
     record = write_triton_repository(model_dir, out_dir, max_batch, max_queue_delay_us, instance_kind, instances,
                                      engines, overwrite)
@@ -394,7 +394,7 @@ def deepstream_config(model_dir, out_file, batch_size, precision, gpu_id, gie_un
     """Write OUT_FILE, an nvinfer secondary-GIE config for the encoder (embeddings as output tensor
     meta), and OUT_FILE's stem + .encoder.onnx beside it (the encoder with the per-channel std
     folded in, so nvinfer's one scale factor and offsets reproduce the original's normalisation)."""
-    from .serving import write_deepstream_config
+    from runtime.serving.exports import write_deepstream_config
 
     out = write_deepstream_config(model_dir, out_file, batch_size, gpu_id, gie_unique_id, operate_on_gie_id,
                                   operate_on_class_ids, precision, engine,

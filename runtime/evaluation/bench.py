@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from .batching import DynamicBatcher
+from runtime.batching import DynamicBatcher
 
 MODES = ("sequential", "dynamic")
 

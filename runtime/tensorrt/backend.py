@@ -3,14 +3,14 @@
 Place in the flow: ``Pipeline.load`` opens an engine listed in the manifest (key ``"engines"``,
 written by the engine-build step) when it is usable here, else the ONNX file in ONNX Runtime.
 The plugin library (``plugins.library_path()``) is loaded into TensorRT's plugin registry before
-an engine is deserialised; device memory and streams come from ``runtime.cuda_memory``.  Each
+an engine is deserialised; device memory and streams come from ``runtime.tensorrt.cuda_memory``.  Each
 thread that runs the backend gets its own execution context, stream and pinned buffers.
 
-The manifest's ``"engines"`` section is written by ``runtime build`` (``runtime.engine_builder``:
+The manifest's ``"engines"`` section is written by ``runtime build`` (``runtime.tensorrt.build``:
 entries keyed ``"<network>.<precision>"`` with ``network``, ``precision``, ``path`` and a build
 record beside each engine); a list of entries with a ``network`` key is read too, and an absent
 key means no engines (nothing changes).  Whether an engine can run here is decided by
-``runtime.engine_builder.check_engine`` (TensorRT version, GPU, plugin library, checksums), the
+``runtime.tensorrt.build.check_engine`` (TensorRT version, GPU, plugin library, checksums), the
 one implementation of that check.
 
 Not verified on this project's machines (no GPU, no TensorRT): written against the documented
@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from export.errors import InputError, NFormerError
+from export.contract.errors import InputError, NFormerError
 
-from .backends import Backend
+from runtime.backends import Backend
 
 
 class EngineUnusable(NFormerError):
@@ -77,7 +77,7 @@ def engine_problem(entry: dict, model_dir: Path) -> str | None:
         return f"engine file {path} is missing"
     try:
         import_tensorrt()
-        from .engine_builder import check_engine
+        from runtime.tensorrt.build import check_engine
 
         check_engine(path, model_dir=model_dir)
     except NFormerError as err:
@@ -114,7 +114,7 @@ class _Slot:
         if self.context is None:
             raise EngineUnusable("TensorRT could not create an execution context (out of GPU memory?)")
         self.stream = device.stream()
-        from .cuda_memory import DeviceBuffer, PinnedBuffer
+        from runtime.tensorrt.cuda_memory import DeviceBuffer, PinnedBuffer
 
         self.device_buffers = {n: DeviceBuffer(device) for n in names}
         self.host_buffers = {n: PinnedBuffer(device) for n in names}
@@ -129,7 +129,7 @@ class TensorRTBackend(Backend):
     def __init__(self, engine_path: str | Path, device_index: int = 0, precision: str = "fp32",
                  load_plugins: bool = True):
         trt = import_tensorrt()
-        from .cuda_memory import Device
+        from runtime.tensorrt.cuda_memory import Device
 
         self.trt = trt
         self.path = Path(engine_path)

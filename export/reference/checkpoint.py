@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig
-from .errors import CheckpointError
-from .model import NFormerModel
-from .resnet import ARCHS
+from export.contract.config import ModelConfig
+from export.contract.errors import CheckpointError
+from export.reference.model import NFormerModel
+from export.reference.resnet import ARCHS
 
 #: heads used only in training; the deployed networks do not contain them
 TRAINING_ONLY = ("backbone.classifier.", "nformer.classifier.")

@@ -1,6 +1,6 @@
 """Device memory, pinned host memory and streams: the one module of the runtime that talks to CUDA.
 
-Place in the flow: used by ``runtime.tensorrt_backend`` (and nothing else), through pycuda as
+Place in the flow: used by ``runtime.tensorrt.backend`` (and nothing else), through pycuda as
 the design card names.  Every CUDA call happens inside ``Device.active()``, which makes the GPU's
 primary context current on the calling thread, so the backend can run from any thread (the
 dynamic batcher's worker, a producer thread).  Buffers grow to the largest shape seen and are
@@ -16,7 +16,7 @@ import contextlib
 
 import numpy as np
 
-from export.errors import InputError, NFormerError
+from export.contract.errors import InputError, NFormerError
 
 
 class CudaUnavailable(NFormerError):

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from export.errors import InputError
+from export.contract.errors import InputError
 
 NAME_PATTERN = re.compile(r"^([-\d]+)_c(\d+)")
 SPLITS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}

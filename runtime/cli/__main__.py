@@ -1,0 +1,4 @@
+"""``python -m runtime.cli``: the same as the ``runtime`` command."""
+from runtime.cli import main
+
+main()
