@@ -5,11 +5,15 @@ Exports are session-scoped: exporting resnet50 takes a while on the 2-core CI ma
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# the tests mirror the packages in subfolders; shared test helpers (neighbor_oracle, precision_support)
+# live here
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from export.contract.config import ModelConfig  # noqa: E402
 from export.reference.testing import save_random_checkpoint  # noqa: E402

@@ -17,7 +17,7 @@ import pytest
 
 import plugins
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ARCHS = ("80", "86", "89", "90")
 TRT_STANDARD_INCLUDES = ("/usr/include/x86_64-linux-gnu", "/usr/include/aarch64-linux-gnu", "/usr/include",
                          "/usr/local/include", "/usr/local/tensorrt/include", "/opt/tensorrt/include")

@@ -15,7 +15,7 @@ from export.contract.errors import CheckpointError
 from export.reference.model import NFormerModel
 from export.reference.testing import original_state_dict, random_model
 
-LAYOUT = json.loads((Path(__file__).parent / "data" / "official_checkpoint_layout.json").read_text())
+LAYOUT = json.loads((Path(__file__).resolve().parents[1] / "data" / "official_checkpoint_layout.json").read_text())
 
 
 def test_reference_model_has_the_official_key_layout():

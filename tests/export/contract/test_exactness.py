@@ -28,7 +28,7 @@ from neighbor_oracle import canonical_lists, fsum_lists
 from runtime.neighbors import KEY_VERSION, NeighborIndex
 from runtime.neighbors import reciprocal_neighbors as numpy_neighbors
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def hard_set(n: int, dim: int = 256, seed: int = 0, dtype=np.float32) -> np.ndarray:
