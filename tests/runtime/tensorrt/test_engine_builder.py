@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime import engine_builder as eb
+from runtime.tensorrt import build as eb
 from runtime.tensorrt.build import (BuildOptions, EngineMismatchError, Trtexec, build, build_with_python_api,
                                     check_engine, parse_trtexec_build, parse_trtexec_version, shape_profiles,
                                     trtexec_command)
