@@ -63,7 +63,7 @@ fi
 step smoke "$LOG" timeout 120 python3 benchmarks/wgmma_smoke.py \
     || { echo "smoke check failed: stopping before the long steps"; echo "failed steps: ${failed[*]}" | tee -a "$LOG"; exit 1; }
 
-[[ " $SKIP " == *" tests "* ]] || step gpu_tests "$OUT/gpu_test_log.txt" timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -m gpu tests/test_plugin_gpu.py -q -rs -p no:cacheprovider
+[[ " $SKIP " == *" tests "* ]] || step gpu_tests "$OUT/gpu_test_log.txt" timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -m gpu tests/plugins/test_plugin_gpu.py -q -rs -p no:cacheprovider
 
 # compute-sanitizer on a standalone driver (no Python under the sanitizer): N = 2000 with duplicates and
 # zero rows, fp32 and fp16, k = 20 and 64, default / exact-only / 32-row tiles.

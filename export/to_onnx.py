@@ -22,6 +22,7 @@ import onnx
 import torch
 
 from export.reference.checkpoint import load_checkpoint
+from export.contract.cli import int_list, size_hw
 from export.contract.errors import InputError, NFormerError
 from export.contract.landmarks import sample_landmarks
 from export.contract.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, io_spec
@@ -249,24 +250,6 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, n_head: in
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _size(value: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in value.lower().split("x"))
-    except ValueError:
-        raise click.BadParameter(f"expected HxW such as 256x128, got {value!r}") from None
-    return h, w
-
-
-def _int_list(ctx, param, value: str):
-    try:
-        values = tuple(int(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
-    if not values or min(values) < 1:
-        raise click.BadParameter(f"expected integers >= 1, got {value!r}")
-    return values
-
-
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--out-dir", type=click.Path(path_type=Path), default=Path("build"), show_default=True,
@@ -278,12 +261,12 @@ def _int_list(ctx, param, value: str):
               help="Landmark rows per layer (recorded in the manifest; the runtime draws them).")
 @click.option("--last-stride", type=click.Choice(["1", "2"]), default="1", show_default=True,
               help="Stride of ResNet layer4 the model was trained with.")
-@click.option("--input-size", default="256x128", show_default=True, callback=lambda c, p, v: _size(v),
+@click.option("--input-size", default="256x128", show_default=True, callback=size_hw,
               help="Crop size HxW the encoder was trained at (the original: 256x128).")
 @click.option("--check-batches", default=",".join(map(str, DEFAULT_BATCHES)), show_default=True,
-              callback=_int_list, help="Encoder batch sizes compared with the reference.")
+              callback=int_list, help="Encoder batch sizes compared with the reference.")
 @click.option("--check-sizes", default=",".join(map(str, DEFAULT_SIZES)), show_default=True,
-              callback=_int_list, help="Set sizes N compared with the reference for the refinement.")
+              callback=int_list, help="Set sizes N compared with the reference for the refinement.")
 @click.option("--rtol", type=float, default=1e-4, show_default=True,
               help="Largest relative error ||onnx - torch|| / ||torch|| accepted.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random check inputs.")

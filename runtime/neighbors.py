@@ -437,10 +437,25 @@ class NeighborIndex:
         near = np.zeros(ks.shape, bool)
         near[:, :-1] |= close
         near[:, 1:] |= close
-        r, slot = np.nonzero(near)
+        r, slot = np.nonzero(near)                       # row-major: chains are contiguous runs
         col_slot = order[r, slot]
         cols = np.searchsorted(self._uid[:self._n], uids[r, col_slot])
-        keys[r, col_slot] = self._canonical_keys(rows[r], cols)
+        # a chain of entries within 2 delta of each other; it needs canonical keys only when it holds
+        # rows that are not bitwise identical (identical rows have one key: they tie, by uid)
+        start = np.ones(len(r), bool)
+        start[1:] = ~((r[1:] == r[:-1]) & close[r[1:], np.maximum(slot[1:] - 1, 0)] & (slot[1:] > 0))
+        chain = np.cumsum(start) - 1
+        same = np.ones(len(r), bool)
+        same[1:] = (self._x[cols[1:]] == self._x[cols[:-1]]).all(axis=1) | start[1:]
+        mixed = np.zeros(chain[-1] + 1, bool)
+        np.logical_or.at(mixed, chain, ~same)
+        need = mixed[chain]
+        if need.any():
+            keys[r[need], col_slot[need]] = self._canonical_keys(rows[r[need]], cols[need])
+        ident = ~need
+        if ident.any():   # one value per identical chain (stored keys may mix fast and canonical ones)
+            first = np.flatnonzero(start)[chain]
+            keys[r[ident], col_slot[ident]] = keys[r[first[ident]], col_slot[first[ident]]]
 
     def _store(self, block: np.ndarray, keys: np.ndarray, uids: np.ndarray, resolve: bool = True) -> None:
         if resolve:

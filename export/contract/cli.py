@@ -1,0 +1,55 @@
+"""What both command-line tools share (``python -m export.to_onnx`` and ``runtime``): one way to report
+a user's mistake, and one parser for each kind of option value.  Torch-free (click only)."""
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+
+from export.contract.errors import NFormerError
+
+
+def user_errors(fn):
+    """Turn the project's errors into one line on stderr and exit status 2 (no traceback)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except NFormerError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(2)
+    return wrapper
+
+
+def int_list(ctx, param, value, allow_empty: bool = False):
+    """click callback: ``"1,4,16"`` -> ``(1, 4, 16)``, every value >= 1."""
+    if value is None or not str(value).strip():
+        if allow_empty:
+            return ()
+        raise click.BadParameter("expected comma-separated integers >= 1, got nothing")
+    try:
+        values = tuple(int(v) for v in str(value).split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+    if not values and not allow_empty:
+        raise click.BadParameter(f"expected comma-separated integers >= 1, got {value!r}")
+    if min(values, default=1) < 1:
+        raise click.BadParameter(f"expected integers >= 1, got {value!r}")
+    return values
+
+
+def int_list_or_empty(ctx, param, value):
+    """:func:`int_list` that accepts an empty value (a step to skip)."""
+    return int_list(ctx, param, value, allow_empty=True)
+
+
+def size_hw(ctx, param, value: str) -> tuple[int, int]:
+    """click callback: ``"256x128"`` -> ``(256, 128)``."""
+    try:
+        h, w = (int(v) for v in str(value).lower().split("x"))
+    except ValueError:
+        raise click.BadParameter(f"expected HxW such as 256x128, got {value!r}") from None
+    if h < 1 or w < 1:
+        raise click.BadParameter(f"expected positive HxW such as 256x128, got {value!r}")
+    return h, w
