@@ -38,9 +38,7 @@ Imports no torch.
 from __future__ import annotations
 
 import datetime
-import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -48,33 +46,16 @@ import onnx
 
 from export.contract.errors import InputError
 from export.contract.manifest import MANIFEST_NAME, io_spec, load_manifest
-from export.contract.files import sha256_file, write_json_atomic
+from export.contract.variants import (  # noqa: F401  (names of the variants' contract)
+    NETWORKS, PRECISIONS, REFINE_PRECISIONS, VARIANTS_KEY, default_refine_precision, variant_file, variant_name)
+from export.contract.files import staged_file, sha256_file, write_json_atomic
 
 from calibration.quantize import DEFAULT_IMAGES, DEFAULT_METHOD, DEFAULT_PERCENTILE, quantize_encoder
-
-VARIANTS_KEY = "variants"
-PRECISIONS = ("fp32", "fp16", "int8")
-REFINE_PRECISIONS = ("fp32", "fp16")
-NETWORKS = ("encoder", "nformer")
-
-
-def variant_name(network: str, precision: str) -> str:
-    return f"{network}.{precision}"
-
-
-def variant_file(network: str, precision: str) -> str:
-    return f"{network}.onnx" if precision == "fp32" else f"{network}.{precision}.onnx"
-
-
-def default_refine_precision(precision: str) -> str:
-    """The refinement's precision for a build at ``precision``: fp16 for fp16 and int8 builds."""
-    return "fp32" if precision == "fp32" else "fp16"
-
 
 def update_manifest_section(model_dir: str | Path, key: str, entries: dict) -> dict:
     """Merge ``entries`` into ``manifest[key]`` and write the manifest atomically; returns it."""
     path = Path(model_dir) / MANIFEST_NAME
-    manifest = json.loads(path.read_text())
+    manifest = load_manifest(model_dir)
     manifest.setdefault(key, {}).update(entries)
     write_json_atomic(path, manifest)
     return manifest
@@ -101,18 +82,10 @@ def _entry(model_dir: Path, network: str, precision: str, source: str, **extra) 
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
-def _write_atomic(dst: Path, write: Callable[[Path], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the file is as readable as any other output
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _write_variant(dst: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` writes the file by name (onnx.save, the quantizer); published atomically."""
+    with staged_file(dst) as tmp:
+        write(tmp)
 
 
 def write_variants(model_dir: str | Path, precision: str, *, refine_precision: str | None = None,
@@ -144,8 +117,8 @@ def write_variants(model_dir: str | Path, precision: str, *, refine_precision: s
         written["encoder"] = _fp32_entry(model_dir, manifest, "encoder")
     elif precision == "fp16":
         log(f"writing {variant_file('encoder', 'fp16')} (fp16 tensors, float32 input/output) ...")
-        _write_atomic(model_dir / variant_file("encoder", "fp16"),
-                      lambda tmp: convert_encoder(model_dir / files["encoder"]["path"], tmp))
+        _write_variant(model_dir / variant_file("encoder", "fp16"),
+                       lambda tmp: convert_encoder(model_dir / files["encoder"]["path"], tmp))
         written["encoder"] = _entry(model_dir, "encoder", "fp16", files["encoder"]["path"], quantization="fp16-tensors")
     else:
         log(f"writing {variant_file('encoder', 'int8')} (Q/DQ: int8 symmetric, per-channel weights) ...")
@@ -156,7 +129,7 @@ def write_variants(model_dir: str | Path, precision: str, *, refine_precision: s
                 model_dir / files["encoder"]["path"], tmp, calib_data, size_hw=tuple(config["input_size_hw"]),
                 mean=tuple(config["pixel_mean"]), std=tuple(config["pixel_std"]), method=calib_method,
                 count=calib_images, seed=calib_seed, percentile=percentile, cache_dir=model_dir, log=log))
-        _write_atomic(model_dir / variant_file("encoder", "int8"), quantize)
+        _write_variant(model_dir / variant_file("encoder", "int8"), quantize)
         calibration["cache"] = os.path.relpath(calibration["cache"], model_dir)
         written["encoder"] = _entry(model_dir, "encoder", "int8", files["encoder"]["path"], quantization="qdq-int8",
                                     calibration=calibration)
@@ -164,8 +137,8 @@ def write_variants(model_dir: str | Path, precision: str, *, refine_precision: s
         written["nformer"] = _fp32_entry(model_dir, manifest, "nformer")
     else:
         log(f"writing {variant_file('nformer', 'fp16')} (fp16 layers; neighbour ranking on the float32 input) ...")
-        _write_atomic(model_dir / variant_file("nformer", "fp16"),
-                      lambda tmp: convert_nformer(model_dir / files["nformer"]["path"], tmp))
+        _write_variant(model_dir / variant_file("nformer", "fp16"),
+                       lambda tmp: convert_nformer(model_dir / files["nformer"]["path"], tmp))
         written["nformer"] = _entry(model_dir, "nformer", "fp16", files["nformer"]["path"],
                                     quantization="fp16-tensors", neighbor_ranking="float32")
     new = {variant_name(e["network"], e["precision"]): e for e in written.values() if e["precision"] != "fp32"}
