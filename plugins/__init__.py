@@ -34,6 +34,7 @@ __all__ = [
     "PluginNotBuiltError",
     "kernels_library_path",
     "library_path",
+    "plugin_library_path",
     "search_dirs",
 ]
 
@@ -89,3 +90,18 @@ def kernels_library_path() -> Path:
     Raises :class:`PluginNotBuiltError` when it has not been built.
     """
     return _find(KERNELS_LIBRARY, "The CUDA kernels library", "It needs CUDA's nvcc and CMake >= 3.18.")
+
+
+def plugin_library_path(required: bool = False) -> Path | None:
+    """The TensorRT plugin library as every TensorRT user finds it (engine builds, the TensorRT
+    backend, the serving exports): its path, or None when it is not built.
+
+    ``required=True``: raise :class:`PluginNotBuiltError` (where it looked and the build command)
+    instead of returning None.  The one lookup is :func:`library_path`.
+    """
+    try:
+        return library_path()
+    except PluginNotBuiltError:
+        if required:
+            raise
+        return None

@@ -1,4 +1,5 @@
-"""Stage 3 of the flow: run the exported files (ONNX Runtime now; TensorRT engines later).
+"""Stage 3 of the flow: run the exported files, on ONNX Runtime or on TensorRT engines built from them
+(``runtime.tensorrt``), and serve them (``runtime.serving``).
 
 The serving path imports no torch: a deployment box has ONNX Runtime or TensorRT, numpy and Pillow.
 ``from runtime import Pipeline`` is the entry point for programs that embed it.

@@ -1,4 +1,5 @@
 """``python -m runtime``: the same as the ``runtime`` command."""
 from runtime.cli import main
 
-main()
+if __name__ == "__main__":
+    main()

@@ -1,7 +1,7 @@
 """Backends: one small interface that every way of running an exported network implements.
 
-ONNX Runtime (CPU, or CUDA where onnxruntime-gpu is installed) is here; TensorRT engines will
-implement the same interface (a later issue).
+ONNX Runtime (CPU, or CUDA where onnxruntime-gpu is installed) is here; TensorRT engines implement
+the same interface in ``runtime.tensorrt.backend.TensorRTBackend``.
 """
 from __future__ import annotations
 

@@ -16,6 +16,10 @@ names; nothing here needs TensorRT, Triton or DeepStream to be installed.
   the single scale then reproduce the original's normalisation exactly (up to DeepStream's own
   resize, which is not PIL's).
 
+Files are written with ``export.contract.files`` (atomic, umask-following; the Triton repository is
+assembled in a ``make_temp_dir`` folder and published by one rename); the plugin library is found by
+``plugins.plugin_library_path()``.
+
 Not verified here: no Triton server or DeepStream runs on this project's machines.  Tests parse
 the configs (Triton's model_config protobuf; the key-file syntax) and check the files they name.
 """
@@ -24,14 +28,14 @@ from __future__ import annotations
 import datetime
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+import plugins
 from export.contract.errors import InputError
+from export.contract.files import make_temp_dir, sha256_file, staged_file, write_text_atomic
 from export.contract.manifest import load_manifest, model_config
-from export.contract.files import sha256_file
 
 ENCODER_MODEL = "nformer_encoder"
 REFINE_MODEL = "nformer_refine"
@@ -134,7 +138,7 @@ def write_triton_repository(model_dir: str | Path, out_dir: str | Path, max_batc
                              f"{REPOSITORY_RECORD}); refusing to overwrite it")
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+        work = make_temp_dir(out_dir.parent, prefix=f".{out_dir.name}.tmp-")
     except OSError as err:
         raise InputError(f"cannot write next to {out_dir}: {err.strerror or err}") from None
     try:
@@ -165,8 +169,8 @@ def _triton_readme(record: dict, platforms: dict) -> str:
     plugin = ""
     if platforms:
         plugin = ("\nThe TensorRT plans were built with the project's plugin library (`libnformer_plugins.so`, "
-                  "`python -c 'import plugins; print(plugins.library_path())'`); the server's TensorRT must have it "
-                  "registered before it loads `nformer_refine` (not verified on this project's machines).\n")
+                  "`python -c 'import plugins; print(plugins.plugin_library_path())'`); the server's TensorRT must "
+                  "have it registered before it loads `nformer_refine` (not verified on this project's machines).\n")
     return (f"# NFormer model repository\n\nWritten by `runtime triton-repo` from `{record['source']}`.\n\n"
             f"- `{ENCODER_MODEL}`: `images` float32 [batch, 3, H, W] (normalised crops) -> `embeddings` float32 "
             "[batch, 256]; dynamic batching.\n"
@@ -230,24 +234,15 @@ def write_deepstream_config(model_dir: str | Path, out_path: str | Path, batch_s
     onnx_out = out_path.with_name(out_path.stem + ".encoder.onnx")
     lib = None
     if plugin_library == "auto":
-        try:
-            import plugins
-
-            lib = Path(plugins.library_path())
-        except Exception:  # not built: nothing to add (the encoder itself has no custom op)
-            lib = None
+        lib = plugins.plugin_library_path()  # None when not built: nothing to add (the encoder has no custom op)
     elif plugin_library:
         lib = Path(plugin_library)
         if not lib.is_file():
             raise InputError(f"plugin library {lib} does not exist; build it or leave out --plugin-lib")
     if engine is not None and not Path(engine).is_file():
         raise InputError(f"engine file {engine} does not exist")
-    tmp = onnx_out.with_name(f".{onnx_out.name}.tmp")
-    try:
+    with staged_file(onnx_out) as tmp:
         fold_channel_scale(model_dir / manifest["files"]["encoder"]["path"], tmp, norm["channel_ratio"])
-        tmp.replace(onnx_out)
-    finally:
-        tmp.unlink(missing_ok=True)
     h, w = c.input_size_hw
     lines = [
         "# nvinfer (Gst-nvinfer) secondary-GIE config for the NFormer re-identification encoder,",
@@ -290,8 +285,6 @@ def write_deepstream_config(model_dir: str | Path, out_path: str | Path, batch_s
         lines += ["# the project's TensorRT plugin library (nvinfer dlopens it; the encoder has no custom op)",
                   f"custom-lib-path={lib.resolve()}"]
     text = "\n".join(lines) + "\n"
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(out_path)
+    write_text_atomic(out_path, text)
     return {"config": str(out_path), "onnx": str(onnx_out), "engine": str(engine) if engine else None,
             "custom_lib_path": str(lib) if lib else None, **norm}

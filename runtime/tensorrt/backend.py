@@ -2,16 +2,18 @@
 
 Place in the flow: ``Pipeline.load`` opens an engine listed in the manifest (key ``"engines"``,
 written by the engine-build step) when it is usable here, else the ONNX file in ONNX Runtime.
-The plugin library (``plugins.library_path()``) is loaded into TensorRT's plugin registry before
-an engine is deserialised; device memory and streams come from ``runtime.tensorrt.cuda_memory``.  Each
-thread that runs the backend gets its own execution context, stream and pinned buffers.
+The plugin library (``plugins.plugin_library_path()``) is loaded into TensorRT's plugin registry
+before an engine is deserialised; device memory and streams come from ``runtime.tensorrt.cuda_memory``,
+TensorRT itself from ``runtime.tensorrt.lib.import_tensorrt``.  Each thread that runs the backend
+gets its own execution context, stream and pinned buffers.
 
-The manifest's ``"engines"`` section is written by ``runtime build`` (``runtime.tensorrt.build``:
-entries keyed ``"<network>.<precision>"`` with ``network``, ``precision``, ``path`` and a build
-record beside each engine); a list of entries with a ``network`` key is read too, and an absent
-key means no engines (nothing changes).  Whether an engine can run here is decided by
-``runtime.tensorrt.build.check_engine`` (TensorRT version, GPU, plugin library, checksums), the
-one implementation of that check.
+The manifest's ``"engines"`` section is read in the one format ``runtime build`` writes
+(``runtime.tensorrt.build``: an object keyed ``"<network>.<precision>"`` whose entries carry
+``network``, ``precision``, ``path`` and a build record beside each engine); any other format is an
+InputError saying what was expected, and an absent key means no engines (nothing changes).  Whether
+an engine can run here is decided by ``runtime.tensorrt.build.check_engine`` (TensorRT version, GPU,
+plugin library, checksums), the one implementation of that check; every "cannot be used here" is a
+:class:`~runtime.tensorrt.lib.EngineUnusable`.
 
 Not verified on this project's machines (no GPU, no TensorRT): written against the documented
 TensorRT 10 Python API; its tests carry the ``tensorrt`` marker and skip.
@@ -23,51 +25,47 @@ from pathlib import Path
 
 import numpy as np
 
+import plugins
 from export.contract.errors import InputError, NFormerError
 
 from runtime.backends import Backend
+from runtime.tensorrt.build import ENGINES_KEY, check_engine
+from runtime.tensorrt.lib import EngineUnusable, import_tensorrt
 
+__all__ = ["EngineUnusable", "PRECISION_PREFERENCE", "TensorRTBackend", "engine_problem", "find_engine",
+           "import_tensorrt", "listed_engines"]
 
-class EngineUnusable(NFormerError):
-    """An engine cannot run here (TensorRT, GPU or plugin library differ from its build record)."""
-
-
-def import_tensorrt():
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise EngineUnusable("TensorRT is not installed (import tensorrt failed): install it with pip install "
-                             "'nformer-trt[tensorrt]' on a machine with an NVIDIA GPU, or use the ONNX Runtime "
-                             "backend") from None
-    return trt
+#: the engine entry keys ``runtime build`` writes that the lookup needs
+_ENTRY_KEYS = ("network", "precision", "path")
+_EXPECTED = ('an object keyed "<network>.<precision>" whose entries are objects with string "network", '
+             '"precision" and "path", as `runtime build` writes it (runtime.tensorrt.build)')
 
 
 def listed_engines(manifest: dict) -> list[dict]:
-    """The manifest's engine entries as a list of dicts with a ``network`` key ([] when none)."""
-    engines = manifest.get("engines")
-    if not engines:
+    """The manifest's engine entries ([] when it lists none), each a dict with ``network``,
+    ``precision`` and ``path``; InputError when the section is not in the format ``runtime build`` writes."""
+    engines = manifest.get(ENGINES_KEY)
+    if engines is None:
         return []
+    fix = "rebuild the engines with `runtime build MODEL_DIR --precision ...`"
+    if not isinstance(engines, dict):
+        raise InputError(f'the manifest\'s "{ENGINES_KEY}" section is a {type(engines).__name__}, expected '
+                         f"{_EXPECTED}; {fix}")
     out = []
-    if isinstance(engines, dict):
-        for network, entry in engines.items():
-            for e in (entry if isinstance(entry, list) else [entry]):
-                if isinstance(e, dict):
-                    out.append({"network": network, **e})
-    elif isinstance(engines, list):
-        out = [e for e in engines if isinstance(e, dict) and "network" in e]
+    for key, entry in engines.items():
+        if not isinstance(entry, dict):
+            raise InputError(f'the manifest\'s "{ENGINES_KEY}" entry {key!r} is a {type(entry).__name__}, expected '
+                             f"{_EXPECTED}; {fix}")
+        bad = [k for k in _ENTRY_KEYS if not isinstance(entry.get(k), str) or not entry.get(k)]
+        if bad:
+            raise InputError(f'the manifest\'s "{ENGINES_KEY}" entry {key!r} has no string {", ".join(bad)}, expected '
+                             f"{_EXPECTED}; {fix}")
+        if key != f"{entry['network']}.{entry['precision']}":
+            raise InputError(f'the manifest\'s "{ENGINES_KEY}" entry {key!r} is for {entry["network"]} '
+                             f'{entry["precision"]}, expected it keyed "{entry["network"]}.{entry["precision"]}" '
+                             f"({_EXPECTED}); {fix}")
+        out.append(dict(entry))
     return out
-
-
-def plugin_library_path() -> Path:
-    """The built plugin library; EngineUnusable (with the build command) when it is not built."""
-    try:
-        import plugins
-    except ImportError:
-        raise EngineUnusable("the plugins package is not importable: reinstall nformer-trt") from None
-    try:
-        return Path(plugins.library_path())
-    except NFormerError as err:
-        raise EngineUnusable(str(err)) from None
 
 
 def engine_problem(entry: dict, model_dir: Path) -> str | None:
@@ -77,8 +75,6 @@ def engine_problem(entry: dict, model_dir: Path) -> str | None:
         return f"engine file {path} is missing"
     try:
         import_tensorrt()
-        from runtime.tensorrt.build import check_engine
-
         check_engine(path, model_dir=model_dir)
     except NFormerError as err:
         return str(err)
@@ -143,9 +139,9 @@ class TensorRTBackend(Backend):
             trt.init_libnvinfer_plugins(self.logger, "")
             if load_plugins:
                 try:
-                    lib = plugin_library_path()
+                    lib = plugins.plugin_library_path(required=True)
                     trt.get_plugin_registry().load_library(str(lib))
-                except EngineUnusable as err:
+                except plugins.PluginNotBuiltError as err:
                     plugin_note = f" (the project's plugin library was not loaded: {err})"
             self.runtime = trt.Runtime(self.logger)
             self.engine = self.runtime.deserialize_cuda_engine(self.path.read_bytes())

@@ -6,8 +6,9 @@ refinement) into TensorRT engines, where TensorRT is available:
 
 * with ``trtexec`` when it is on PATH (the exact command line is printed and stored in the record):
   ``--onnx``, ``--saveEngine``, ``--minShapes/--optShapes/--maxShapes``, ``--timingCacheFile``,
-  ``--dynamicPlugins=<plugin library>`` when it is built, ``--stronglyTyped`` on TensorRT 10 (11 is
-  always strongly typed and marks the flag a no-op), ``--skipInference``;
+  ``--dynamicPlugins=<plugin library>`` when it is built (``plugins.plugin_library_path()``),
+  ``--stronglyTyped`` on TensorRT 10 (11 is always strongly typed and marks the flag a no-op),
+  ``--skipInference``;
 * else through the TensorRT Python API: a strongly typed network (the flag where the enum still has
   it), the ONNX parser, one optimisation profile per network, the timing cache, the plugin library
   loaded through the builder's plugin registry (``load_library``).
@@ -53,12 +54,15 @@ entry per engine keyed ``"<network>.<precision>"``::
 ``tensorrt`` is the full version, as ``tensorrt.__version__`` prints it.)
 
 Before deserialising an engine, call :func:`check_engine` (``model_dir`` given): it refuses, with an
-:class:`EngineMismatchError` that says which fact differs and the command that rebuilds it, an engine
+:class:`~runtime.tensorrt.lib.EngineUnusable` (also importable here under its former name
+``EngineMismatchError``) that says which fact differs and the command that rebuilds it, an engine
 whose record does not match the running TensorRT version, GPU (name or compute capability) or plugin
 library, or whose engine / source ONNX file changed since the build.  :func:`running_facts` gathers
 the running facts; tests pass fake ones.
 
-Imports no torch; imports ``tensorrt`` only for the Python-API build and :func:`running_facts`.
+Imports no torch; imports ``tensorrt`` (through :func:`runtime.tensorrt.lib.import_tensorrt`) only for
+the Python-API build and :func:`running_facts`; asks CUDA for the GPU only through
+:func:`runtime.tensorrt.cuda_memory.device_facts`.  Files are written with ``export.contract.files``.
 """
 from __future__ import annotations
 
@@ -68,14 +72,16 @@ import re
 import shlex
 import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import plugins
 from export.contract.errors import InputError, NFormerError
+from export.contract.files import sha256_file, write_bytes_atomic, write_json_atomic
 from export.contract.manifest import load_manifest
-from export.contract.files import sha256_file, write_json_atomic
+
+from runtime.tensorrt.lib import EngineUnusable, import_tensorrt
 
 RECORD_FORMAT = "nformer-trt/engine-record"
 RECORD_FORMAT_VERSION = 1
@@ -87,8 +93,8 @@ DEFAULT_N = (1, 20_000, 100_000)
 MIN_TENSORRT_MAJOR = 10
 
 
-class EngineMismatchError(NFormerError):
-    """An engine was built for another TensorRT, GPU, plugin library or ONNX file than the running ones."""
+#: the former name of :class:`~runtime.tensorrt.lib.EngineUnusable` (one type: an engine that cannot be used here)
+EngineMismatchError = EngineUnusable
 
 
 @dataclass(frozen=True)
@@ -274,10 +280,8 @@ def build_with_python_api(trt, onnx_path: Path, engine_path: Path, profile: dict
     calls.append("Builder.build_serialized_network(network, config)")
     if plan is None:
         raise NFormerError(f"TensorRT could not build an engine from {onnx_path.name} (see the messages above)")
-    with open(engine_path, "wb") as f:
-        f.write(memoryview(plan))
-    with open(timing_cache, "wb") as f:
-        f.write(memoryview(config.get_timing_cache().serialize()))
+    write_bytes_atomic(engine_path, memoryview(plan))
+    write_bytes_atomic(timing_cache, memoryview(config.get_timing_cache().serialize()))
     for c in calls:
         log(f"  {c}")
     return {"tool": "tensorrt-python", "calls": calls, "tensorrt_version": str(trt.__version__)}
@@ -292,7 +296,8 @@ def _short_version(version: str) -> str:
 
 
 def gpu_facts(device: int | None = None) -> dict | None:
-    """Name and compute capability of the GPU (``nvidia-smi``, else pycuda); None without one."""
+    """Name and compute capability of the GPU (``nvidia-smi``, else pycuda through
+    ``runtime.tensorrt.cuda_memory``); None without one."""
     if device is None:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
         device = int(visible) if visible.isdigit() else 0
@@ -306,35 +311,21 @@ def gpu_facts(device: int | None = None) -> dict | None:
                 return {"name": name, "compute_capability": cc}
         except (OSError, subprocess.TimeoutExpired):
             pass
-    try:
-        import pycuda.driver as cuda
+    from runtime.tensorrt.cuda_memory import device_facts
 
-        cuda.init()
-        dev = cuda.Device(device)
-        major, minor = dev.compute_capability()
-        return {"name": dev.name(), "compute_capability": f"{major}.{minor}"}
-    except Exception:  # no pycuda or no GPU: nothing to report
-        return None
+    return device_facts(device)
 
 
 def plugin_library_facts() -> dict | None:
-    """The built plugin library (``plugins.library_path()``) and its sha256, or None when absent."""
-    try:
-        import plugins
-
-        path = plugins.library_path()
-    except (ImportError, AttributeError, NFormerError):
-        return None
-    return {"path": str(path), "sha256": sha256_file(path)}
+    """The built plugin library (``plugins.plugin_library_path()``) and its sha256, or None when absent."""
+    path = plugins.plugin_library_path()
+    return None if path is None else {"path": str(path), "sha256": sha256_file(path)}
 
 
 def running_facts() -> dict:
-    """What an engine must match to load here: TensorRT version, GPU, plugin library."""
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise NFormerError("TensorRT is not installed here (`import tensorrt` fails): engines cannot be loaded; "
-                           "use the ONNX Runtime backend or install TensorRT (pip install -e \".[tensorrt]\")") from None
+    """What an engine must match to load here: TensorRT version, GPU, plugin library
+    (:class:`~runtime.tensorrt.lib.EngineUnusable` when TensorRT is not installed)."""
+    trt = import_tensorrt()
     return {"tensorrt": _short_version(trt.__version__), "gpu": gpu_facts(), "plugin_library": plugin_library_facts()}
 
 
@@ -346,22 +337,22 @@ def read_record(engine_path: str | Path) -> dict:
     if not engine_path.is_file():
         raise InputError(f"engine not found: {engine_path}; build it with `runtime build`")
     if not path.is_file():
-        raise EngineMismatchError(f"{engine_path.name} has no build record ({path.name}) beside it, so nothing says "
+        raise EngineUnusable(f"{engine_path.name} has no build record ({path.name}) beside it, so nothing says "
                                   "which TensorRT, GPU and plugin library it is for; rebuild it with `runtime build "
                                   f"{engine_path.parent} --precision ...`")
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise EngineMismatchError(f"cannot read the build record {path}: {err}; rebuild the engine") from None
+        raise EngineUnusable(f"cannot read the build record {path}: {err}; rebuild the engine") from None
     if record.get("format") != RECORD_FORMAT or record.get("format_version") != RECORD_FORMAT_VERSION:
-        raise EngineMismatchError(f"{path} is not a build record of this version ({RECORD_FORMAT} "
+        raise EngineUnusable(f"{path} is not a build record of this version ({RECORD_FORMAT} "
                                   f"v{RECORD_FORMAT_VERSION}); rebuild the engine")
     return record
 
 
 def check_engine(engine_path: str | Path, running: dict | None = None, model_dir: str | Path | None = None,
                  verify_engine_checksum: bool = True) -> dict:
-    """Return the engine's build record, or raise EngineMismatchError saying what differs and how to rebuild.
+    """Return the engine's build record, or raise EngineUnusable saying what differs and how to rebuild.
 
     ``running``: ``{"tensorrt": "10.8.0", "gpu": {"name", "compute_capability"} | None,
     "plugin_library": {"path", "sha256"} | None}`` (default: :func:`running_facts`).
@@ -385,7 +376,8 @@ def check_engine(engine_path: str | Path, running: dict | None = None, model_dir
     if built_lib is not None:
         if lib is None:
             problems.append(f"it was built with the plugin library {built_lib['path']} (sha256 "
-                            f"{built_lib['sha256'][:12]}) but no plugin library is built here (plugins.library_path())")
+                            f"{built_lib['sha256'][:12]}) but no plugin library is built here "
+                            "(plugins.plugin_library_path())")
         elif lib["sha256"] != built_lib["sha256"]:
             problems.append(f"the plugin library {lib['path']} (sha256 {lib['sha256'][:12]}) is not the one it was "
                             f"built with (sha256 {built_lib['sha256'][:12]})")
@@ -396,7 +388,7 @@ def check_engine(engine_path: str | Path, running: dict | None = None, model_dir
         if src.is_file() and sha256_file(src) != record["source_onnx"]["sha256"]:
             problems.append(f"{src.name} changed since the engine was built from it (a new export or calibration)")
     if problems:
-        raise EngineMismatchError(f"refusing engine {engine_path}: " + "; ".join(problems)
+        raise EngineUnusable(f"refusing engine {engine_path}: " + "; ".join(problems)
                                   + f". Rebuild it on this machine with: {record.get('rebuild', 'runtime build')}")
     return record
 
@@ -454,8 +446,8 @@ def choose_tool(engine_tool: str, trtexec_path: str | None = None):
             raise InputError("trtexec is not on PATH (nor given with --trtexec); install TensorRT or use "
                              "--engine-tool python / auto")
     try:
-        import tensorrt as trt
-    except ImportError:
+        trt = import_tensorrt()
+    except EngineUnusable:
         if engine_tool == "python":
             raise InputError("the TensorRT Python package does not import here; pip install -e \".[tensorrt]\" "
                              "or use --engine-tool trtexec") from None
@@ -490,7 +482,7 @@ def build(model_dir: str | Path, options: BuildOptions, log: Callable[[str], Non
         return result
     plugin = plugin_library_facts()
     log(f"plugin library: {plugin['path']}" if plugin else
-        "plugin library: not built (plugins.library_path()); TensorRT imports the ReciprocalNeighbors "
+        "plugin library: not built (plugins.plugin_library_path()); TensorRT imports the ReciprocalNeighbors "
         "function body instead of the plugin")
     timing_cache = model_dir / TIMING_CACHE
     entries = {}
@@ -505,17 +497,9 @@ def build(model_dir: str | Path, options: BuildOptions, log: Callable[[str], Non
             # the printed command is the one that runs: trtexec writes the engine only once it is built
             info = build_with_trtexec(tool, onnx_path, engine_path, profiles[network], timing_cache, plugin_path, log)
         else:
-            fd, tmp = tempfile.mkstemp(dir=model_dir, prefix=f".{engine_path.name}.", suffix=".tmp")
-            os.close(fd)
-            try:
-                info = build_with_python_api(tool, onnx_path, Path(tmp), profiles[network], timing_cache, plugin_path,
-                                             log)
-                umask = os.umask(0)
-                os.umask(umask)
-                os.chmod(tmp, 0o666 & ~umask)
-                os.replace(tmp, engine_path)
-            finally:
-                Path(tmp).unlink(missing_ok=True)
+            # writes the engine atomically (export.contract.files) once TensorRT has built it
+            info = build_with_python_api(tool, onnx_path, engine_path, profiles[network], timing_cache, plugin_path,
+                                         log)
         gpu = gpu_facts() or info.get("gpu_from_log")
         record = {
             "format": RECORD_FORMAT, "format_version": RECORD_FORMAT_VERSION,

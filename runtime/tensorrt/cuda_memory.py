@@ -1,10 +1,13 @@
-"""Device memory, pinned host memory and streams: the one module of the runtime that talks to CUDA.
+"""Device memory, pinned host memory, streams and device facts: the one module of the runtime that
+talks to CUDA.
 
-Place in the flow: used by ``runtime.tensorrt.backend`` (and nothing else), through pycuda as
-the design card names.  Every CUDA call happens inside ``Device.active()``, which makes the GPU's
-primary context current on the calling thread, so the backend can run from any thread (the
-dynamic batcher's worker, a producer thread).  Buffers grow to the largest shape seen and are
-reused: nothing is allocated on the steady-state path.
+Place in the flow: used by ``runtime.tensorrt.backend`` (memory and streams) and
+``runtime.tensorrt.build`` (:func:`device_facts`: the GPU a build record names), through pycuda as
+the design card names; no other module imports pycuda.  Every CUDA call on device memory or a
+stream happens inside ``Device.active()``, which makes the GPU's primary context current on the
+calling thread, so the backend can run from any thread (the dynamic batcher's worker, a producer
+thread); :func:`device_facts` only queries the device and needs no context.  Buffers grow to the
+largest shape seen and are reused: nothing is allocated on the steady-state path.
 
 Not verified on this project's machines (no GPU, no pycuda): written against pycuda's documented
 API (``pycuda.driver``: ``Device.retain_primary_context``, ``mem_alloc``, ``pagelocked_empty``,
@@ -37,6 +40,17 @@ def cuda_driver():
         raise CudaUnavailable(f"CUDA could not be initialised ({err}); check the NVIDIA driver "
                               "(nvidia-smi) or use the ONNX Runtime backend") from None
     return cuda
+
+
+def device_facts(index: int = 0) -> dict | None:
+    """``{"name", "compute_capability"}`` of GPU ``index`` through pycuda; None without pycuda or the GPU."""
+    try:
+        cuda = cuda_driver()
+        dev = cuda.Device(index)
+        major, minor = dev.compute_capability()
+        return {"name": dev.name(), "compute_capability": f"{major}.{minor}"}
+    except Exception:  # no pycuda, no driver or no such GPU: nothing to report
+        return None
 
 
 class Device:

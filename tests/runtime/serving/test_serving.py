@@ -5,6 +5,7 @@ from __future__ import annotations
 import configparser
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -153,6 +154,64 @@ def test_unusable_engines_fall_back_to_onnx_runtime_with_reasons(model_dir_with_
     assert len(out.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("engines,expect", [
+    ([{"network": "encoder", "precision": "fp16", "path": "encoder.fp16.engine"}], "section is a list"),
+    ({"encoder": [{"precision": "fp16", "path": "encoder.fp16.engine"}]}, "entry 'encoder' is a list"),
+    ({"encoder.fp16": {"precision": "fp16", "path": "encoder.fp16.engine"}}, "has no string network"),
+    ({"encoder.fp16": {"network": "encoder", "precision": "fp16"}}, "has no string path"),
+    ({"encoder": {"network": "encoder", "precision": "fp16", "path": "encoder.fp16.engine"}},
+     'expected it keyed "encoder.fp16"'),
+    ("encoder.fp16.engine", "section is a str")])
+def test_engines_in_another_format_are_one_clear_error(engines, expect):
+    from runtime.tensorrt.backend import find_engine, listed_engines
+
+    with pytest.raises(InputError) as err:
+        listed_engines({"engines": engines})
+    message = str(err.value)
+    assert expect in message and "as `runtime build` writes it" in message and "\n" not in message
+    with pytest.raises(InputError, match="as `runtime build` writes it"):
+        find_engine({"engines": engines}, Path("."), "encoder")
+    assert listed_engines({}) == [] and listed_engines({"engines": {}}) == []
+
+
+def test_a_listed_engines_section_in_another_format_stops_the_load(model_dir_with_engines):
+    manifest = json.loads((model_dir_with_engines / "manifest.json").read_text())
+    manifest["engines"] = list(manifest["engines"].values())
+    (model_dir_with_engines / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(InputError):
+        Pipeline.load(model_dir_with_engines)
+    with pytest.raises(InputError):
+        write_triton_repository(model_dir_with_engines, model_dir_with_engines.parent / "repo", engines=True)
+
+
+def test_serving_files_follow_the_umask_and_leave_no_temporary_files(resnet18_export, tmp_path, monkeypatch):
+    model_dir = resnet18_export[0]
+    lib_dir = tmp_path / "libs"
+    lib_dir.mkdir()
+    monkeypatch.setenv("NFORMER_PLUGIN_DIR", str(lib_dir))
+    import plugins
+
+    monkeypatch.setattr(plugins, "DEFAULT_BUILD_DIR", tmp_path / "no_build")
+    out = tmp_path / "out"
+    out.mkdir()
+    old = os.umask(0o022)
+    try:
+        write_triton_repository(model_dir, out / "repo")
+        auto = write_deepstream_config(model_dir, out / "sgie.txt")  # plugin library "auto": not built, none added
+        (lib_dir / plugins.PLUGIN_LIBRARY).write_bytes(b"\x7fELF stand-in")
+        built = write_deepstream_config(model_dir, out / "sgie2.txt")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((out / "repo").stat().st_mode) == 0o755  # a published folder, not mkdtemp's 0700
+    for name in ("sgie.txt", "sgie.encoder.onnx", "sgie2.txt"):
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o644, name
+    assert sorted(p.name for p in out.iterdir()) == ["repo", "sgie.encoder.onnx", "sgie.txt", "sgie2.encoder.onnx",
+                                                     "sgie2.txt"]
+    assert auto["custom_lib_path"] is None and "custom-lib-path" not in (out / "sgie.txt").read_text()
+    assert built["custom_lib_path"] == str((lib_dir / plugins.PLUGIN_LIBRARY).resolve())
+    assert f"custom-lib-path={(lib_dir / plugins.PLUGIN_LIBRARY).resolve()}" in (out / "sgie2.txt").read_text()
+
+
 def test_cuda_helper_without_pycuda_says_what_to_install():
     try:
         import pycuda.driver  # noqa: F401
@@ -177,15 +236,15 @@ def test_onnx_runtime_uses_cuda_when_available(resnet18_export):
 
 
 def _require_tensorrt():
-    try:
-        import tensorrt as trt
-    except ImportError:
-        pytest.skip("TensorRT is not installed (import tensorrt failed): the TensorRT backend is not verified here")
-    try:
-        import pycuda.driver as cuda
+    from runtime.tensorrt.cuda_memory import cuda_driver
+    from runtime.tensorrt.lib import EngineUnusable, import_tensorrt
 
-        cuda.init()
-        if cuda.Device.count() == 0:
+    try:
+        trt = import_tensorrt()
+    except EngineUnusable as err:
+        pytest.skip(f"{err}: the TensorRT backend is not verified here")
+    try:
+        if cuda_driver().Device.count() == 0:
             raise RuntimeError("no CUDA device")
     except Exception as err:
         pytest.skip(f"pycuda / a CUDA GPU is not available ({err}): the TensorRT backend is not verified here")

@@ -19,10 +19,13 @@ from pathlib import Path
 
 import pytest
 
+import plugins
 from runtime.tensorrt import build as eb
+from runtime.tensorrt import cuda_memory
 from runtime.tensorrt.build import (BuildOptions, EngineMismatchError, Trtexec, build, build_with_python_api,
                                     check_engine, parse_trtexec_build, parse_trtexec_version, shape_profiles,
                                     trtexec_command)
+from runtime.tensorrt.lib import EngineUnusable, import_tensorrt
 
 from precision_support import fresh_copy, random_small_export
 
@@ -233,7 +236,7 @@ def test_loader_refuses_an_engine_that_does_not_match(case, fake_trtexec, model_
         (model_dir / "encoder.onnx").write_bytes((model_dir / "encoder.onnx").read_bytes() + b"\0")
     elif case == "no_record":
         (model_dir / "encoder.fp32.engine.json").unlink()
-    with pytest.raises(EngineMismatchError) as err:
+    with pytest.raises(EngineUnusable) as err:
         check_engine(engine, running, model_dir=model_dir)
     message = str(err.value)
     assert expect in message and "runtime build" in message and "\n" not in message
@@ -261,15 +264,99 @@ def test_without_tensorrt_the_build_writes_onnx_files_only(model_dir, monkeypatc
         eb.running_facts()
 
 
+def test_one_error_type_for_an_engine_that_cannot_be_used_here():
+    from runtime.tensorrt import backend
+
+    assert EngineMismatchError is EngineUnusable and backend.EngineUnusable is EngineUnusable
+    assert issubclass(EngineUnusable, eb.NFormerError)
+
+
+def test_import_tensorrt_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # `import tensorrt` fails
+    with pytest.raises(EngineUnusable, match="TensorRT is not installed.*nformer-trt\\[tensorrt\\]"):
+        import_tensorrt()
+    # a folder named tensorrt on sys.path (a namespace package, e.g. tests/runtime/tensorrt) is not TensorRT
+    shadow = types.ModuleType("tensorrt")
+    shadow.__path__ = ["/somewhere/tensorrt"]
+    monkeypatch.setitem(sys.modules, "tensorrt", shadow)
+    with pytest.raises(EngineUnusable, match="TensorRT is not installed.*/somewhere/tensorrt"):
+        import_tensorrt()
+    with pytest.raises(eb.InputError, match="does not import here"):
+        eb.choose_tool("python")
+    assert eb.choose_tool("none") == ("none", "--engine-tool none")
+    fake = types.ModuleType("tensorrt")
+    fake.__version__ = "10.13.0.35"
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    assert import_tensorrt() is fake
+
+
+def test_python_api_build_writes_the_engine_atomically_with_the_umask(model_dir, tmp_path, monkeypatch):
+    """The Python-API build through `build`: the engine and timing cache are written by
+    export.contract.files (no temporary file left, umask permissions), the plugin library is the one
+    plugins.plugin_library_path() finds."""
+    trt = _Recorder()
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setattr(eb, "gpu_facts", lambda device=None: {"name": "Fake GPU", "compute_capability": "9.0"})
+    lib_dir = tmp_path / "libs"
+    lib_dir.mkdir()
+    (lib_dir / plugins.PLUGIN_LIBRARY).write_bytes(b"plugin v1")
+    monkeypatch.setenv(plugins.ENV_DIR, str(lib_dir))
+    monkeypatch.setattr(plugins, "DEFAULT_BUILD_DIR", tmp_path / "no_build")
+    old = os.umask(0o027)
+    try:
+        result = build(model_dir, BuildOptions(precision="fp32", engine_tool="python"), log=lambda m: None)
+    finally:
+        os.umask(old)
+    assert result["tool"] == "python" and set(result["engines"]) == {"encoder.fp32", "nformer.fp32"}
+    loaded = [c[1] for c in trt.calls if c[0] == "get_plugin_registry.load_library"]
+    assert loaded == [(str((lib_dir / plugins.PLUGIN_LIBRARY).resolve()),)] * 2
+    for entry in result["engines"].values():
+        engine = model_dir / entry["path"]
+        assert engine.read_bytes() == b"PLAN" and stat.S_IMODE(engine.stat().st_mode) == 0o640
+        record = json.loads((model_dir / entry["record"]).read_text())
+        assert record["plugin_library"]["path"] == str((lib_dir / plugins.PLUGIN_LIBRARY).resolve())
+        assert record["builder"]["tool"] == "tensorrt-python"
+        assert check_engine(engine, _running(record), model_dir=model_dir) == record
+    assert (model_dir / "timing.cache").read_bytes() == b"CACHE"
+    assert stat.S_IMODE((model_dir / "timing.cache").stat().st_mode) == 0o640
+    assert not [p.name for p in model_dir.iterdir() if p.name.startswith(".") or p.suffix == ".tmp"]
+
+
+def test_without_a_plugin_library_the_lookup_gives_none(tmp_path, monkeypatch):
+    monkeypatch.setenv(plugins.ENV_DIR, str(tmp_path))
+    monkeypatch.setattr(plugins, "DEFAULT_BUILD_DIR", tmp_path / "build" / "plugins")
+    assert plugins.plugin_library_path() is None and eb.plugin_library_facts() is None
+    with pytest.raises(plugins.PluginNotBuiltError, match="cmake -S plugins"):
+        plugins.plugin_library_path(required=True)
+    (tmp_path / plugins.PLUGIN_LIBRARY).write_bytes(b"v2")
+    assert plugins.plugin_library_path() == (tmp_path / plugins.PLUGIN_LIBRARY).resolve()
+    assert eb.plugin_library_facts() == {"path": str((tmp_path / plugins.PLUGIN_LIBRARY).resolve()),
+                                         "sha256": eb.sha256_file(tmp_path / plugins.PLUGIN_LIBRARY)}
+
+
+def test_gpu_facts_ask_cuda_through_the_cuda_module(monkeypatch):
+    monkeypatch.setattr(eb.shutil, "which", lambda name: None)  # no nvidia-smi
+    asked = []
+    monkeypatch.setattr(cuda_memory, "device_facts",
+                        lambda index=0: asked.append(index) or {"name": "Fake GPU", "compute_capability": "8.9"})
+    assert eb.gpu_facts(1) == {"name": "Fake GPU", "compute_capability": "8.9"} and asked == [1]
+
+
+def test_device_facts_without_pycuda_is_none(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pycuda", None)
+    monkeypatch.setitem(sys.modules, "pycuda.driver", None)
+    assert cuda_memory.device_facts(0) is None
+
+
 # ---------------------------------------------------------------------------------------------------
 # real TensorRT (skipped where it is missing)
 
 def _tensorrt_or_skip():
     try:
-        import tensorrt
-    except ImportError:
-        pytest.skip("TensorRT's Python package does not import here: engine builds through the Python API not run")
-    return tensorrt
+        return import_tensorrt()
+    except EngineUnusable as err:
+        pytest.skip(f"TensorRT's Python package does not import here ({err}): engine builds through the Python API "
+                    "not run")
 
 
 @pytest.mark.tensorrt
