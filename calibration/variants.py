@@ -47,7 +47,7 @@ import onnx
 from export.contract.errors import InputError
 from export.contract.manifest import MANIFEST_NAME, io_spec, load_manifest
 from export.contract.variants import (  # noqa: F401  (names of the variants' contract)
-    NETWORKS, PRECISIONS, REFINE_PRECISIONS, VARIANTS_KEY, default_refine_precision, variant_file, variant_name)
+    NETWORKS, PRECISIONS, REFINE_PRECISIONS, VARIANTS_KEY, refinement_precision, variant_file, variant_name)
 from export.contract.files import staged_file, sha256_file, write_json_atomic
 
 from calibration.quantize import DEFAULT_IMAGES, DEFAULT_METHOD, DEFAULT_PERCENTILE, quantize_encoder
@@ -95,14 +95,14 @@ def write_variants(model_dir: str | Path, precision: str, *, refine_precision: s
     """Write the ONNX files a build at ``precision`` needs; return ``{"encoder": entry, "nformer": entry}``.
 
     The entries are manifest-style dicts (fp32 entries describe the export's own files).  INT8 needs
-    ``calib_data``; ``refine_precision`` defaults to :func:`default_refine_precision`.
+    ``calib_data``; ``refine_precision`` defaults to :func:`refinement_precision`.
     """
     from calibration.fp16 import convert_encoder, convert_nformer
 
     model_dir = Path(model_dir)
     if precision not in PRECISIONS:
         raise InputError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
-    refine_precision = refine_precision or default_refine_precision(precision)
+    refine_precision = refine_precision or refinement_precision(precision)
     if refine_precision not in REFINE_PRECISIONS:
         raise InputError(f"the refinement runs in {' or '.join(REFINE_PRECISIONS)} (its neighbour ranking is "
                          f"fp32 in every variant), got {refine_precision!r}")

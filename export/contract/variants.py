@@ -5,6 +5,8 @@ the evaluation tools find them by these names.
 """
 from __future__ import annotations
 
+from collections.abc import Collection
+
 #: manifest section listing the variant files
 VARIANTS_KEY = "variants"
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -21,6 +23,12 @@ def variant_file(network: str, precision: str) -> str:
     return f"{network}.onnx" if precision == "fp32" else f"{network}.{precision}.onnx"
 
 
-def default_refine_precision(precision: str) -> str:
-    """The refinement's precision for a build at ``precision``: fp32 for fp32, fp16 for fp16 and int8."""
-    return "fp32" if precision == "fp32" else "fp16"
+def refinement_precision(encoder_precision: str, available: Collection[str] = REFINE_PRECISIONS) -> str:
+    """The refinement's precision for a build whose encoder runs at ``encoder_precision``.
+
+    fp32 encoder -> fp32 refinement; fp16 or int8 encoder -> fp16 refinement when ``"fp16"`` is in
+    ``available`` (the refinement precisions present: files or engines), else fp32.
+    """
+    if encoder_precision == "fp32":
+        return "fp32"
+    return "fp16" if "fp16" in available else "fp32"

@@ -5,36 +5,27 @@ Makes (or reuses) the synthetic Market-1501-layout data set, exports the small N
 machine can run, prints one table, and draws the CMC curves and a 2-D projection of embeddings
 before and after the refinement.  The PyTorch rows are the fp32 reference (this command imports
 torch when it runs: `pip install -e ".[demo]"`).
+
+Place in the flow: the whole flow in one command -- ``runtime synth`` (:mod:`runtime.evaluation.synth`),
+``export.to_onnx``, ``calibration.variants`` (FP16 files, INT8 encoder), then the runners of
+:mod:`runtime.evaluation.runners` through the one loop of :mod:`runtime.evaluation.loop`; this
+module adds only the rows (``REPORT_KEYS``) and the figure.
 """
 from __future__ import annotations
 
-import json
-import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from export.contract.errors import NFormerError
-from export.contract.landmarks import sample_landmarks
+from export.contract.manifest import load_manifest, model_config
 from export.shipped import SHIPPED, shipped_card
 
 from export.contract.market1501 import read_market1501
-from runtime.evaluation.metrics import euclidean_distances, evaluate_rank
-from export.contract.preprocess import preprocess
-from runtime.refiner import l2_normalize
+from runtime.evaluation.loop import STAGES, image_chunks, run_loop
+from runtime.evaluation.runners import Runner, onnxruntime_runner, pytorch_runner, tensorrt_runners
 
 REPORT_KEYS = ("backend", "precision", "stage", "mAP", "rank1", "images_per_s", "cosine_to_reference_mean")
-
-
-@dataclass
-class Variant:
-    """One way of running both networks: a backend at a precision."""
-    backend: str
-    precision: str
-    encode: Callable[[np.ndarray], np.ndarray]           # images [B,3,H,W] -> raw embeddings [B,D]
-    refine: Callable[[np.ndarray, np.ndarray], np.ndarray]  # (unit features [N,D], landmarks) -> refined [N,D]
 
 
 def ensure_data(work_dir: Path, identities: int, seed: int, log) -> Path:
@@ -52,7 +43,6 @@ def ensure_data(work_dir: Path, identities: int, seed: int, log) -> Path:
 
 
 def ensure_export(work_dir: Path, log) -> Path:
-    from export.contract.manifest import load_manifest
     from export.contract.files import sha256_file
     from export.to_onnx import export_checkpoint
 
@@ -73,86 +63,56 @@ def ensure_export(work_dir: Path, log) -> Path:
     return build
 
 
-def variants(build: Path, data_dir: Path | None = None, log=print) -> list[Variant]:
+def demo_runners(build: Path, data_dir: Path | None = None, log=print) -> list[Runner]:
     """Every backend and precision this machine can run (the PyTorch fp32 reference first).
 
     With ``data_dir`` (the synthetic set) the FP16 and INT8 files are written through
-    ``calibration`` (INT8 calibrated on the training split) and run in ONNX Runtime.
+    ``calibration`` (INT8 calibrated on the training split) and run in ONNX Runtime; TensorRT rows
+    follow for engines that `runtime build` put in ``build`` (when they run here).
     """
-    import torch
-
-    from export.reference.checkpoint import load_checkpoint
-
-    from runtime.pipeline import Pipeline
-
-    model = load_checkpoint(SHIPPED, input_size_hw=tuple(shipped_card()["export_options"]["input_size_hw"]))
-
-    def torch_encode(images):
-        with torch.no_grad():
-            return torch.cat([model.backbone(torch.from_numpy(images[s:s + 64]))
-                              for s in range(0, len(images), 64)]).numpy()
-
-    def torch_refine(x, lm):
-        with torch.no_grad():
-            return model.nformer(torch.from_numpy(x)[None], torch.from_numpy(lm))[0].numpy()
-
-    pipe = Pipeline.load(build)
-    ort_refine = lambda x, lm: pipe.refiner.refine(x, lm, normalize_output=False)  # noqa: E731
-    out = [Variant("pytorch", "fp32", torch_encode, torch_refine),
-           Variant("onnxruntime", "fp32", pipe.encoder.embed_images, ort_refine)]
+    config = model_config(load_manifest(build))  # its input_size_hw is the card's: ensure_export used it
+    precisions = ("fp32",)
     if data_dir is not None:
-        out += precision_variants(build, data_dir, log)
-    return out
+        from calibration.variants import write_variants
 
-
-def precision_variants(build: Path, data_dir: Path, log=print) -> list[Variant]:
-    """ONNX Runtime rows for the FP16 files and the INT8 encoder (with the FP16 refinement), and
-    TensorRT rows for engines that `runtime build` put in ``build`` (when they run here)."""
-    from calibration.variants import write_variants
-    from export.contract.manifest import load_manifest, model_config
-
-    from runtime.evaluation.parity import onnxruntime_runner, tensorrt_runners
-
-    write_variants(build, "fp16", log=log)
-    write_variants(build, "int8", calib_data=data_dir, log=log)  # cached ranges on a rerun
-    runners = [onnxruntime_runner(build, precision) for precision in ("fp16", "int8")]
-    runners += tensorrt_runners(build, model_config(load_manifest(build)), log)[0]
-    return [Variant(r.backend, r.precision, r.encode, r.refine) for r in runners]
+        write_variants(build, "fp16", log=log)
+        write_variants(build, "int8", calib_data=data_dir, log=log)  # cached ranges on a rerun
+        precisions = ("fp32", "fp16", "int8")
+    runners = [pytorch_runner(SHIPPED, config)]
+    runners += [r for r in (onnxruntime_runner(build, p) for p in precisions) if r is not None]
+    if data_dir is not None:
+        runners += tensorrt_runners(build, config, log)[0]
+    return runners
 
 
 def evaluate_variants(data_dir: Path, build: Path, seed: int, log) -> tuple[list[dict], dict]:
+    """Rows of REPORT_KEYS (one per runner and stage) and the figure's data (CMC curves, and the
+    PyTorch reference's embeddings for the projection)."""
     from tqdm import tqdm
 
     data = read_market1501(data_dir, splits=("query", "gallery"))
     items = data.query + data.gallery
-    config = json.loads((build / "manifest.json").read_text())["model"]
-    size = tuple(config["input_size_hw"])
-    images = np.stack([preprocess(i.path, size) for i in tqdm(items, desc="reading crops", unit="img")])
-    pids = np.array([i.pid for i in items])
-    cams = np.array([i.camid for i in items])
-    nq = len(data.query)
-    landmarks = sample_landmarks(len(items), config["n_layer"], config["landmarks"], seed)
-    rows, curves, reference = [], {}, {}
-    for v in variants(build, data_dir, log):
-        log(f"evaluating {v.backend} {v.precision} ...")
-        t = time.perf_counter()
-        raw = v.encode(images)
-        enc_seconds = time.perf_counter() - t
-        feats = l2_normalize(raw)
-        t = time.perf_counter()
-        refined = l2_normalize(v.refine(feats, landmarks))
-        ref_seconds = time.perf_counter() - t
-        for stage, emb, seconds in (("encoder", feats, enc_seconds), ("refined", refined, enc_seconds + ref_seconds)):
-            cmc, mAP = evaluate_rank(euclidean_distances(emb[:nq], emb[nq:]), pids[:nq], pids[nq:], cams[:nq], cams[nq:])
-            reference.setdefault(stage, emb)
-            cosine = float(np.mean(np.sum(emb * reference[stage], axis=1)))
-            rows.append({"backend": v.backend, "precision": v.precision, "stage": stage, "mAP": float(mAP),
-                         "rank1": float(cmc[0]), "images_per_s": len(items) / seconds,
-                         "cosine_to_reference_mean": cosine})
-            curves[(v.backend, v.precision, stage)] = (cmc, mAP)
-        if v.backend == "pytorch":
-            projection_data = {"encoder": feats, "refined": refined, "pids": pids}
-    return rows, {"curves": curves, "projection": projection_data}
+    config = model_config(load_manifest(build))
+    runners = demo_runners(build, data_dir, log)
+    log("evaluating " + ", ".join(f"{r.backend} {r.precision}" for r in runners) + " ...")
+    with tqdm(total=len(items), desc="embedding crops", unit="img") as bar:
+        results = run_loop(runners, image_chunks([i.path for i in items], config, progress=bar.update),
+                           query=len(data.query), pids=[i.pid for i in items], camids=[i.camid for i in items],
+                           config=config, seed=seed)
+    rows, curves = [], {}
+    for res in results:
+        r = res.runner
+        for stage in STAGES:
+            emb, reference = res.embeddings(stage), results[0].embeddings(stage)
+            seconds = res.seconds["encoder"] + (res.seconds["refinement"] if stage == "refined" else 0.0)
+            scores = res.stages[stage]
+            rows.append({"backend": r.backend, "precision": r.precision, "stage": stage, "mAP": scores.mAP,
+                         "rank1": scores.rank(1), "images_per_s": len(items) / seconds,
+                         "cosine_to_reference_mean": float(np.mean(np.sum(emb * reference, axis=1)))})
+            curves[(r.backend, r.precision, stage)] = (scores.cmc, scores.mAP)
+    ref = next(res for res in results if res.runner.backend == "pytorch")
+    projection = {"encoder": ref.encoder, "refined": ref.refined, "pids": np.array([i.pid for i in items])}
+    return rows, {"curves": curves, "projection": projection}
 
 
 def draw_figure(path: Path, figure_data: dict) -> None:
@@ -190,7 +150,13 @@ def draw_figure(path: Path, figure_data: dict) -> None:
 
 
 def run_demo(work_dir: str | Path = "nformer-demo", report: str | Path | None = None,
-             figure: str | Path | None = None, identities: int = 600, seed: int = 0, log=print) -> list[dict]:
+             figure: str | Path | None = None, identities: int = 600, seed: int = 0,
+             log=print) -> tuple[list[dict], Path]:
+    """Make the data and the export in ``work_dir`` (reused on a rerun), evaluate every runner, draw
+    the figure and write the report (``REPORT_KEYS`` per row) when asked.
+
+    Returns ``(rows, figure path)``: the rows are dicts with at least ``REPORT_KEYS``.
+    """
     try:
         import torch  # noqa: F401
     except ImportError:

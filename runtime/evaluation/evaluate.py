@@ -5,29 +5,28 @@ reader (``export.contract.market1501``) and preprocessed by the one preprocessin
 ``runtime.evaluation.metrics.evaluate_rank`` with the Market-1501 protocol.  Two rows per backend:
 ``encoder`` (L2-normalised encoder embeddings, Euclidean distance) and ``refined`` (query and
 gallery refined together as one set, the original's test protocol, then the same ranking).
+
+The backends are ``runtime.pipeline.Pipeline`` objects (the encoder and refinement a deployment
+would open), wrapped as runners (``runtime.evaluation.runners.pipeline_runner``) and run through
+the one encode -> refine -> score loop (``runtime.evaluation.loop``); crops are read once for all
+backends.
 """
 from __future__ import annotations
 
 import datetime
 import platform
-import time
 from pathlib import Path
-
-import numpy as np
 
 from export.contract.errors import InputError
 
+from export.contract.manifest import load_manifest, model_config
 from export.contract.market1501 import read_market1501
-from runtime.evaluation.metrics import euclidean_distances, evaluate_rank
-from runtime.refiner import l2_normalize
-
-RANKS = (1, 5, 10)
+from runtime.evaluation.loop import CHUNK, RANKS, image_chunks, run_loop, score
+from runtime.evaluation.runners import pipeline_runner
 
 
 def available_backends(model_dir: str | Path) -> list[str]:
     """``onnxruntime`` always; ``tensorrt`` when the manifest lists usable engines for both networks."""
-    from export.contract.manifest import load_manifest
-
     from runtime.tensorrt.backend import find_engine, listed_engines
 
     model_dir = Path(model_dir)
@@ -40,11 +39,7 @@ def available_backends(model_dir: str | Path) -> list[str]:
 
 def rank_scores(query, gallery, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50) -> dict:
     """mAP and Rank-1/5/10 of L2-normalised ``query`` [q, D] against ``gallery`` [g, D]."""
-    cmc, mAP = evaluate_rank(euclidean_distances(query, gallery), q_pids, g_pids, q_camids, g_camids, max_rank)
-    scores = {"mAP": float(mAP)}
-    for r in RANKS:
-        scores[f"rank{r}"] = float(cmc[min(r, len(cmc)) - 1])
-    return scores
+    return score(query, gallery, q_pids, g_pids, q_camids, g_camids, max_rank).as_dict(RANKS)
 
 
 def evaluate(dataset_dir: str | Path, model_dir: str | Path, backends=None, batch_size: int = 32, seed: int = 0,
@@ -52,6 +47,8 @@ def evaluate(dataset_dir: str | Path, model_dir: str | Path, backends=None, batc
     """Embed query and gallery with each backend, score encoder-only and refined retrieval.
 
     Returns a JSON-able report: data set summary, one row per (backend, mode), versions, date.
+    ``seconds`` of an ``encoder`` row is reading and preprocessing the crops (done once, shared by
+    the backends) plus that backend's encoder; of a ``refined`` row, the refinement.
     """
     from tqdm import tqdm
 
@@ -59,32 +56,29 @@ def evaluate(dataset_dir: str | Path, model_dir: str | Path, backends=None, batc
 
     data = read_market1501(dataset_dir, splits=("query", "gallery"))
     backends = list(backends or available_backends(model_dir))
-    q_pids = np.array([i.pid for i in data.query])
-    g_pids = np.array([i.pid for i in data.gallery])
-    q_cams = np.array([i.camid for i in data.query])
-    g_cams = np.array([i.camid for i in data.gallery])
-    files = [i.path for i in data.query] + [i.path for i in data.gallery]
-    nq = len(data.query)
-    rows = []
-    for backend in backends:
-        pipe = Pipeline.load(model_dir, batch_size=batch_size, threads=threads, backend=backend)
-        try:
-            t0 = time.perf_counter()
-            with tqdm(total=len(files), unit="img", desc=f"embed ({backend})", disable=not progress) as bar:
-                emb = pipe.embed(files, progress=bar.update)
-            t_embed = time.perf_counter() - t0
-            x = l2_normalize(emb)
-            base = {"backend": backend, "encoder_backend": pipe.encoder.backend.name,
-                    "providers": getattr(pipe.encoder.backend, "providers", None)}
-            rows.append({**base, "mode": "encoder", **rank_scores(x[:nq], x[nq:], q_pids, g_pids, q_cams, g_cams,
-                                                                  max_rank), "seconds": t_embed})
-            t0 = time.perf_counter()
-            refined = pipe.refine(emb, seed=seed)
-            t_refine = time.perf_counter() - t0
-            rows.append({**base, "mode": "refined", **rank_scores(refined[:nq], refined[nq:], q_pids, g_pids, q_cams,
-                                                                  g_cams, max_rank), "seconds": t_refine})
-        finally:
+    config = model_config(load_manifest(model_dir))
+    items = data.query + data.gallery
+    pipes = []
+    try:
+        for backend in backends:
+            pipes.append(Pipeline.load(model_dir, batch_size=batch_size, threads=threads, backend=backend))
+        runners = [pipeline_runner(pipe, backend) for pipe, backend in zip(pipes, backends)]
+        chunk = batch_size * max(1, CHUNK // batch_size)  # whole encoder batches: the same batches as Pipeline.embed
+        with tqdm(total=len(items), unit="img", desc=f"embed ({', '.join(backends)})", disable=not progress) as bar:
+            results = run_loop(runners, image_chunks([i.path for i in items], config, chunk, progress=bar.update),
+                               query=len(data.query), pids=[i.pid for i in items], camids=[i.camid for i in items],
+                               config=config, seed=seed, max_rank=max_rank)
+    finally:
+        for pipe in pipes:
             pipe.close()
+    rows = []
+    for pipe, res in zip(pipes, results):
+        base = {"backend": res.runner.backend, "encoder_backend": pipe.encoder.backend.name,
+                "providers": getattr(pipe.encoder.backend, "providers", None)}
+        rows.append({**base, "mode": "encoder", **res.stages["encoder"].as_dict(RANKS),
+                     "seconds": res.seconds["read"] + res.seconds["encoder"]})
+        rows.append({**base, "mode": "refined", **res.stages["refined"].as_dict(RANKS),
+                     "seconds": res.seconds["refinement"]})
     import onnxruntime
 
     return {
