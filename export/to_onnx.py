@@ -157,17 +157,22 @@ def check_against_reference(model: NFormerModel, out_dir: Path, batches=DEFAULT_
             xt = torch.from_numpy(x)
             idx, valid = model.nformer.neighbors(xt)
             expected = model.nformer(xt, torch.from_numpy(landmarks)).numpy()
-        actual, nb_idx, _ = refine.run(["refined", *NEIGHBOR_OUTPUTS], {"features": x, "landmarks": landmarks})
+        actual, nb_idx, nb_valid = refine.run(["refined", *NEIGHBOR_OUTPUTS], {"features": x, "landmarks": landmarks})
+        # the gate compares the index arrays exactly (order and validity), not only the sets
+        same_lists = bool(np.array_equal(nb_idx, idx.numpy()) and np.array_equal(nb_valid != 0, valid.numpy()))
         rows.append(dict(model="nformer", size=f"N={n}", max_abs_error=max_abs_error(actual, expected),
                          relative_error=relative_error(actual, expected),
-                         neighbor_sets=neighbor_set_agreement(nb_idx, idx.numpy())))
+                         neighbor_sets=neighbor_set_agreement(nb_idx, idx.numpy()),
+                         neighbor_lists="identical" if same_lists else "differ"))
         (given,) = layers.run(["refined"], {"features": x, "landmarks": landmarks,
                                             NEIGHBOR_OUTPUTS[0]: idx.numpy().astype(np.int32),
                                             NEIGHBOR_OUTPUTS[1]: valid.numpy().astype(np.int32)})
         rows.append(dict(model="nformer_layers", size=f"N={n}", max_abs_error=max_abs_error(given, expected),
                          relative_error=relative_error(given, expected), neighbor_sets="-"))
     for row in rows:
-        row["ok"] = bool(row["relative_error"] <= rtol and row["neighbor_sets"] in ("-", 1.0))
+        row.setdefault("neighbor_lists", "-")
+        row["ok"] = bool(row["relative_error"] <= rtol and row["neighbor_sets"] in ("-", 1.0)
+                         and row["neighbor_lists"] in ("-", "identical"))
     return rows
 
 
@@ -238,7 +243,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, n_head: in
             onnx.checker.check_model(str(work / file), full_check=True)
         log(f"onnx.checker: ok; comparing with the PyTorch reference in ONNX Runtime (rtol {rtol:g}) ...")
         checks = check_against_reference(model, work, batches, sizes, rtol, seed)
-        log(format_table(checks, ["model", "size", "max_abs_error", "relative_error", "neighbor_sets", "ok"]))
+        log(format_table(checks, ["model", "size", "max_abs_error", "relative_error", "neighbor_sets", "neighbor_lists", "ok"]))
         ok = all(row["ok"] for row in checks)
         if ok:
             manifest = build_manifest(model, work, checkpoint, checks)
