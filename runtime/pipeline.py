@@ -2,17 +2,22 @@
 
 ``Pipeline.load("build/")`` reads the manifest (the interface written by ``export.to_onnx``) and
 opens each network on the best backend available: a TensorRT engine listed in the manifest when
-it is usable here, else ONNX Runtime (CUDA, then CPU).  ``dynamic_batching=True`` routes
+it is usable here, else ONNX Runtime (CUDA, then CPU).  With ``backend="auto"`` every reason a
+listed engine is not used -- its build record does not match, TensorRT or pycuda is missing, the
+plugin library does not load, TensorRT refuses to deserialise it -- is logged (``logging``, logger
+``runtime.pipeline``) and kept in ``pipe.backend_choice``, and that network runs on ONNX Runtime;
+``backend="tensorrt"`` turns the same reasons into one error.  ``dynamic_batching=True`` routes
 ``embed`` through ``runtime.batching`` (many producer threads, batched encoder calls);
 ``gallery()`` gives a ``runtime.gallery.Gallery`` bound to the refinement.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 
-from export.contract.errors import InputError
+from export.contract.errors import InputError, NFormerError
 from export.contract.manifest import load_manifest, model_config
 
 from runtime.backends import Backend, OnnxRuntimeBackend
@@ -21,30 +26,75 @@ from runtime.refiner import Refiner
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 
+log = logging.getLogger(__name__)
+
 
 def open_network(model_dir: Path, manifest: dict, network: str, backend: str = "auto", providers=None,
                  threads=None, dynamic_shapes: bool = False, precision: str | None = None) -> tuple[Backend, list[str]]:
     """``network`` ("encoder", "nformer", "nformer_layers") on ``backend``; with "auto", a usable
     TensorRT engine from the manifest (of ``precision`` if given), else ONNX Runtime.  Returns the
     backend and the reasons engines were passed over (empty when the manifest lists none)."""
+    opened, notes, _ = choose_backend(model_dir, manifest, network, backend, providers, threads, dynamic_shapes,
+                                      precision)
+    return opened, notes
+
+
+def choose_backend(model_dir: Path, manifest: dict, network: str, backend: str = "auto", providers=None,
+                   threads=None, dynamic_shapes: bool = False, precision: str | None = None
+                   ) -> tuple[Backend, list[str], dict]:
+    """:func:`open_network` plus what was chosen and why: ``{"backend": "tensorrt" | "onnxruntime",
+    "engine": engine file | None, "reason": why ONNX Runtime | None}``.
+
+    "auto" falls back to ONNX Runtime, logging the reason, when no listed engine passes
+    ``check_engine`` here or the chosen one does not open (:class:`EngineUnusable`: TensorRT, pycuda
+    or a GPU missing, plugin library not loadable, deserialisation refused; or ImportError);
+    "tensorrt" raises instead (InputError when no engine is usable, EngineUnusable when it does not open).
+    """
     if backend not in BACKENDS:
         raise InputError(f"backend must be one of {', '.join(BACKENDS)}, found {backend!r}")
     notes: list[str] = []
+    reason = "backend='onnxruntime' was asked for"
     if backend != "onnxruntime":
         from runtime.tensorrt.backend import TensorRTBackend, find_engine, listed_engines
+        from runtime.tensorrt.lib import EngineUnusable
 
         entry, notes = find_engine(manifest, model_dir, network, precision) if listed_engines(manifest) else (None, [])
+        notes = list(notes)
         if entry is not None:
-            return TensorRTBackend(model_dir / entry["path"], precision=entry.get("precision", "fp32")), notes
+            path = model_dir / entry["path"]
+            try:
+                opened = TensorRTBackend(path, precision=entry.get("precision", "fp32"))
+            except (EngineUnusable, ImportError) as err:
+                if backend == "tensorrt":
+                    raise EngineUnusable(f"the TensorRT engine {entry['path']} for {network} cannot be used here: "
+                                         f"{err}") from err
+                notes.append(f"{entry['path']}: {err}")
+            else:
+                return opened, notes, {"backend": "tensorrt", "engine": entry["path"], "reason": None}
         if backend == "tensorrt":
             why = "; ".join(notes) or "the manifest lists no TensorRT engine for it (build one first)"
             raise InputError(f"no usable TensorRT engine for {network} in {model_dir}: {why}")
+        if notes:
+            reason = "no listed TensorRT engine is usable here: " + "; ".join(notes)
+            log.warning("%s: using ONNX Runtime, %s", network, reason)
+        else:
+            reason = f"the manifest lists no TensorRT engine for {network}"
+            log.info("%s: using ONNX Runtime, %s", network, reason)
     files = manifest["files"]
     if network not in files:
         raise InputError(f"{model_dir} has no {network} file in its manifest: re-run the export with this "
                          "version of nformer-trt")
-    return OnnxRuntimeBackend(model_dir / files[network]["path"], providers, threads,
-                              dynamic_shapes=dynamic_shapes), notes
+    opened = OnnxRuntimeBackend(model_dir / files[network]["path"], providers, threads, dynamic_shapes=dynamic_shapes)
+    return opened, notes, {"backend": "onnxruntime", "engine": None, "reason": reason}
+
+
+def _close_backend(backend) -> None:
+    close = getattr(backend, "close", None)
+    if close:
+        try:
+            close()
+        except NFormerError as err:  # a backend still in use elsewhere: it says so; nothing to undo here
+            log.warning("closing %s: %s", getattr(backend, "path", backend), err)
 
 
 class Pipeline:
@@ -58,6 +108,8 @@ class Pipeline:
         self.providers = None
         self.threads = None
         self.notes: list[str] = []          # why listed TensorRT engines were not used
+        #: per network: {"backend": "tensorrt" | "onnxruntime", "engine": file | None, "reason": str | None}
+        self.backend_choice: dict[str, dict] = {}
         self.batcher = None                 # runtime.batching.DynamicBatcher when enabled
         self._layers = None
 
@@ -73,11 +125,18 @@ class Pipeline:
         model_dir = Path(model_dir)
         manifest = load_manifest(model_dir)
         config = model_config(manifest)
-        enc, notes = open_network(model_dir, manifest, "encoder", backend, providers, threads, precision=precision)
-        ref, more = open_network(model_dir, manifest, "nformer", backend, providers, threads, dynamic_shapes=True,
-                                 precision="fp32" if precision == "fp32" else None)
-        pipe = cls(model_dir, manifest, EncoderRunner(enc, config, batch_size), Refiner(ref, config))
+        enc, notes, enc_choice = choose_backend(model_dir, manifest, "encoder", backend, providers, threads,
+                                                precision=precision)
+        try:
+            ref, more, ref_choice = choose_backend(model_dir, manifest, "nformer", backend, providers, threads,
+                                                   dynamic_shapes=True,
+                                                   precision="fp32" if precision == "fp32" else None)
+            pipe = cls(model_dir, manifest, EncoderRunner(enc, config, batch_size), Refiner(ref, config))
+        except BaseException:
+            _close_backend(enc)  # the encoder's engine and device memory are not left behind
+            raise
         pipe.backend, pipe.providers, pipe.threads, pipe.notes = backend, providers, threads, notes + more
+        pipe.backend_choice = {"encoder": enc_choice, "nformer": ref_choice}
         if dynamic_batching:
             pipe.enable_dynamic_batching(max_batch or batch_size, max_wait_ms)
         return pipe
@@ -126,10 +185,11 @@ class Pipeline:
 
             # engines of nformer_layers are optional: with backend="tensorrt" a missing one falls back
             # to ONNX Runtime (the reason lands in self.notes) rather than refusing the gallery
-            backend, notes = open_network(self.model_dir, self.manifest, "nformer_layers",
-                                          "auto" if self.backend == "tensorrt" else self.backend,
-                                          self.providers, self.threads, dynamic_shapes=True)
+            backend, notes, choice = choose_backend(self.model_dir, self.manifest, "nformer_layers",
+                                                    "auto" if self.backend == "tensorrt" else self.backend,
+                                                    self.providers, self.threads, dynamic_shapes=True)
             self.notes += notes
+            self.backend_choice["nformer_layers"] = choice
             self._layers = LayersRefiner(backend, self.config)
         return self._layers
 

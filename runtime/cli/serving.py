@@ -21,14 +21,18 @@ from runtime.cli.options import model_dir_arg
 @click.option("--engines", is_flag=True, help="Use the TensorRT engines listed in the manifest (model.plan) "
               "instead of the ONNX files.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it holds a repository written by this command.")
+@click.option("--tensorrt-version", default=None,
+              help="With --engines: the Triton server's TensorRT version (major.minor.patch) the engines must match; "
+                   "default: the TensorRT installed here.")
 @user_errors
-def triton_repo(model_dir, out_dir, max_batch, max_queue_delay_us, instance_kind, instances, engines, overwrite):
+def triton_repo(model_dir, out_dir, max_batch, max_queue_delay_us, instance_kind, instances, engines, overwrite,
+                tensorrt_version):
     """Write a Triton model repository to OUT_DIR: the encoder (dynamic batching) and the
     refinement (one request = one set) as two models with their config.pbtxt."""
     from runtime.serving.exports import write_triton_repository
 
     record = write_triton_repository(model_dir, out_dir, max_batch, max_queue_delay_us, instance_kind, instances,
-                                     engines, overwrite)
+                                     engines, overwrite, tensorrt_version=tensorrt_version)
     for name, entry in record["models"].items():
         click.echo(f"{name}: {out_dir / entry['config']}, {out_dir / entry['file']}")
     click.echo(f"wrote {out_dir}")

@@ -7,7 +7,11 @@ names; nothing here needs TensorRT, Triton or DeepStream to be installed.
 * ``write_triton_repository(build/, OUT/)``: ``nformer_encoder`` (images -> embeddings, dynamic
   batching) and ``nformer_refine`` (the whole set of features -> refined, no batching: a request
   is one set), each with its ``config.pbtxt`` and model file (ONNX for Triton's ONNX Runtime
-  backend, or a TensorRT plan where the manifest lists an engine and ``engines=True``).
+  backend, or a TensorRT plan where the manifest lists an engine and ``engines=True``).  A plan is
+  chosen, per network and in the runtime's precision preference, only when ``check_engine`` accepts
+  it for the **Triton server's** TensorRT version (``tensorrt_version``; default: the TensorRT that
+  imports here, else a refusal asking for it), this machine's GPU and plugin library, and (encoder)
+  when its optimisation profile covers batches 1 to ``max_batch``; otherwise an InputError says why.
 * ``write_deepstream_config(build/, OUT.txt)``: a secondary-GIE nvinfer config for the encoder that
   attaches the raw ``embeddings`` tensor to each object (``output-tensor-meta``).  nvinfer's
   preprocessing is ``net-scale-factor * (x - offsets[c])``: one scale for all channels, while the
@@ -105,28 +109,103 @@ def triton_configs(manifest: dict, max_batch: int = 32, max_queue_delay_us: int 
     return {ENCODER_MODEL: encoder, REFINE_MODEL: refine}
 
 
+def triton_tensorrt_version(tensorrt_version: str | None) -> str:
+    """The Triton server's TensorRT version (``major.minor.patch``): ``tensorrt_version`` when given,
+    else the TensorRT that imports here; InputError asking for it otherwise."""
+    if tensorrt_version is None:
+        from runtime.tensorrt.lib import EngineUnusable, import_tensorrt
+
+        try:
+            tensorrt_version = str(import_tensorrt().__version__)
+        except EngineUnusable:
+            raise InputError("--engines: an engine runs only in the TensorRT version that built it, and TensorRT does "
+                             "not import here to tell which version the Triton server runs; pass the server's "
+                             "TensorRT version with --tensorrt-version (e.g. 10.13.0; it is in the release notes of "
+                             "the Triton container)") from None
+    parts = str(tensorrt_version).strip().split(".")
+    if len(parts) < 3 or not all(p.isdigit() for p in parts[:3]):
+        raise InputError(f"--tensorrt-version must be the full TensorRT version major.minor.patch (e.g. 10.13.0), "
+                         f"got {tensorrt_version!r}")
+    return ".".join(parts)
+
+
+def _batch_problem(record: dict, max_batch: int) -> str | None:
+    """Why the encoder engine's profile does not serve batches 1..max_batch, or None."""
+    profiles = record.get("profiles") or {}
+    if not profiles:
+        return "its build record names no optimisation profile"
+    for name, ranges in profiles.items():
+        lo, hi = ranges["min"][0], ranges["max"][0]
+        if hi < max_batch or lo > 1:
+            return (f"its profile accepts {name} batches {lo} to {hi}, but Triton's dynamic batching sends 1 to "
+                    f"--max-batch {max_batch}: pass --max-batch {hi} or lower, or rebuild the engine with "
+                    f"`runtime build ... --min-batch 1 --max-batch {max_batch}`")
+    return None
+
+
+def choose_triton_engines(model_dir: Path, manifest: dict, max_batch: int, tensorrt_version: str | None) -> dict:
+    """``{network: {"entry", "path", "record"}}`` for each network with a listed engine that the
+    Triton server can run (see the module docstring); InputError naming every engine's problem when
+    a network has engines but none passes.  InputError when the manifest lists none."""
+    from runtime.tensorrt import build as engine_build
+    from runtime.tensorrt.backend import PRECISION_PREFERENCE, listed_engines
+    from runtime.tensorrt.lib import EngineUnusable
+
+    listed = listed_engines(manifest)
+    if not any(e["network"] in ("encoder", "nformer") for e in listed):
+        raise InputError(f"--engines: the manifest in {model_dir} lists no TensorRT engines; build them first "
+                         "or leave out --engines")
+    version = triton_tensorrt_version(tensorrt_version)
+    running = {"tensorrt": version, "gpu": engine_build.gpu_facts(),
+               "plugin_library": engine_build.plugin_library_facts()}
+    rank = {p: i for i, p in enumerate(PRECISION_PREFERENCE)}
+    chosen = {}
+    for network in ("encoder", "nformer"):
+        candidates = sorted((e for e in listed if e["network"] == network),
+                            key=lambda e: rank.get(e["precision"], len(rank)))
+        problems = []
+        for entry in candidates:
+            path = model_dir / entry["path"]
+            if not path.is_file():
+                problems.append(f"{entry['path']}: listed in the manifest but missing")
+                continue
+            try:
+                record = engine_build.check_engine(path, running, model_dir=model_dir)
+            except EngineUnusable as err:
+                problems.append(f"{entry['path']}: {err}")
+                continue
+            problem = _batch_problem(record, max_batch) if network == "encoder" else None
+            if problem:
+                problems.append(f"{entry['path']}: {problem}")
+                continue
+            chosen[network] = {"entry": entry, "path": path, "record": record, "tensorrt": version,
+                               "passed_over": problems}
+            break
+        if candidates and network not in chosen:
+            raise InputError(f"--engines: no {network} engine can be served by a Triton server with TensorRT {version} "
+                             f"on this machine's GPU: " + "; ".join(problems))
+    return chosen
+
+
 def write_triton_repository(model_dir: str | Path, out_dir: str | Path, max_batch: int = 32,
                             max_queue_delay_us: int = 2000, instance_kind: str = "auto", instance_count: int = 1,
-                            engines: bool = False, overwrite: bool = False) -> dict:
-    """Write the repository into ``out_dir`` (published only when complete).  Returns its record."""
+                            engines: bool = False, overwrite: bool = False,
+                            tensorrt_version: str | None = None) -> dict:
+    """Write the repository into ``out_dir`` (published only when complete).  Returns its record.
+
+    ``engines``: serve TensorRT plans (:func:`choose_triton_engines`); ``tensorrt_version``: the
+    Triton server's TensorRT version (default: the one that imports here; required otherwise)."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     manifest = load_manifest(model_dir)
     sources = {"encoder": model_dir / manifest["files"]["encoder"]["path"],
                "nformer": model_dir / manifest["files"]["nformer"]["path"]}
     platforms = {}
+    plans = {}
     if engines:
-        from runtime.tensorrt.backend import listed_engines
-
-        for entry in listed_engines(manifest):
-            if entry["network"] in sources and entry["network"] not in platforms:
-                path = model_dir / entry.get("path", "")
-                if not path.is_file():
-                    raise InputError(f"engine {path} listed in the manifest is missing")
-                sources[entry["network"]] = path
-                platforms[entry["network"]] = "tensorrt_plan"
-        if not platforms:
-            raise InputError(f"--engines: the manifest in {model_dir} lists no TensorRT engines; build them first "
-                             "or leave out --engines")
+        plans = choose_triton_engines(model_dir, manifest, max_batch, tensorrt_version)
+        for network, plan in plans.items():
+            sources[network] = plan["path"]
+            platforms[network] = "tensorrt_plan"
     configs = triton_configs(manifest, max_batch, max_queue_delay_us, instance_kind, instance_count, platforms)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir} is a file; choose a directory for the model repository")
@@ -154,6 +233,12 @@ def write_triton_repository(model_dir: str | Path, out_dir: str | Path, max_batc
             (work / name / "config.pbtxt").write_text(configs[name])
             record["models"][name] = {"config": f"{name}/config.pbtxt", "file": str(target.relative_to(work)),
                                       "from": sources[network].name}
+            if plan:
+                chosen = plans[network]
+                record["models"][name]["engine"] = {
+                    "precision": chosen["entry"]["precision"], "tensorrt": chosen["record"]["tensorrt"]["version"],
+                    "server_tensorrt": chosen["tensorrt"], "gpu": chosen["record"].get("gpu"),
+                    "profiles": chosen["record"].get("profiles"), "passed_over": chosen["passed_over"]}
         (work / "README.md").write_text(_triton_readme(record, platforms))
         (work / REPOSITORY_RECORD).write_text(json.dumps(record, indent=1) + "\n")
         if out_dir.exists():

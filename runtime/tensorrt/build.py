@@ -10,8 +10,21 @@ refinement) into TensorRT engines, where TensorRT is available:
   ``--stronglyTyped`` on TensorRT 10 (11 is always strongly typed and marks the flag a no-op),
   ``--skipInference``;
 * else through the TensorRT Python API: a strongly typed network (the flag where the enum still has
-  it), the ONNX parser, one optimisation profile per network, the timing cache, the plugin library
-  loaded through the builder's plugin registry (``load_library``).
+  it), the ONNX parser, one optimisation profile per network, the timing cache (``set_timing_cache``'s
+  result checked: a cache TensorRT rejects is replaced by an empty one, with a warning), the plugin
+  library loaded once per process through the builder's plugin registry and its creator looked up
+  (:func:`runtime.tensorrt.lib.load_plugin_library`).
+
+TensorRT parses a **TensorRT copy** of each ONNX file that carries the local function
+(FunctionProto) ``nformer::ReciprocalNeighbors``: ``<stem>.trt.onnx`` beside it (``nformer.trt.onnx``,
+``nformer.fp16.trt.onnx``), the same model without the function, written atomically and named in the
+build record (``parsed_onnx``).  The function body is ONNX Runtime's implementation: TensorRT cannot
+run its DOUBLE tensors and casts them to FLOAT, so an engine built from it ranks neighbours in fp32,
+not exactly.  TensorRT 10.0 - 10.6 import a local function before a plugin of the same name (10.7
+reversed the order), and every version imports the function when the plugin did not load; without
+the function in the parsed file the node can only become the plugin, and a missing plugin is a parse
+error instead of a silently different engine.  So 10.0 - 10.6 are supported, through that copy.  A
+network that uses the op is not built at all when the plugin library is not built.
 
 No precision flag is ever passed (TensorRT 11 removed ``--fp16/--int8``, ``BuilderFlag.FP16/INT8`` and
 the calibrators): the precision is in the ONNX file, so the same code builds on TensorRT 10 and 11.
@@ -19,7 +32,10 @@ Without TensorRT the command still writes the ONNX files and says how to build t
 
 Shape profiles: encoder ``images`` [batch, 3, H, W] with batch min/opt/max 1/32/128; refinement
 ``features`` [1, N, D] with N 1/20,000/100,000 and ``landmarks`` [n_layer, l] with l from 1 to the
-model's landmark count (l <= N).  One timing cache per model directory (``timing.cache``).
+model's landmark count (l <= N).  One timing cache per model directory, device and TensorRT version
+(``timing.<gpu-name-slug>.<compute capability>.trt<version>.cache``, e.g.
+``timing.nvidia-h100-80gb-hbm3.9.0.trt10.13.0.cache``): a model directory copied to another GPU never
+feeds it another device's cache.
 
 Engine files: ``<network>.<precision>.engine`` with the build record ``<network>.<precision>.engine.json``
 beside it.  **Build record** (``format`` ``nformer-trt/engine-record``, version 1)::
@@ -27,13 +43,17 @@ beside it.  **Build record** (``format`` ``nformer-trt/engine-record``, version 
     {"format": "nformer-trt/engine-record", "format_version": 1,
      "engine": "encoder.int8.engine", "engine_sha256": "...", "network": "encoder", "precision": "int8",
      "source_onnx": {"path": "encoder.int8.onnx", "sha256": "..."},
+     "parsed_onnx": {"path": "nformer.trt.onnx", "sha256": "...",
+                     "removed_local_functions": ["nformer::ReciprocalNeighbors"]} | null,
+     "custom_op": {"op": "nformer::ReciprocalNeighbors", "implementation": "plugin"} | null,
      "tensorrt": {"version": "10.8.0", "full_version": "10.8.0.43"},
      "gpu": {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"},
      "profiles": {"images": {"min": [1, 3, 256, 128], "opt": [32, ...], "max": [128, ...]}},
      "plugin_library": {"path": "/.../libnformer_plugins.so", "sha256": "..."} | null,
      "builder": {"tool": "trtexec", "command": [...], "command_line": "trtexec --onnx=..."}
               | {"tool": "tensorrt-python", "calls": ["Builder.create_network(flags=...)", ...]},
-     "timing_cache": "timing.cache", "rebuild": "runtime build build/ --precision int8 ...",
+     "timing_cache": "timing.nvidia-h100-80gb-hbm3.9.0.trt10.8.0.cache",
+     "rebuild": "runtime build build/ --precision int8 ...",
      "created": "..."}
 
 **Manifest section** ``"engines"`` (written here; what the runtime's TensorRT backend reads), one
@@ -78,15 +98,17 @@ from typing import Callable
 
 import plugins
 from export.contract.errors import InputError, NFormerError
-from export.contract.files import sha256_file, write_bytes_atomic, write_json_atomic
+from export.contract.files import copy_file_atomic, sha256_file, staged_file, write_bytes_atomic, write_json_atomic
 from export.contract.manifest import load_manifest
+from export.contract.ops import OP_DOMAIN, OP_TYPE
 
-from runtime.tensorrt.lib import EngineUnusable, import_tensorrt
+from runtime.tensorrt.lib import EngineUnusable, import_tensorrt, load_plugin_library, parser_prefers_local_functions
 
 RECORD_FORMAT = "nformer-trt/engine-record"
 RECORD_FORMAT_VERSION = 1
 ENGINES_KEY = "engines"
-TIMING_CACHE = "timing.cache"
+TRT_ONNX_SUFFIX = ".trt.onnx"
+CUSTOM_OP = f"{OP_DOMAIN}::{OP_TYPE}"
 ENGINE_TOOLS = ("auto", "trtexec", "python", "none")
 DEFAULT_BATCH = (1, 32, 128)
 DEFAULT_N = (1, 20_000, 100_000)
@@ -128,6 +150,59 @@ def shape_profiles(config: dict, batch=DEFAULT_BATCH, n=DEFAULT_N) -> dict[str, 
 
 def engine_file(network: str, precision: str) -> str:
     return f"{network}.{precision}.engine"
+
+
+def timing_cache_file(gpu: dict | None, tensorrt_version: str) -> str:
+    """``timing.<gpu-name-slug>.<compute capability>.trt<major.minor.patch>.cache``: a timing cache
+    holds measurements of one device and one TensorRT version (TensorRT rejects it elsewhere);
+    ``timing.unknown-gpu.trt<version>.cache`` while the GPU is not known yet."""
+    version = _short_version(tensorrt_version)
+    if not gpu:
+        return f"timing.unknown-gpu.trt{version}.cache"
+    slug = re.sub(r"[^a-z0-9]+", "-", str(gpu["name"]).lower()).strip("-") or "gpu"
+    cc = re.sub(r"[^0-9.]+", "", str(gpu["compute_capability"])) or "unknown"
+    return f"timing.{slug}.{cc}.trt{version}.cache"
+
+
+def _custom_op_nodes(graph) -> int:
+    """How many ``nformer::ReciprocalNeighbors`` nodes ``graph`` has, subgraphs included."""
+    count = 0
+    for node in graph.node:
+        if node.op_type == OP_TYPE and node.domain == OP_DOMAIN:
+            count += 1
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                count += _custom_op_nodes(attr.g)
+            for sub in attr.graphs:
+                count += _custom_op_nodes(sub)
+    return count
+
+
+def tensorrt_onnx(onnx_path: Path) -> tuple[Path, dict]:
+    """The file TensorRT parses for ``onnx_path`` and what it holds.
+
+    Returns ``(path, {"uses_custom_op": bool, "parsed_onnx": {...} | None})``: ``onnx_path`` itself
+    when it has no local function ``nformer::ReciprocalNeighbors``, else its TensorRT copy
+    ``<stem>.trt.onnx`` beside it (written atomically), the same model without that function, so
+    that TensorRT can import the node only as the plugin (module docstring).
+    """
+    import onnx
+
+    onnx_path = Path(onnx_path)
+    # external data (if any) stays where it is: the copy lies in the same folder and keeps the references
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    uses = _custom_op_nodes(model.graph) > 0
+    keep = [f for f in model.functions if not (f.domain == OP_DOMAIN and f.name == OP_TYPE)]
+    if len(keep) == len(model.functions):
+        return onnx_path, {"uses_custom_op": uses, "parsed_onnx": None}
+    del model.functions[:]
+    model.functions.extend(keep)
+    stem = onnx_path.name[:-len(".onnx")] if onnx_path.name.endswith(".onnx") else onnx_path.name
+    out = onnx_path.with_name(stem + TRT_ONNX_SUFFIX)
+    with staged_file(out) as tmp:
+        onnx.save(model, str(tmp))
+    return out, {"uses_custom_op": uses,
+                 "parsed_onnx": {"path": out.name, "sha256": sha256_file(out), "removed_local_functions": [CUSTOM_OP]}}
 
 
 def record_file(engine: str | Path) -> str:
@@ -257,25 +332,32 @@ def build_with_python_api(trt, onnx_path: Path, engine_path: Path, profile: dict
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     if plugin_library is not None:
-        builder.get_plugin_registry().load_library(str(plugin_library))
-        calls.append(f"IPluginRegistry.load_library({plugin_library})")
+        # once per process; EngineUnusable unless the ReciprocalNeighbors creator is registered afterwards
+        loaded = load_plugin_library(trt, plugin_library, builder.get_plugin_registry())
+        calls.append(f"IPluginRegistry.load_library({plugin_library})" if loaded["loaded_now"] else
+                     f"IPluginRegistry.load_library({plugin_library}): already registered in this process")
+        calls.append(f"IPluginRegistry.get_creator({OP_TYPE!r}, ...): registered")
     flags = network_flags(trt)
     network = builder.create_network(flags)
     calls.append(f"Builder.create_network(flags={flags})")
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise NFormerError(f"TensorRT's ONNX parser rejected {onnx_path.name}: {errors}")
+        hint = ""
+        if OP_TYPE in errors:
+            hint = (f" ({onnx_path.name} has no local function for {CUSTOM_OP} by design, so TensorRT can import the "
+                    "node only as the plugin: the plugin library must be built and load)")
+        raise NFormerError(f"TensorRT's ONNX parser rejected {onnx_path.name}: {errors}{hint}")
     calls.append(f"OnnxParser.parse_from_file({onnx_path.name})")
     config = builder.create_builder_config()
     opt_profile = builder.create_optimization_profile()
     for name, ranges in profile.items():
         opt_profile.set_shape(name, ranges["min"], ranges["opt"], ranges["max"])
         calls.append(f"IOptimizationProfile.set_shape({name}, {ranges['min']}, {ranges['opt']}, {ranges['max']})")
-    config.add_optimization_profile(opt_profile)
-    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
-    calls.append(f"IBuilderConfig.set_timing_cache({timing_cache.name})")
+    if config.add_optimization_profile(opt_profile) < 0:
+        raise NFormerError(f"TensorRT rejected the optimisation profile {profile} for {onnx_path.name}")
+    cache_status = _set_timing_cache(config, timing_cache, log)
+    calls.append(f"IBuilderConfig.set_timing_cache({timing_cache.name}, ignore_mismatch=False): {cache_status}")
     plan = builder.build_serialized_network(network, config)
     calls.append("Builder.build_serialized_network(network, config)")
     if plan is None:
@@ -284,7 +366,27 @@ def build_with_python_api(trt, onnx_path: Path, engine_path: Path, profile: dict
     write_bytes_atomic(timing_cache, memoryview(config.get_timing_cache().serialize()))
     for c in calls:
         log(f"  {c}")
-    return {"tool": "tensorrt-python", "calls": calls, "tensorrt_version": str(trt.__version__)}
+    return {"tool": "tensorrt-python", "calls": calls, "tensorrt_version": str(trt.__version__),
+            "timing_cache_status": cache_status}
+
+
+def _set_timing_cache(config, timing_cache: Path, log: Callable[[str], None]) -> str:
+    """Give ``config`` the timing cache in ``timing_cache`` (an empty one when there is none, or when
+    TensorRT rejects it); returns what happened.  ``set_timing_cache`` returns False for a cache of
+    another device or TensorRT version; that is never ignored."""
+    data = timing_cache.read_bytes() if timing_cache.is_file() else b""
+    cache = config.create_timing_cache(data)
+    if data and cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+        return "loaded"
+    if data:
+        log(f"warning: TensorRT rejected the timing cache {timing_cache.name} ("
+            + ("unreadable" if cache is None else "IBuilderConfig.set_timing_cache returned False: written on another "
+               "device or TensorRT version") + "); building with an empty cache, which then replaces it")
+    cache = config.create_timing_cache(b"")
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        raise NFormerError("TensorRT refused an empty timing cache (IBuilderConfig.set_timing_cache returned False); "
+                           "this TensorRT installation is not usable for builds")
+    return "rejected, replaced by a new one" if data else "new"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -481,35 +583,67 @@ def build(model_dir: str | Path, options: BuildOptions, log: Callable[[str], Non
             f"{MIN_TENSORRT_MAJOR} run: {options.rebuild_command(model_dir)}")
         return result
     plugin = plugin_library_facts()
-    log(f"plugin library: {plugin['path']}" if plugin else
-        "plugin library: not built (plugins.plugin_library_path()); TensorRT imports the ReciprocalNeighbors "
-        "function body instead of the plugin")
-    timing_cache = model_dir / TIMING_CACHE
+    log(f"plugin library: {plugin['path']}" if plugin else "plugin library: not built (plugins.plugin_library_path())")
+    trt_version = tool.full_version if kind == "trtexec" else str(tool.__version__)
+    # what TensorRT parses: the file itself, or its copy without the op's local function (module docstring)
+    parsed = {}
+    for network in ("encoder", "nformer"):
+        parsed[network] = tensorrt_onnx(model_dir / variants[network]["path"])
+        path, facts = parsed[network]
+        if facts["uses_custom_op"] and plugin is None:
+            raise NFormerError(
+                f"{variants[network]['path']} uses the custom op {CUSTOM_OP}, which TensorRT runs exactly only as "
+                f"the project's plugin, and the plugin library is not built (plugins.plugin_library_path() found "
+                f"none). Without it TensorRT would build the op's ONNX function body, which it runs in float32 "
+                f"(not the exact neighbour ranking). Build the plugin library with: {plugins.BUILD_COMMAND} "
+                f"(or set {plugins.ENV_DIR}), then run: {options.rebuild_command(model_dir)}")
+        if facts["parsed_onnx"]:
+            log(f"{path.name}: {variants[network]['path']} without its local function {CUSTOM_OP}, so TensorRT can "
+                "import the node only as the plugin (a missing plugin is a parse error)")
+    if parser_prefers_local_functions(trt_version):
+        log(f"note: TensorRT {_short_version(trt_version)}'s ONNX parser takes a local function before a plugin "
+            "(10.0 - 10.6); supported because the TensorRT copies above have no local function")
+    gpu_known = gpu_facts()
+    timing_cache = model_dir / timing_cache_file(gpu_known, trt_version)
+    if gpu_known is None and timing_cache.exists():
+        # a cache whose device is not known is never fed to a build
+        log(f"removing {timing_cache.name}: the GPU is not known before the build, so its origin is not either")
+        timing_cache.unlink()
     entries = {}
     for network in ("encoder", "nformer"):
         variant = variants[network]
         onnx_path = model_dir / variant["path"]
+        parse_path, facts = parsed[network]
         name = f"{network}.{variant['precision']}"
         engine_path = model_dir / engine_file(network, variant["precision"])
-        log(f"building {engine_path.name} from {onnx_path.name} ({kind}) ...")
+        log(f"building {engine_path.name} from {parse_path.name} ({kind}) ...")
         plugin_path = Path(plugin["path"]) if plugin else None
         if kind == "trtexec":
             # the printed command is the one that runs: trtexec writes the engine only once it is built
-            info = build_with_trtexec(tool, onnx_path, engine_path, profiles[network], timing_cache, plugin_path, log)
+            info = build_with_trtexec(tool, parse_path, engine_path, profiles[network], timing_cache, plugin_path, log)
         else:
             # writes the engine atomically (export.contract.files) once TensorRT has built it
-            info = build_with_python_api(tool, onnx_path, engine_path, profiles[network], timing_cache, plugin_path,
+            info = build_with_python_api(tool, parse_path, engine_path, profiles[network], timing_cache, plugin_path,
                                          log)
-        gpu = gpu_facts() or info.get("gpu_from_log")
+        gpu = gpu_known or info.get("gpu_from_log")
+        if gpu_known is None and gpu is not None:
+            # the GPU is known now (trtexec's log): the cache of this build gets its device's name
+            keyed = model_dir / timing_cache_file(gpu, trt_version)
+            if timing_cache.is_file() and keyed != timing_cache:
+                copy_file_atomic(timing_cache, keyed)
+                timing_cache.unlink()
+            timing_cache, gpu_known = keyed, gpu
         record = {
             "format": RECORD_FORMAT, "format_version": RECORD_FORMAT_VERSION,
             "engine": engine_path.name, "engine_sha256": sha256_file(engine_path),
             "network": network, "precision": variant["precision"],
             "source_onnx": {"path": variant["path"], "sha256": sha256_file(onnx_path)},
+            "parsed_onnx": facts["parsed_onnx"],
+            "custom_op": {"op": CUSTOM_OP, "implementation": "plugin"} if facts["uses_custom_op"] else None,
             "tensorrt": {"version": _short_version(info["tensorrt_version"]), "full_version": info["tensorrt_version"]},
             "gpu": gpu, "profiles": profiles[network], "plugin_library": plugin,
             "builder": {k: v for k, v in info.items() if k not in ("tensorrt_version", "gpu_from_log")},
-            "timing_cache": TIMING_CACHE, "rebuild": options.rebuild_command(model_dir),
+            "timing_cache": timing_cache.name, "rebuild": options.rebuild_command(model_dir),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
         write_json_atomic(engine_path.with_name(record_file(engine_path)), record)

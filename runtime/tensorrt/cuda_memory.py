@@ -19,11 +19,14 @@ import contextlib
 
 import numpy as np
 
-from export.contract.errors import InputError, NFormerError
+from export.contract.errors import InputError
+
+from runtime.tensorrt.lib import EngineUnusable
 
 
-class CudaUnavailable(NFormerError):
-    """pycuda or a CUDA device is missing."""
+class CudaUnavailable(EngineUnusable):
+    """pycuda or a CUDA device is missing: a TensorRT engine cannot run here (the one error type for
+    that, :class:`~runtime.tensorrt.lib.EngineUnusable`, so ``backend="auto"`` falls back on it)."""
 
 
 def cuda_driver():
@@ -59,13 +62,19 @@ class Device:
     def __init__(self, index: int = 0):
         self.cuda = cuda = cuda_driver()
         count = cuda.Device.count()
+        if count == 0:
+            raise CudaUnavailable("CUDA reports no GPU on this machine; use the ONNX Runtime backend")
         if not 0 <= index < count:
             raise InputError(f"GPU {index} does not exist: this machine has {count} CUDA device(s)")
         self.index = index
-        self.device = cuda.Device(index)
-        self.context = self.device.retain_primary_context()
-        self.name = self.device.name()
-        self.compute_capability = "%d.%d" % self.device.compute_capability()
+        try:
+            self.device = cuda.Device(index)
+            self.context = self.device.retain_primary_context()
+            self.name = self.device.name()
+            self.compute_capability = "%d.%d" % self.device.compute_capability()
+        except Exception as err:  # pycuda raises its own error types
+            raise CudaUnavailable(f"GPU {index} could not be opened through CUDA ({err}); check the NVIDIA "
+                                  "driver (nvidia-smi) or use the ONNX Runtime backend") from None
 
     @contextlib.contextmanager
     def active(self):

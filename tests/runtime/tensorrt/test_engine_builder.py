@@ -25,6 +25,7 @@ from runtime.tensorrt import cuda_memory
 from runtime.tensorrt.build import (BuildOptions, EngineMismatchError, Trtexec, build, build_with_python_api,
                                     check_engine, parse_trtexec_build, parse_trtexec_version, shape_profiles,
                                     trtexec_command)
+from runtime.tensorrt import lib as trt_lib
 from runtime.tensorrt.lib import EngineUnusable, import_tensorrt
 
 from precision_support import fresh_copy, random_small_export
@@ -32,6 +33,12 @@ from precision_support import fresh_copy, random_small_export
 CONFIG = {"input_size_hw": [256, 128], "n_embd": 256, "n_layer": 4, "landmarks": 5}
 BANNER_10 = "&&&& RUNNING TensorRT.trtexec [TensorRT v101300] [b35] # trtexec --help"
 BANNER_11 = "&&&& RUNNING TensorRT.trtexec [TensorRT v110100] [b106] # trtexec --help"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_plugin_registry(monkeypatch):
+    """Each test is a new process as far as the once-per-process plugin load is concerned."""
+    monkeypatch.setattr(trt_lib, "_plugin_state", trt_lib._PluginState())
 
 
 def test_trtexec_banner_gives_the_tensorrt_version():
@@ -93,7 +100,7 @@ class _Recorder:
                 def method(*args, **kwargs):
                     rec.calls.append((f"{self.kind}.{name}", args, kwargs))
                     return {"build_serialized_network": b"PLAN", "serialize": b"CACHE", "parse_from_file": True,
-                            "load_library": object()}.get(name, Obj(name))
+                            "load_library": object(), "add_optimization_profile": 0}.get(name, Obj(name))
                 return method
 
         self.Builder = lambda logger: Obj("Builder")
@@ -185,6 +192,10 @@ def test_build_with_trtexec_writes_engines_records_and_manifest(fake_trtexec, mo
         assert record["builder"]["command"] == argv  # the exact command that ran is stored ...
         assert f"$ {record['builder']['command_line']}" in messages  # ... and printed
         assert f"--saveEngine={model_dir / entry['path']}" in argv and "--stronglyTyped" in argv
+        # the refinement is parsed from its TensorRT copy without the op's local function (see build.py)
+        parsed = "nformer.fp16.trt.onnx" if name.startswith("nformer") else "encoder.fp16.onnx"
+        assert f"--onnx={model_dir / parsed}" in argv
+        assert (record["parsed_onnx"] or {}).get("path") == (parsed if name.startswith("nformer") else None)
         assert any(a.startswith("--dynamicPlugins=") for a in argv)
         assert record["tensorrt"] == {"version": "10.13.0", "full_version": "10.13.0.35"}
         assert record["gpu"] == {"name": "Fake GPU 80GB", "compute_capability": "9.0"}
@@ -197,7 +208,10 @@ def test_build_with_trtexec_writes_engines_records_and_manifest(fake_trtexec, mo
         assert check_engine(model_dir / entry["path"], _running(record), model_dir=model_dir) == record
     enc = json.loads((model_dir / "encoder.fp16.engine.json").read_text())
     assert enc["profiles"]["images"]["opt"] == [8, 3, 128, 64]
-    assert (model_dir / "timing.cache").read_bytes() == b"tt"  # one timing cache, used by both builds
+    # one timing cache per device and TensorRT version, used by both builds; the GPU came from trtexec's log
+    assert (model_dir / "timing.fake-gpu-80gb.9.0.trt10.13.0.cache").read_bytes() == b"tt"
+    assert not list(model_dir.glob("timing.unknown-gpu*")) and not (model_dir / "timing.cache").exists()
+    assert enc["timing_cache"] == "timing.fake-gpu-80gb.9.0.trt10.13.0.cache"
 
 
 def test_failed_trtexec_build_is_an_error_with_the_log(fake_trtexec, model_dir, monkeypatch):
@@ -242,14 +256,27 @@ def test_loader_refuses_an_engine_that_does_not_match(case, fake_trtexec, model_
     assert expect in message and "runtime build" in message and "\n" not in message
 
 
-def test_an_engine_without_the_plugin_loads_with_or_without_one(fake_trtexec, model_dir, monkeypatch):
-    monkeypatch.setattr(eb, "plugin_library_facts", lambda: None)
+def test_an_engine_without_the_plugin_loads_with_or_without_one(fake_trtexec, model_dir):
     build(model_dir, BuildOptions(precision="fp32"), log=lambda m: None)
-    record = json.loads((model_dir / "nformer.fp32.engine.json").read_text())
-    assert record["plugin_library"] is None
-    check_engine(model_dir / "nformer.fp32.engine", _running(record), model_dir=model_dir)
-    check_engine(model_dir / "nformer.fp32.engine",
+    # a record that names no plugin library (an engine of a network without the custom op)
+    record_path = model_dir / "encoder.fp32.engine.json"
+    record = json.loads(record_path.read_text())
+    record["plugin_library"] = None
+    record_path.write_text(json.dumps(record))
+    check_engine(model_dir / "encoder.fp32.engine", _running(record), model_dir=model_dir)
+    check_engine(model_dir / "encoder.fp32.engine",
                  _running(record, plugin_library={"path": "/x.so", "sha256": "1" * 64}), model_dir=model_dir)
+
+
+def test_without_the_plugin_library_the_refinement_is_not_built(fake_trtexec, model_dir, monkeypatch):
+    """Without the plugin TensorRT would build the op's function body (fp32 ranking): refused, with
+    the command that builds the plugin, before any engine is built."""
+    monkeypatch.setattr(eb, "plugin_library_facts", lambda: None)
+    with pytest.raises(eb.NFormerError, match=r"nformer.onnx uses the custom op nformer::ReciprocalNeighbors.*"
+                                              r"not built.*float32.*cmake -S plugins"):
+        build(model_dir, BuildOptions(precision="fp32"), log=lambda m: None)
+    assert not (fake_trtexec / "calls.jsonl").exists() and not list(model_dir.glob("*.engine"))
+    assert "engines" not in json.loads((model_dir / "manifest.json").read_text())
 
 
 def test_without_tensorrt_the_build_writes_onnx_files_only(model_dir, monkeypatch):
@@ -309,7 +336,7 @@ def test_python_api_build_writes_the_engine_atomically_with_the_umask(model_dir,
         os.umask(old)
     assert result["tool"] == "python" and set(result["engines"]) == {"encoder.fp32", "nformer.fp32"}
     loaded = [c[1] for c in trt.calls if c[0] == "get_plugin_registry.load_library"]
-    assert loaded == [(str((lib_dir / plugins.PLUGIN_LIBRARY).resolve()),)] * 2
+    assert loaded == [(str((lib_dir / plugins.PLUGIN_LIBRARY).resolve()),)]  # once per process
     for entry in result["engines"].values():
         engine = model_dir / entry["path"]
         assert engine.read_bytes() == b"PLAN" and stat.S_IMODE(engine.stat().st_mode) == 0o640
@@ -317,8 +344,11 @@ def test_python_api_build_writes_the_engine_atomically_with_the_umask(model_dir,
         assert record["plugin_library"]["path"] == str((lib_dir / plugins.PLUGIN_LIBRARY).resolve())
         assert record["builder"]["tool"] == "tensorrt-python"
         assert check_engine(engine, _running(record), model_dir=model_dir) == record
-    assert (model_dir / "timing.cache").read_bytes() == b"CACHE"
-    assert stat.S_IMODE((model_dir / "timing.cache").stat().st_mode) == 0o640
+    cache = model_dir / "timing.fake-gpu.9.0.trt10.13.0.cache"
+    assert cache.read_bytes() == b"CACHE"
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o640
+    copy = model_dir / "nformer.trt.onnx"
+    assert stat.S_IMODE(copy.stat().st_mode) == 0o640 and not __import__("onnx").load(str(copy)).functions
     assert not [p.name for p in model_dir.iterdir() if p.name.startswith(".") or p.suffix == ".tmp"]
 
 
