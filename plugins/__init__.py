@@ -70,7 +70,11 @@ def _find(name: str, what: str, hint: str) -> Path:
 def library_path() -> Path:
     """Path of ``libnformer_plugins.so``, the TensorRT plugin library.
 
-    Load it with ``trtexec --dynamicPlugins=<path>`` or ``IPluginRegistry.load_library(str(path))``.
+    Load it with ``trtexec --dynamicPlugins=<path>`` or, in Python, with
+    ``runtime.tensorrt.lib.load_plugin_library`` (once per process, then the creator is looked up:
+    ``IPluginRegistry.load_library`` returns None on failure and when already loaded).  TensorRT must
+    parse a file without the op's local function (``runtime build`` writes ``nformer.trt.onnx``), or
+    it may import the function body instead (reciprocal_neighbors/README.md).
     Raises :class:`PluginNotBuiltError` when it has not been built.
     """
     hint = "It needs TensorRT's headers at build time (not libnvinfer)."
