@@ -10,7 +10,11 @@ execution context) or a CPU backend that already uses every core wants.
 
 Shutdown: ``close()`` (or leaving a ``with`` block) stops accepting requests; ``drain=True`` (the
 default) finishes the queued ones first, ``drain=False`` fails them with :class:`BatcherClosed`.
-A failing network call fails the requests of that batch only.
+A failing network call fails the requests of that batch only.  A batch only ever holds rows of one
+shape and dtype (a mis-shaped request runs alone and fails alone), and anything that goes wrong
+while a batch is put together or handed out fails that batch's requests, never the worker.  Should
+the worker stop anyway, every waiting and later request fails with :class:`BatcherClosed` (and
+``__call__`` notices a worker that died without answering): a caller never waits forever.
 """
 from __future__ import annotations
 
@@ -18,7 +22,8 @@ import collections
 import queue
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -61,6 +66,7 @@ class _Request:
 
 
 _STOP = object()
+_POLL = 0.5   # seconds between checks that the worker is alive, for callers without a timeout
 
 
 class DynamicBatcher:
@@ -81,6 +87,8 @@ class DynamicBatcher:
         self._lock = threading.Lock()
         self._closed = False
         self._cancel = False
+        self._error: BaseException | None = None   # what stopped the worker, if it failed
+        self._inflight: list = []                  # requests of the batch being run
         self._worker = threading.Thread(target=self._serve, name=f"{name}-batcher", daemon=True)
         self._worker.start()
 
@@ -94,14 +102,38 @@ class DynamicBatcher:
         req = _Request(rows)
         with self._lock:
             if self._closed:
-                raise BatcherClosed(f"the {self.name} batcher is closed: create a new one (or a new Pipeline) "
-                                    "to submit more requests")
+                raise BatcherClosed(self._closed_message())
             self.stats.requests += 1
             self._queue.put(req)
         return req.future
 
     def __call__(self, rows: np.ndarray, timeout: float | None = None) -> np.ndarray:
-        return self.submit(rows).result(timeout)
+        future = self.submit(rows)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            step = _POLL if left is None else max(0.0, min(_POLL, left))
+            try:
+                return future.result(step)
+            except FutureTimeout:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+                if not self._worker.is_alive() and not future.done():
+                    # the worker fails every request it holds before it ends; this is the last guard
+                    err = BatcherClosed(self._closed_message())
+                    with self._lock:
+                        self._closed = True
+                    try:
+                        future.set_exception(err)
+                    except InvalidStateError:   # answered in the meantime after all
+                        pass
+                    return future.result(0)
+
+    def _closed_message(self) -> str:
+        if self._error is not None:
+            return (f"the {self.name} batcher stopped after an internal error ({type(self._error).__name__}: "
+                    f"{self._error}); create a new one (or a new Pipeline) to submit more requests")
+        return f"the {self.name} batcher is closed: create a new one (or a new Pipeline) to submit more requests"
 
     # ---- shutdown ----
 
@@ -159,54 +191,81 @@ class DynamicBatcher:
                     pending += len(item.rows)
                 if self._cancel:
                     break
+                self._inflight = list(backlog)   # failed below should the worker itself break
                 self._run_one(backlog)
+                self._inflight = []
+        except BaseException as err:   # a bug of the batcher itself: fail everyone below, never hang
+            self._error = err
         finally:
-            err = BatcherClosed(f"the {self.name} batcher was closed before this request ran")
-            for req in backlog:
-                req.fail(err)
-            while True:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is not _STOP:
-                    item.fail(err)
+            with self._lock:             # no submit can slip into the queue after the sweep below
+                self._closed = True
+                if self._error is not None:
+                    err = BatcherClosed(self._closed_message())
+                else:
+                    err = BatcherClosed(f"the {self.name} batcher was closed before this request ran")
+                for req in [*self._inflight, *backlog]:
+                    req.fail(err)
+                self._inflight = []
+                while True:
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is not _STOP:
+                        item.fail(err)
 
-    def _run_one(self, backlog: collections.deque) -> None:
+    def _take_batch(self, backlog: collections.deque) -> list:
+        """Up to ``max_batch`` rows of one shape and dtype: (request, start, end) parts, oldest first.
+
+        Requests of another row shape or dtype wait for a later batch (in their order)."""
+        head = backlog[0]
+        kind = (head.rows.shape[1:], head.rows.dtype)
         parts = []
         room = self.max_batch
-        while backlog and room:
-            req = backlog[0]
+        for req in list(backlog):
+            if not room:
+                break
+            if (req.rows.shape[1:], req.rows.dtype) != kind:
+                continue
             take = min(room, len(req.rows) - req.scheduled)
             parts.append((req, req.scheduled, req.scheduled + take))
             req.scheduled += take
             room -= take
             if req.scheduled == len(req.rows):
-                backlog.popleft()
-        batch = parts[0][0].rows[parts[0][1]:parts[0][2]] if len(parts) == 1 else \
-            np.concatenate([r.rows[s:e] for r, s, e in parts])
+                backlog.remove(req)
+        return parts
+
+    def _run_one(self, backlog: collections.deque) -> None:
+        parts = self._take_batch(backlog)
         try:
+            batch = parts[0][0].rows[parts[0][1]:parts[0][2]] if len(parts) == 1 else \
+                np.concatenate([r.rows[s:e] for r, s, e in parts])
             out = np.asarray(self.run_batch(batch))
-            if len(out) != len(batch):
-                raise RuntimeError(f"{self.name}: the network returned {len(out)} rows for a batch of {len(batch)}")
+            if out.ndim < 1 or len(out) != len(batch):
+                raise RuntimeError(f"{self.name}: the network returned {out.shape[0] if out.ndim else 'no'} rows "
+                                   f"for a batch of {len(batch)}")
+            self.stats.batches += 1
+            self.stats.rows += len(batch)
+            self.stats.sizes[len(batch)] += 1
+            offset = 0
+            for req, s, e in parts:
+                if not req.failed:
+                    try:
+                        if req.out is None:
+                            req.out = np.empty((len(req.rows), *out.shape[1:]), out.dtype)
+                        req.out[s:e] = out[offset:offset + e - s]
+                    except Exception as err:   # e.g. a later part of a split request came back another shape
+                        req.fail(RuntimeError(f"{self.name}: cannot assemble the result of a request of "
+                                              f"{len(req.rows)} rows: {err}"))
+                        if req in backlog:
+                            backlog.remove(req)
+                        continue
+                    req.done += e - s
+                    if req.done == len(req.rows):
+                        req.future.set_result(req.out)
+                offset += e - s
         except BaseException as err:  # the requests of this batch fail; the batcher goes on
             for req, _, _ in parts:
                 req.fail(err)
                 if req in backlog:
                     backlog.remove(req)
-            return
-        self.stats.batches += 1
-        self.stats.rows += len(batch)
-        self.stats.sizes[len(batch)] += 1
-        offset = 0
-        for req, s, e in parts:
-            if req.failed:
-                offset += e - s
-                continue
-            if req.out is None:
-                req.out = np.empty((len(req.rows), *out.shape[1:]), out.dtype)
-            req.out[s:e] = out[offset:offset + e - s]
-            offset += e - s
-            req.done += e - s
-            if req.done == len(req.rows):
-                req.future.set_result(req.out)

@@ -14,6 +14,7 @@ On disk (``save``/``load``) a gallery is a directory::
       CURRENT              {"format": "nformer-trt/gallery", "format_version": 1, "version": "v000003"}
       v000003/
         gallery.json       ids, camera ids, metadata, model identity, seed, checksums of the arrays
+                           and of its own contents (content_sha256, model_sha256)
         embeddings.npy     float32 [N, D] raw embeddings as added
         features.npy       float32 [N, D] the L2-normalised rows the neighbour lists rank
         neighbors.npz      the lists (loading needs no O(N^2) scan)
@@ -22,14 +23,26 @@ On disk (``save``/``load``) a gallery is a directory::
 A save writes a new version directory under a temporary name, renames it into place and then
 replaces ``CURRENT`` (an atomic rename), so a crash or an exception at any point leaves the
 previous save readable; older versions are deleted only after the switch.
+
+Concurrent saves and loads of one directory (threads or processes) are serialised by ``flock`` on
+the gallery directory itself: a save holds it exclusively from reading ``CURRENT`` to deleting the
+old versions, a load holds it shared while it reads, so a load sees the last complete save and
+saves never trip over each other's temporary directories.
+
+Loading trusts nothing: ``gallery.json`` is checked against its own checksums (a missing checksum
+is an error, not a skip) and its schema, the arrays against theirs, and the model identity (the
+encoder file's sha256, the checkpoint's, the input size, the preprocessing mean/std and the
+embedding width) against the model it is opened with.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import io
 import json
 import os
+import re
 import shutil
-import tempfile
 import threading
 from dataclasses import asdict, dataclass, field
 from numbers import Integral
@@ -39,7 +52,7 @@ import numpy as np
 
 from export.contract.config import ModelConfig
 from export.contract.errors import InputError
-from export.contract.files import sha256_file, write_bytes_atomic
+from export.contract.files import make_temp_dir, sha256_file, write_bytes_atomic
 
 from runtime.layers_refiner import LayersRefiner
 from runtime.evaluation.metrics import euclidean_distances
@@ -51,6 +64,13 @@ FORMAT_VERSION = 1
 POINTER = "CURRENT"
 ITEMS = "gallery.json"
 ARRAYS = ("embeddings.npy", "features.npy", "neighbors.npz", "refined.npy")
+REQUIRED_ARRAYS = ARRAYS[:3]
+#: what the embeddings depend on: a gallery opened with a model that differs in one of them is refused
+IDENTITY_KEYS = ("encoder_sha256", "checkpoint_sha256", "input_size_hw", "pixel_mean", "pixel_std", "feature_dim",
+                 "n_embd")
+_VERSION_DIR = re.compile(r"v\d+")
+_TEMP_DIR = re.compile(r"\.v\d+\.tmp-.*")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -67,12 +87,32 @@ class Hit:
 
 
 def model_identity(manifest: dict | None, config: ModelConfig) -> dict:
-    """What a gallery records about the model its embeddings came from."""
-    ident = {"n_embd": config.n_embd, "topk": config.topk, "n_layer": config.n_layer, "landmarks": config.landmarks}
+    """What a gallery records about the model its embeddings came from: the encoder file and the
+    checkpoint (sha256, from the manifest), and the configuration that shapes the embedding space."""
+    ident = {"n_embd": config.n_embd, "topk": config.topk, "n_layer": config.n_layer, "landmarks": config.landmarks,
+             "feature_dim": config.feature_dim, "input_size_hw": [int(v) for v in config.input_size_hw],
+             "pixel_mean": [float(v) for v in config.pixel_mean], "pixel_std": [float(v) for v in config.pixel_std]}
     if manifest:
-        ident["encoder_sha256"] = manifest.get("files", {}).get("encoder", {}).get("sha256")
-        ident["checkpoint_sha256"] = manifest.get("source", {}).get("sha256")
+        files = manifest.get("files") if isinstance(manifest.get("files"), dict) else {}
+        encoder = files.get("encoder") if isinstance(files.get("encoder"), dict) else {}
+        source = manifest.get("source") if isinstance(manifest.get("source"), dict) else {}
+        if encoder.get("sha256"):
+            ident["encoder_sha256"] = encoder["sha256"]
+        if source.get("sha256"):
+            ident["checkpoint_sha256"] = source["sha256"]
     return ident
+
+
+def _canonical_sha256(data) -> str:
+    """sha256 of ``data`` as canonical JSON (independent of the file's formatting)."""
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def _content_sha256(items: dict) -> str:
+    """Checksum of everything in gallery.json except the model identity and the checksums themselves
+    (the identity has its own, so that ``allow_model_mismatch`` can accept another model's record)."""
+    return _canonical_sha256({k: v for k, v in items.items() if k not in ("model", "content_sha256", "model_sha256")})
 
 
 def _json_scalar_id(value, where: str):
@@ -83,6 +123,40 @@ def _json_scalar_id(value, where: str):
     if isinstance(value, str):
         return value
     raise InputError(f"{where}: ids must be strings or integers, found {type(value).__name__} {value!r}")
+
+
+@contextlib.contextmanager
+def _locked(path: Path, exclusive: bool):
+    """Hold ``flock`` on the gallery directory (exclusive for a save, shared for a load)."""
+    try:
+        import fcntl
+    except ImportError:      # no flock here (not POSIX): saves and loads are not serialised
+        yield
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError as err:
+        raise InputError(f"cannot open gallery directory {path}: {err.strerror or err}; check that it exists "
+                         "and is readable") from None
+    mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+    try:
+        try:
+            fcntl.flock(fd, mode)
+        except OSError:
+            # a file system that cannot lock directories (NFS): a lock file inside it instead
+            os.close(fd)
+            fd = -1
+            lock_file = path / ".lock"
+            try:
+                fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)   # the umask applies
+                fcntl.flock(fd, mode)
+            except OSError as err:
+                raise InputError(f"cannot lock gallery directory {path} ({lock_file}: {err.strerror or err}); "
+                                 "check that it is writable and on a file system with locks") from None
+        yield
+    finally:
+        if fd >= 0:
+            os.close(fd)    # releases the lock
 
 
 def _fsync_dir(path: Path) -> None:
@@ -303,36 +377,44 @@ class Gallery:
     # ---- persistence ----
 
     def save(self, path) -> Path:
-        """Write the gallery to directory ``path`` atomically; returns the version directory."""
+        """Write the gallery to directory ``path`` atomically; returns the version directory.
+
+        Safe against concurrent saves and loads of the same directory, from threads or processes."""
         path = Path(path)
         with self._lock:
             if path.exists() and not path.is_dir():
                 raise InputError(f"cannot save a gallery to {path}: it is a file; choose a directory")
-            if path.is_dir() and not (path / POINTER).is_file() and any(path.iterdir()):
-                raise InputError(f"{path} is a non-empty directory that is not a gallery (no {POINTER}); "
-                                 "choose an empty or new directory")
             try:
                 path.mkdir(parents=True, exist_ok=True)
             except OSError as err:
                 raise InputError(f"cannot create gallery directory {path}: {err.strerror or err}") from None
-            previous = _read_pointer(path) if (path / POINTER).is_file() else None
-            number = int(previous["version"][1:]) + 1 if previous else 1
-            version = f"v{number:06d}"
-            work = Path(tempfile.mkdtemp(dir=path, prefix=f".{version}.tmp-"))
-            try:
-                self._write_version(work)
-                os.rename(work, path / version)
-                work = path / version
-                _fsync_dir(path)
-                write_bytes_atomic(path / POINTER, json.dumps(
-                    {"format": FORMAT, "format_version": FORMAT_VERSION, "version": version}, indent=1).encode())
-            except BaseException:
-                shutil.rmtree(work, ignore_errors=True)
-                raise
-            for old in path.iterdir():   # previous versions and leftovers of interrupted saves
-                if old.name != version and old.is_dir() and (old.name.startswith("v") or old.name.startswith(".v")):
-                    shutil.rmtree(old, ignore_errors=True)
-            return path / version
+            with _locked(path, exclusive=True):
+                if not (path / POINTER).is_file() and any(not _TEMP_DIR.fullmatch(p.name) and p.name != ".lock"
+                                                          for p in path.iterdir()):
+                    raise InputError(f"{path} is a non-empty directory that is not a gallery (no {POINTER}); "
+                                     "choose an empty or new directory")
+                previous = _read_pointer(path) if (path / POINTER).is_file() else None
+                numbers = [int(p.name[1:]) for p in path.iterdir() if _VERSION_DIR.fullmatch(p.name)]
+                if previous:
+                    numbers.append(int(previous["version"][1:]))
+                version = f"v{max(numbers, default=0) + 1:06d}"
+                work = make_temp_dir(path, f".{version}.tmp-")
+                try:
+                    self._write_version(work)
+                    os.rename(work, path / version)
+                    work = path / version
+                    _fsync_dir(path)
+                    write_bytes_atomic(path / POINTER, json.dumps(
+                        {"format": FORMAT, "format_version": FORMAT_VERSION, "version": version}, indent=1).encode())
+                except BaseException:
+                    shutil.rmtree(work, ignore_errors=True)
+                    raise
+                # previous versions and leftovers of interrupted saves (no other save runs: we hold the lock)
+                for old in path.iterdir():
+                    if old.name != version and old.is_dir() and not old.is_symlink() \
+                            and (_VERSION_DIR.fullmatch(old.name) or _TEMP_DIR.fullmatch(old.name)):
+                        shutil.rmtree(old, ignore_errors=True)
+                return path / version
 
     def _write_version(self, folder: Path) -> None:
         arrays = {"embeddings.npy": self._raw, "features.npy": self._index.rows()}
@@ -345,10 +427,12 @@ class Gallery:
             write_bytes_atomic(folder / "neighbors.npz", f.getvalue())
         items = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "count": len(self._ids),
-            "model": self.model, "seed": self.seed, "reserve": self._index.reserve,
+            "model": json.loads(json.dumps(self.model)), "seed": self.seed, "reserve": self._index.reserve,
             "ids": self._ids, "camids": self._camids.tolist(), "meta": self._meta,
             "sha256": {name: sha256_file(folder / name) for name in ARRAYS if (folder / name).is_file()},
         }
+        items["content_sha256"] = _content_sha256(items)
+        items["model_sha256"] = _canonical_sha256(items["model"])
         write_bytes_atomic(folder / ITEMS, json.dumps(items).encode())
         _fsync_dir(folder)
 
@@ -356,58 +440,145 @@ class Gallery:
     def load(cls, path, config: ModelConfig, refiner: LayersRefiner | None = None, model: dict | None = None,
              allow_model_mismatch: bool = False) -> "Gallery":
         """Read a gallery saved by :meth:`save`; InputError for another format version, a gallery of
-        another model, or damaged files."""
+        another model (``model``: :func:`model_identity` of the model it is opened with), or damaged
+        or edited files.  ``allow_model_mismatch``: accept another model's embeddings (the widths
+        must still fit)."""
         path = Path(path)
         if not (path / POINTER).is_file():
             raise InputError(f"{path} is not a gallery directory (no {POINTER} file): expected a directory "
                              "written by Gallery.save")
-        pointer = _read_pointer(path)
-        folder = path / pointer["version"]
+        with _locked(path, exclusive=False):
+            pointer = _read_pointer(path)
+            folder = path / pointer["version"]
+            items = _read_items(folder / ITEMS)
+            n = items["count"]
+            saved_model = items["model"]
+            for key in ("n_embd", "topk"):
+                if saved_model.get(key) != getattr(config, key):
+                    raise InputError(f"gallery {path} was made for a model with {key}={saved_model.get(key)}, this "
+                                     f"model has {key}={getattr(config, key)}; re-embed the gallery with this model")
+            if not allow_model_mismatch:
+                _check_identity(path, saved_model, model or model_identity(None, config))
+                if items.get("model_sha256") != _canonical_sha256(saved_model):
+                    raise InputError(f"{folder / ITEMS}: its model identity does not match its checksum "
+                                     "(model_sha256): the file was edited or is damaged; restore the gallery from a "
+                                     "backup or rebuild it")
+            for name, digest in items["sha256"].items():
+                if not (folder / name).is_file() or sha256_file(folder / name) != digest:
+                    raise InputError(f"{folder / name} is missing or does not match its checksum in {ITEMS}; the "
+                                     "gallery is damaged: restore it from a backup or rebuild it")
+            raw = _load_npy(folder / "embeddings.npy")
+            features = _load_npy(folder / "features.npy")
+            refined = _load_npy(folder / "refined.npy") if "refined.npy" in items["sha256"] else None
+            try:
+                with np.load(folder / "neighbors.npz", allow_pickle=False) as z:
+                    state = {k: z[k] for k in z.files}
+            except (OSError, ValueError) as err:
+                raise InputError(f"cannot read {folder / 'neighbors.npz'}: {err}; the gallery is damaged") from None
+        shape = (n, config.n_embd)
+        for name, arr in (("embeddings.npy", raw), ("features.npy", features), ("refined.npy", refined)):
+            if arr is not None and (arr.shape != shape or not np.issubdtype(arr.dtype, np.floating)):
+                raise InputError(f"gallery {folder} is inconsistent: {n} items of width {config.n_embd} but "
+                                 f"{name} holds {arr.dtype} {arr.shape}; rebuild it")
+        gallery = cls(config, refiner, seed=items["seed"], reserve=items["reserve"], model=saved_model)
         try:
-            items = json.loads((folder / ITEMS).read_text())
-        except (OSError, ValueError) as err:
-            raise InputError(f"cannot read {folder / ITEMS}: {err}; the gallery is damaged") from None
-        _check_format(items, folder / ITEMS)
-        saved_model = items.get("model", {})
-        for key in ("n_embd", "topk"):
-            if saved_model.get(key) != getattr(config, key):
-                raise InputError(f"gallery {path} was made for a model with {key}={saved_model.get(key)}, this "
-                                 f"model has {key}={getattr(config, key)}; re-embed the gallery with this model")
-        if model and not allow_model_mismatch:
-            for key in ("checkpoint_sha256", "encoder_sha256"):
-                a, b = saved_model.get(key), model.get(key)
-                if a and b and a != b:
-                    raise InputError(f"gallery {path} holds embeddings of another model ({key} {a[:12]}..., this "
-                                     f"model {b[:12]}...); re-embed it with this model, or pass "
-                                     "allow_model_mismatch=True if the encoders are known to agree")
-                if a and b:
-                    break
-        for name, digest in items.get("sha256", {}).items():
-            if not (folder / name).is_file() or sha256_file(folder / name) != digest:
-                raise InputError(f"{folder / name} is missing or does not match its checksum in {ITEMS}; the "
-                                 "gallery is damaged: restore it from a backup or rebuild it")
-        raw = _load_npy(folder / "embeddings.npy")
-        features = _load_npy(folder / "features.npy")
-        n = int(items["count"])
-        if raw.shape != (n, config.n_embd) or features.shape != raw.shape or len(items["ids"]) != n \
-                or len(items["camids"]) != n or len(items["meta"]) != n:
-            raise InputError(f"gallery {folder} is inconsistent: {n} items but arrays {raw.shape} / "
-                             f"{features.shape}; rebuild it")
-        gallery = cls(config, refiner, seed=items.get("seed", 0), reserve=items.get("reserve", DEFAULT_RESERVE),
-                      model=saved_model)
-        with np.load(folder / "neighbors.npz", allow_pickle=False) as z:
-            state = {k: z[k] for k in z.files}
-        gallery._index = NeighborIndex.from_state(features, state)
+            gallery._index = NeighborIndex.from_state(features, state)
+        except (KeyError, ValueError, TypeError, IndexError) as err:
+            raise InputError(f"{folder / 'neighbors.npz'} does not hold valid neighbour lists ({err}); the "
+                             "gallery is damaged: rebuild it") from None
         gallery._raw = raw.astype(np.float32)
-        gallery._ids = [_json_scalar_id(i, "load") for i in items["ids"]]
+        gallery._ids = list(items["ids"])
         gallery._position = {i: t for t, i in enumerate(gallery._ids)}
         gallery._camids = np.asarray(items["camids"], np.int64).reshape(n)
         gallery._meta = list(items["meta"])
-        if (folder / "refined.npy").is_file():
-            refined = _load_npy(folder / "refined.npy")
-            if refined.shape == raw.shape:
-                gallery._refined = refined
+        if refined is not None:
+            gallery._refined = refined.astype(np.float32)
         return gallery
+
+
+def _check_identity(path: Path, saved: dict, current: dict) -> None:
+    """InputError unless the saved model identity agrees with ``current`` on every IDENTITY_KEYS key
+    that ``current`` records."""
+    differ, unrecorded = [], []
+    for key in IDENTITY_KEYS:
+        if current.get(key) is None:
+            continue
+        a, b = saved.get(key), json.loads(json.dumps(current[key]))
+        if a is None:
+            unrecorded.append(key)
+        elif a != b:
+            differ.append(f"{key} {_short(a)} (this model: {_short(b)})")
+    if differ:
+        raise InputError(f"gallery {path} holds embeddings of another model: {'; '.join(differ)}; re-embed it with "
+                         "this model, or pass allow_model_mismatch=True if the encoders are known to agree")
+    if unrecorded:
+        raise InputError(f"gallery {path} does not record the {', '.join(unrecorded)} of the model that made it, so "
+                         "it cannot be shown to fit this model; re-embed it with this model (Pipeline.gallery), or "
+                         "pass allow_model_mismatch=True if it is known to come from this model")
+
+
+def _short(value) -> str:
+    return f"{value[:12]}..." if isinstance(value, str) and len(value) > 16 else json.dumps(value)
+
+
+def _read_items(where: Path) -> dict:
+    """gallery.json, checked against its content checksum and its schema."""
+    try:
+        items = json.loads(where.read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as err:
+        raise InputError(f"cannot read {where}: {err}; the gallery is damaged") from None
+    if not isinstance(items, dict):
+        raise InputError(f"{where} must hold a JSON object, found {type(items).__name__}; the gallery is damaged")
+    _check_format(items, where)
+    digest = items.get("content_sha256")
+    if not (isinstance(digest, str) and _SHA256.fullmatch(digest)):
+        raise InputError(f"{where} has no valid content_sha256 checksum (found {digest!r}): it was written by an "
+                         "older nformer-trt or edited; re-save the gallery with this version, or rebuild it")
+    if _content_sha256(items) != digest:
+        raise InputError(f"{where} does not match its checksum (content_sha256): ids, camera ids, metadata or "
+                         "checksums were edited or damaged; restore the gallery from a backup or rebuild it")
+
+    def bad(key, expected, found):
+        shown = repr(found)
+        return InputError(f"{where}: {key} must be {expected}, found {shown[:60] + '...' if len(shown) > 60 else shown}"
+                          "; the gallery is damaged: rebuild it")
+
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    n = items.get("count")
+    if not (is_int(n) and n >= 0):
+        raise bad("count", "an integer >= 0", n)
+    for key in ("seed", "reserve"):
+        if not (is_int(items.get(key)) and items[key] >= 0):
+            raise bad(key, "an integer >= 0", items.get(key))
+    if not isinstance(items.get("model"), dict):
+        raise bad("model", "an object (the model identity)", items.get("model"))
+    ids = items.get("ids")
+    if not (isinstance(ids, list) and len(ids) == n and all(is_int(i) or isinstance(i, str) for i in ids)):
+        raise bad("ids", f"a list of {n} strings or integers", ids)
+    if len(set(ids)) != n:
+        seen, repeated = set(), []
+        for i in ids:
+            if i in seen and i not in repeated:
+                repeated.append(i)
+            seen.add(i)
+        raise InputError(f"{where}: ids must be unique, found repeated ids {repeated[:5]}; the gallery is damaged: "
+                         "rebuild it")
+    camids = items.get("camids")
+    if not (isinstance(camids, list) and len(camids) == n and all(is_int(c) and -2**63 <= c < 2**63 for c in camids)):
+        raise bad("camids", f"a list of {n} integers", camids)
+    meta = items.get("meta")
+    if not (isinstance(meta, list) and len(meta) == n and all(isinstance(m, dict) for m in meta)):
+        raise bad("meta", f"a list of {n} objects", meta)
+    sums = items.get("sha256")
+    if not (isinstance(sums, dict) and all(k in ARRAYS and isinstance(v, str) and _SHA256.fullmatch(v)
+                                           for k, v in sums.items())):
+        raise bad("sha256", f"an object mapping {', '.join(ARRAYS)} to sha256 digests", sums)
+    missing = [a for a in REQUIRED_ARRAYS if a not in sums]
+    if missing:
+        raise InputError(f"{where} has no checksum for {', '.join(missing)}; the gallery is damaged: rebuild it")
+    return items
 
 
 def _npy_bytes(arr: np.ndarray) -> bytes:

@@ -1,11 +1,21 @@
 """The manifest beside the exported files (DESIGN.md section 2): the contract between stages.
 
 Written by ``export.to_onnx``; read by calibration and the runtime (no torch needed here).
+
+``load_manifest`` trusts nothing in the file: the manifest is checked against its schema (the keys
+and types the stages read), every path it names must stay inside the model directory, and the
+files it lists are checked against their recorded sha256 (an in-process cache keyed by the file's
+identity and modification time makes repeated loads of unchanged files free).  Each problem is one
+:class:`~export.contract.errors.InputError` saying what was expected, what was found and what to do.
 """
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import math
+import os
+import re
+import threading
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from export.contract.config import ModelConfig
 from export.contract.errors import InputError
@@ -14,6 +24,14 @@ from export.contract.files import sha256_file
 MANIFEST_NAME = "manifest.json"
 FORMAT = "nformer-trt/manifest"
 FORMAT_VERSION = 1
+
+#: the networks every export writes (``nformer_layers`` is optional: older exports lack it)
+REQUIRED_FILES = ("encoder", "nformer")
+#: what the runtime reads of ``manifest["model"]``; the other ModelConfig fields are checked when present
+REQUIRED_MODEL_KEYS = ("feature_dim", "n_layer", "n_embd", "n_head", "topk", "landmarks", "input_size_hw",
+                       "pixel_mean", "pixel_std")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_REEXPORT = "re-run the export (python -m export.to_onnx CHECKPOINT --out-dir DIR)"
 
 
 def io_spec(path: str | Path) -> dict:
@@ -29,29 +47,266 @@ def io_spec(path: str | Path) -> dict:
     return {"inputs": [spec(v) for v in proto.graph.input], "outputs": [spec(v) for v in proto.graph.output]}
 
 
-def load_manifest(model_dir: str | Path, verify_checksums: bool = False) -> dict:
-    """Read and validate ``model_dir/manifest.json``; the files it names must exist."""
+# ---------------------------------------------------------------------------------------------------
+# checksums, cached per file identity
+
+
+_digests: dict[tuple, str] = {}
+_digests_lock = threading.Lock()
+_DIGESTS_MAX = 512
+
+
+def _identity(st: os.stat_result, path: Path) -> tuple:
+    return (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of ``path``; repeated calls on an unchanged file (same inode, size, mtime and ctime)
+    return the digest computed before without reading the file again."""
+    path = Path(path).resolve()
+    before = os.stat(path)
+    key = _identity(before, path)
+    with _digests_lock:
+        digest = _digests.get(key)
+    if digest is not None:
+        return digest
+    digest = sha256_file(path)
+    if _identity(os.stat(path), path) == key:   # not changed while it was read
+        with _digests_lock:
+            if len(_digests) >= _DIGESTS_MAX:
+                _digests.clear()
+            _digests[key] = digest
+    return digest
+
+
+def clear_checksum_cache() -> None:
+    with _digests_lock:
+        _digests.clear()
+
+
+# ---------------------------------------------------------------------------------------------------
+# the schema
+
+
+def _type_name(value) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _fail(where: Path, key: str, expected: str, found) -> InputError:
+    shown = repr(found)
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    return InputError(f"{where}: {key} must be {expected}, found {_type_name(found)} {shown}; the manifest is "
+                      f"damaged or was edited: {_REEXPORT}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_sha(value, where: Path, key: str) -> None:
+    if not (isinstance(value, str) and _SHA256.fullmatch(value)):
+        raise _fail(where, key, "a sha256 digest (64 lowercase hex digits)", value)
+
+
+def _check_model(model, where: Path) -> None:
+    if not isinstance(model, dict):
+        raise _fail(where, "model", "an object (the model configuration)", model)
+    missing = [k for k in REQUIRED_MODEL_KEYS if k not in model]
+    if missing:
+        raise InputError(f"{where}: model lacks {', '.join(missing)}; expected every key of the model "
+                         f"configuration: {_REEXPORT}")
+    for key, value in model.items():
+        k = f"model.{key}"
+        if key == "arch":
+            if not isinstance(value, str) or not value:
+                raise _fail(where, k, "a non-empty string", value)
+        elif key in ("widths", "input_size_hw"):
+            n = 4 if key == "widths" else 2
+            if not (isinstance(value, list) and len(value) == n and all(_is_int(v) and v >= 1 for v in value)):
+                raise _fail(where, k, f"a list of {n} positive integers", value)
+        elif key in ("pixel_mean", "pixel_std"):
+            if not (isinstance(value, list) and len(value) == 3 and all(_is_number(v) for v in value)
+                    and (key == "pixel_mean" or all(v > 0 for v in value))):
+                raise _fail(where, k, "a list of 3 finite numbers" + (" > 0" if key == "pixel_std" else ""), value)
+        elif key in ModelConfig.__dataclass_fields__:
+            least = 0 if key == "num_classes" else 1
+            if not (_is_int(value) and value >= least):
+                raise _fail(where, k, f"an integer >= {least}", value)
+    try:
+        ModelConfig.from_json(model)
+    except (TypeError, ValueError) as err:
+        raise InputError(f"{where}: model is not a valid model configuration ({err}): {_REEXPORT}") from None
+
+
+def _check_io(entry: dict, where: Path, key: str) -> None:
+    for side in ("inputs", "outputs"):
+        specs = entry.get(side)
+        ok = isinstance(specs, list) and all(
+            isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("dtype"), str)
+            and isinstance(s.get("shape"), list) and all(isinstance(d, str) or _is_int(d) for d in s["shape"])
+            for s in specs)
+        if not ok:
+            raise _fail(where, f"{key}.{side}", "a list of {name, dtype, shape} objects", specs)
+
+
+def _check_entry(entry, where: Path, key: str, need_sha: bool) -> None:
+    if not isinstance(entry, dict):
+        raise _fail(where, key, "an object with a path and a sha256", entry)
+    if not isinstance(entry.get("path"), str) or not entry["path"]:
+        raise _fail(where, f"{key}.path", "a non-empty relative path (a string)", entry.get("path"))
+    if need_sha or "sha256" in entry:
+        _check_sha(entry.get("sha256"), where, f"{key}.sha256")
+    for name in ("network", "precision", "record", "onnx"):
+        if name in entry and not isinstance(entry[name], str):
+            raise _fail(where, f"{key}.{name}", "a string", entry[name])
+
+
+def validate_manifest(manifest, where: str | Path = MANIFEST_NAME) -> dict:
+    """Check ``manifest`` against the schema (keys and types the stages read); returns it."""
+    where = Path(where)
+    if not isinstance(manifest, dict):
+        raise _fail(where, "the manifest", "a JSON object", manifest)
+    fmt, version = manifest.get("format"), manifest.get("format_version")
+    if fmt != FORMAT or not _is_int(version) or version != FORMAT_VERSION:
+        raise InputError(f"{where} has format {fmt!r} version {version!r}, expected {FORMAT!r} version "
+                         f"{FORMAT_VERSION}; re-run the export with this version of nformer-trt")
+    if "model" not in manifest:
+        raise InputError(f"{where} has no model section: {_REEXPORT}")
+    _check_model(manifest["model"], where)
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise _fail(where, "files", "an object mapping network names to {path, sha256}", files)
+    missing = [n for n in REQUIRED_FILES if n not in files]
+    if missing:
+        raise InputError(f"{where} lists no {' or '.join(missing)} file (files has {sorted(files)}): {_REEXPORT}")
+    for name, entry in files.items():
+        _check_entry(entry, where, f"files.{name}", need_sha=True)
+        _check_io(entry, where, f"files.{name}")
+    if "source" in manifest:
+        source = manifest["source"]
+        if not isinstance(source, dict):
+            raise _fail(where, "source", "an object {checkpoint, sha256}", source)
+        if "sha256" in source:
+            _check_sha(source["sha256"], where, "source.sha256")
+    if "variants" in manifest:
+        variants = manifest["variants"]
+        if not isinstance(variants, dict):
+            raise _fail(where, "variants", "an object mapping names to {network, precision, path, sha256}", variants)
+        for name, entry in variants.items():
+            _check_entry(entry, where, f"variants.{name}", need_sha=True)
+            for key in ("network", "precision"):
+                if not isinstance(entry.get(key), str):
+                    raise _fail(where, f"variants.{name}.{key}", "a string", entry.get(key))
+    if "engines" in manifest:
+        for key, entry in _engine_entries(manifest["engines"], where):
+            _check_entry(entry, where, key, need_sha=False)
+    return manifest
+
+
+def _engine_entries(engines, where: Path) -> list[tuple[str, dict]]:
+    """(key, entry) pairs of the engines section: an object keyed ``"<network>.<precision>"`` whose
+    entries are objects, as ``runtime build`` writes it (runtime.tensorrt.backend checks the rest)."""
+    if engines is None:
+        return []
+    if not isinstance(engines, dict):
+        raise _fail(where, "engines", 'an object keyed "<network>.<precision>" (as `runtime build` writes it)',
+                    engines)
+    return [(f"engines.{name}", entry) for name, entry in engines.items()]
+
+
+# ---------------------------------------------------------------------------------------------------
+# paths
+
+
+def resolve_in_model_dir(model_dir: str | Path, relative, where: str | Path = MANIFEST_NAME, key: str = "path",
+                         verified: bool = False) -> Path:
+    """``model_dir / relative`` for a path read from the manifest, refused unless it stays inside
+    ``model_dir``: no absolute path, no ``..``, and no symlink leading out of it, except (``verified``)
+    a symlinked file whose contents the caller checks against a recorded sha256."""
+    model_dir = Path(model_dir)
+    text = str(relative)
+    posix, windows = PurePosixPath(text), PureWindowsPath(text)
+    if not text or "\x00" in text or posix.is_absolute() or windows.is_absolute() or windows.drive \
+            or ".." in posix.parts or ".." in windows.parts or text in (".", "./"):
+        raise InputError(f"{where}: {key} is {text!r}, expected a path relative to the model directory {model_dir} "
+                         f"with no '..' (the manifest must not name files elsewhere); {_REEXPORT}")
+    path = model_dir / posix
+    root = model_dir.resolve()
+    # the folders on the way must not lead out of the model directory, whatever the final file is
+    if not _inside(path.parent.resolve(), root):
+        raise InputError(f"{where}: {key} {text!r} leads out of the model directory {model_dir} (through a "
+                         f"symbolic link, to {path.parent.resolve()}); {_REEXPORT} or remove the link")
+    if not verified and path.is_symlink() and not _inside(path.resolve(), root):
+        raise InputError(f"{where}: {key} {text!r} is a symbolic link out of the model directory {model_dir} "
+                         f"(to {path.resolve()}); copy the file into the model directory or {_REEXPORT}")
+    return path
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+# ---------------------------------------------------------------------------------------------------
+# loading
+
+
+def load_manifest(model_dir: str | Path, verify_checksums: bool = True) -> dict:
+    """Read ``model_dir/manifest.json``, validate it (:func:`validate_manifest`), confine its paths
+    to ``model_dir`` and check the files it lists: they must exist and (``verify_checksums``, the
+    default) match their sha256.  Precision variants whose file is missing or no longer matches its
+    checksum (a calibration interrupted between writing the file and the manifest) are left out of
+    the returned manifest: ``runtime build`` writes them again."""
     model_dir = Path(model_dir)
     path = model_dir / MANIFEST_NAME
     if not path.is_file():
         raise InputError(f"no {MANIFEST_NAME} in {model_dir}: expected a directory written by "
                          "`python -m export.to_onnx CHECKPOINT --out-dir DIR`")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
     except (OSError, ValueError) as err:
-        raise InputError(f"cannot read {path}: {err}; re-run the export") from None
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-        raise InputError(f"{path} has format {manifest.get('format')!r} version "
-                         f"{manifest.get('format_version')!r}, expected {FORMAT!r} version {FORMAT_VERSION}; "
-                         "re-run the export with this version of nformer-trt")
+        raise InputError(f"cannot read {path}: {err}; {_REEXPORT}") from None
+    validate_manifest(manifest, path)
     for name, entry in manifest["files"].items():
-        file = model_dir / entry["path"]
+        file = resolve_in_model_dir(model_dir, entry["path"], path, f"files.{name}.path", verified=verify_checksums)
         if not file.is_file():
-            raise InputError(f"{name} file {file} named in {path} is missing; re-run the export")
-        if verify_checksums and sha256_file(file) != entry["sha256"]:
-            raise InputError(f"{file} does not match the checksum in {path}: it was changed after export; "
-                             "re-run the export")
+            raise InputError(f"{name} file {file} named in {path} is missing; {_REEXPORT}")
+        if verify_checksums:
+            _verify(file, entry["sha256"], path, f"the {name} file")
+    stale = []
+    for name, entry in manifest.get("variants", {}).items():
+        file = resolve_in_model_dir(model_dir, entry["path"], path, f"variants.{name}.path",
+                                    verified=verify_checksums)
+        if not file.is_file() or (verify_checksums and _digest(file, path) != entry["sha256"]):
+            stale.append(name)
+    for name in stale:
+        del manifest["variants"][name]
+    for key, entry in _engine_entries(manifest.get("engines"), path):
+        # engine files are checked against their build record when used (runtime.tensorrt.build.check_engine)
+        resolve_in_model_dir(model_dir, entry["path"], path, f"{key}.path")
+        if isinstance(entry.get("record"), str):
+            resolve_in_model_dir(model_dir, entry["record"], path, f"{key}.record")
     return manifest
+
+
+def _digest(file: Path, where: Path) -> str:
+    try:
+        return file_sha256(file)
+    except OSError as err:
+        raise InputError(f"cannot read {file} named in {where}: {err.strerror or err}; check its permissions "
+                         f"or {_REEXPORT}") from None
+
+
+def _verify(file: Path, expected: str, where: Path, what: str) -> None:
+    found = _digest(file, where)
+    if found != expected:
+        raise InputError(f"{what} {file} does not match the checksum in {where} (sha256 {found[:12]}..., the "
+                         f"manifest records {expected[:12]}...): it was replaced, truncated or changed after the "
+                         f"export, or an export was interrupted; {_REEXPORT}")
 
 
 def model_config(manifest: dict) -> ModelConfig:
