@@ -54,7 +54,7 @@ from export.contract.config import ModelConfig
 from export.contract.errors import InputError
 from export.contract.files import make_temp_dir, sha256_file, write_bytes_atomic
 
-from runtime.layers_refiner import LayersRefiner
+from runtime.refiner import LayersRefiner
 from runtime.evaluation.metrics import euclidean_distances
 from runtime.neighbors import DEFAULT_RESERVE, NeighborIndex
 from runtime.refiner import l2_normalize, validate_features

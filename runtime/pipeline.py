@@ -181,7 +181,7 @@ class Pipeline:
     def layers_refiner(self):
         """The refinement with neighbour lists as inputs (``nformer_layers``), opened on first use."""
         if self._layers is None:
-            from runtime.layers_refiner import LayersRefiner
+            from runtime.refiner import LayersRefiner
 
             # engines of nformer_layers are optional: with backend="tensorrt" a missing one falls back
             # to ONNX Runtime (the reason lands in self.notes) rather than refusing the gallery

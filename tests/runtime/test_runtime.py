@@ -193,7 +193,7 @@ def test_serving_path_imports_no_torch():
             "runtime.refiner, runtime.encoder, calibration, export.contract.manifest, export.contract.landmarks, "
             "calibration.images, calibration.cache, calibration.quantize, calibration.fp16, calibration.variants, "
             "runtime.tensorrt.build, runtime.evaluation.parity, "
-            "runtime.neighbors, runtime.layers_refiner, runtime.gallery, runtime.batching, runtime.evaluation.evaluate, "
+            "runtime.neighbors, runtime.gallery, runtime.batching, runtime.evaluation.evaluate, "
             "runtime.evaluation.bench, runtime.serving.exports, runtime.tensorrt.backend, runtime.tensorrt.cuda_memory; "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
