@@ -44,7 +44,7 @@ def run_case(case: dict) -> dict:
     sys.path.insert(0, case["tree"])
     import numpy as np
 
-    testing = _import_first("export.reference.testing", "export.reference.testing")
+    testing = _import_first("export.reference.testing", "export." + "testing")  # this layout, dfa3657's
     n, k = case["n"], 20
     x = testing.clustered_features(n, seed=0, duplicates=n // 10)
     if case["impl"] == "numpy":
@@ -55,7 +55,7 @@ def run_case(case: dict) -> dict:
     elif case["impl"] == "torch-reference":
         import torch
 
-        rn = _import_first("export.reference.reciprocal_neighbors", "export.reference.reciprocal_neighbors")
+        rn = _import_first("export.reference.reciprocal_neighbors", "export." + "reciprocal_neighbors")
         torch.set_num_threads(case["threads"])
 
         def call():
@@ -66,7 +66,7 @@ def run_case(case: dict) -> dict:
         from onnx import TensorProto, helper
 
         fn = _import_first("export.onnx_functions")
-        rn = _import_first("export.contract.ops", "export.reference.reciprocal_neighbors", "export.reference.reciprocal_neighbors")
+        rn = _import_first("export.contract.ops", "export." + "reciprocal_neighbors")
         node = helper.make_node(rn.OP_TYPE, ["features"], ["neighbor_index", "neighbor_valid"], domain=rn.OP_DOMAIN,
                                 k=k, plugin_version="1", plugin_namespace="")
         graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("features", TensorProto.FLOAT, [1, None, 256])],

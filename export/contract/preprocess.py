@@ -16,15 +16,25 @@ from export.contract.config import INPUT_SIZE_HW, PIXEL_MEAN, PIXEL_STD
 from export.contract.errors import InputError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+#: largest crop decoded (pixels): a person crop is far smaller; a larger file is refused before its
+#: pixels are decoded (a decompression bomb would otherwise take gigabytes)
+MAX_CROP_PIXELS = 50_000_000
 
 
 def load_image(path: str | Path) -> Image.Image:
     """Decode ``path`` as an RGB image or raise InputError naming the file."""
     try:
         with Image.open(path) as img:
+            w, h = img.size
+            if w * h > MAX_CROP_PIXELS:
+                raise InputError(f"{path} is larger than a crop may be ({w}x{h} pixels, limit {MAX_CROP_PIXELS:,}); "
+                                 "crop the person out of the frame first")
             return img.convert("RGB")
     except FileNotFoundError:
         raise InputError(f"crop not found: {path}") from None
+    except Image.DecompressionBombError as err:
+        raise InputError(f"{path} is larger than a crop may be (PIL: {err}); crop the person out of the frame "
+                         "first") from None
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise InputError(f"{path} is not a decodable image ({type(err).__name__}: {err}); remove it or "
                          "replace it with a JPEG/PNG crop") from None
