@@ -37,20 +37,26 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def write_bytes_atomic(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file beside it, fsync, then rename over it."""
+def _publish(path: str | Path, fill) -> None:
+    """``fill(f)`` writes a temporary file beside ``path``; it is fsynced, given the umask's mode and
+    renamed over ``path`` (removed on any failure)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            fill(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file beside it, fsync, then rename over it."""
+    _publish(path, lambda f: f.write(data))
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -64,18 +70,10 @@ def write_json_atomic(path: str | Path, data) -> None:
 
 def copy_file_atomic(src: str | Path, dst: str | Path) -> None:
     """Copy ``src`` to ``dst`` atomically (large files are streamed, not read into memory)."""
-    dst = Path(dst)
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~current_umask())
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
+    def fill(out):
+        with open(src, "rb") as inp:
             shutil.copyfileobj(inp, out, 1 << 20)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _publish(dst, fill)
 
 
 def make_temp_dir(parent: str | Path, prefix: str) -> Path:
