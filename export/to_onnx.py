@@ -31,7 +31,7 @@ from export.reference.model import NFormerModel
 from export.reference.nformer import NFormerLayers
 from export.onnx_functions import OPSET, OUTPUTS as NEIGHBOR_OUTPUTS, reciprocal_neighbors_function
 from export.contract.parity import format_table, max_abs_error, neighbor_set_agreement, relative_error
-from export.contract.ops import OP_DOMAIN, OP_TYPE, PLUGIN_NAMESPACE, PLUGIN_VERSION
+from export.contract.ops import MAX_K, OP_DOMAIN, OP_TYPE, PLUGIN_NAMESPACE, PLUGIN_VERSION
 from export.reference.testing import clustered_features
 
 ENCODER_FILE = "encoder.onnx"
@@ -261,7 +261,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, n_head: in
               help="Where encoder.onnx, nformer.onnx and manifest.json are written.")
 @click.option("--n-head", type=int, default=2, show_default=True, help="Attention heads of the refinement "
               "(not stored in the checkpoint).")
-@click.option("--topk", type=int, default=20, show_default=True, help="k of the reciprocal top-k neighbours.")
+@click.option("--topk", type=click.IntRange(1, MAX_K), default=20, show_default=True,
+              help=f"k of the reciprocal top-k neighbours (1..{MAX_K}: the plugin's limit).")
 @click.option("--landmarks", type=int, default=5, show_default=True,
               help="Landmark rows per layer (recorded in the manifest; the runtime draws them).")
 @click.option("--last-stride", type=click.Choice(["1", "2"]), default="1", show_default=True,

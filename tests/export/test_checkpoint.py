@@ -185,3 +185,14 @@ def test_bad_options(tmp_path, small_model):
         load_checkpoint(tmp_path / "c.pth", n_head=3)
     with pytest.raises(CheckpointError, match="invalid options"):
         load_checkpoint(tmp_path / "c.pth", topk=0)
+
+
+def test_export_refuses_a_k_beyond_the_plugins_limit(tmp_path):
+    from click.testing import CliRunner
+
+    from export.contract.ops import MAX_K
+    from export.to_onnx import main as export_main
+
+    result = CliRunner().invoke(export_main, ["missing.pth", "--topk", str(MAX_K + 1), "--out-dir", str(tmp_path / "o")])
+    assert result.exit_code == 2 and f"1<=x<={MAX_K}" in result.output
+    assert not (tmp_path / "o").exists()
