@@ -35,7 +35,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from export.contract.neighbor_key import NORM_EPS, padded_dim
+from export.contract.neighbor_key import NORM_EPS, dd_tree_sum, padded_dim
 from export.contract.ops import (  # noqa: F401  (re-exported for the reference's users)
     BLOCK_ELEMENTS, EXTRA_CANDIDATES, OP_DOMAIN, OP_TYPE, PLUGIN_NAMESPACE, PLUGIN_VERSION, ROW_BLOCK, effective_k,
     row_block)
@@ -43,26 +43,6 @@ from export.contract.ops import (  # noqa: F401  (re-exported for the reference'
 #: float64 elements of the products held at once while rescoring
 _RESCORE_ELEMENTS = 1 << 21
 _U = 2.0 ** -53
-
-
-def dd_tree_sum(p: torch.Tensor) -> torch.Tensor:
-    """The contract's canonical sum of the last axis (float64, power-of-two width): the same
-    operations in the same order as ``export.contract.neighbor_key.dd_tree_sum``."""
-    w = p.shape[-1]
-    h = p
-    lo = torch.zeros_like(p)
-    while w > 1:
-        w //= 2
-        h1, h2 = h[..., :w], h[..., w:2 * w]
-        l1, l2 = lo[..., :w], lo[..., w:2 * w]
-        s = h1 + h2
-        v = s - h1
-        e = (h1 - (s - v)) + (h2 - v)
-        e = e + (l1 + l2)
-        h_new = s + e
-        lo = e - (h_new - s)
-        h = h_new
-    return h[..., 0] + lo[..., 0]
 
 
 def padded64(x: torch.Tensor) -> torch.Tensor:
@@ -74,8 +54,10 @@ def padded64(x: torch.Tensor) -> torch.Tensor:
 
 
 def canonical_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``dot`` of padded float64 rows (:func:`padded64`) broadcast against each other."""
-    return dd_tree_sum(a * b)
+    """``dot`` of padded float64 rows (:func:`padded64`) broadcast against each other: the products in
+    torch (exact), their sum by the contract's own tree (``export.contract.neighbor_key.dd_tree_sum``,
+    one definition for every CPU implementation)."""
+    return torch.from_numpy(dd_tree_sum((a * b).cpu().numpy()))
 
 
 def canonical_lengths(xp: torch.Tensor) -> torch.Tensor:

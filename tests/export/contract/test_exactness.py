@@ -104,7 +104,7 @@ def test_canonical_dot_under_extreme_cancellation_is_within_its_stated_bound(dim
     assert np.array_equal(torch_got, got)
 
 
-def test_torch_and_numpy_trees_are_bitwise_equal():
+def test_the_references_dots_are_the_contracts_bitwise():
     rng = np.random.default_rng(3)
     a = (rng.standard_normal((300, 200)) * 10.0 ** rng.uniform(-8, 8, (300, 1))).astype(np.float32)
     b = rng.standard_normal((300, 200)).astype(np.float32)
