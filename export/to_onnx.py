@@ -275,7 +275,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, n_head: in
               callback=int_list, help="Set sizes N compared with the reference for the refinement.")
 @click.option("--rtol", type=float, default=1e-4, show_default=True,
               help="Largest relative error ||onnx - torch|| / ||torch|| accepted.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random check inputs.")
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Seed of the random check inputs.")
 def main(checkpoint, out_dir, n_head, topk, landmarks, last_stride, input_size, check_batches, check_sizes, rtol,
          seed):
     """Export a checkpoint of the original NFormer training code to ONNX.

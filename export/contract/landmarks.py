@@ -6,12 +6,18 @@ default choice is a seeded draw without replacement, ``l = min(count, N)``.
 """
 from __future__ import annotations
 
+from numbers import Integral
+
 import numpy as np
+
+from export.contract.errors import InputError
 
 
 def sample_landmarks(n: int, n_layer: int, count: int = 5, seed: int = 0) -> np.ndarray:
     if n < 1:
         raise ValueError(f"need at least one row to draw landmarks from, got N={n}")
+    if isinstance(seed, bool) or not isinstance(seed, Integral) or seed < 0:
+        raise InputError(f"the landmark seed must be an integer >= 0, found {seed!r}")
     rng = np.random.default_rng(seed)
     l = min(count, n)
     return np.stack([rng.choice(n, size=l, replace=False) for _ in range(n_layer)]).astype(np.int64)

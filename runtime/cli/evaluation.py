@@ -14,7 +14,7 @@ from runtime.cli.options import batch_size_option, check_writable, model_dir_arg
 @click.argument("out_dir", type=click.Path(path_type=Path))
 @click.option("--identities", type=click.IntRange(4), default=600, show_default=True,
               help="Identities in all (half for training, half for query/gallery).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same bytes.")
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Same seed, same bytes.")
 @user_errors
 def synth(out_dir, identities, seed):
     """Write a synthetic re-identification data set in the Market-1501 layout into OUT_DIR."""
@@ -37,7 +37,7 @@ def synth(out_dir, identities, seed):
               help="PNG with CMC curves and a 2-D projection (default: WORK_DIR/demo.png).")
 @click.option("--identities", type=click.IntRange(4), default=600, show_default=True,
               help="Size of the synthetic data set.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the data and the landmarks.")
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Seed of the data and the landmarks.")
 @user_errors
 def demo(report, work_dir, figure, identities, seed):
     """Evaluate the shipped small NFormer on synthetic data on every backend available here."""
@@ -60,7 +60,7 @@ def demo(report, work_dir, figure, identities, seed):
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="The checkpoint MODEL_DIR was exported from, for the PyTorch reference (default: found by the "
                    "manifest's name and sha256 beside MODEL_DIR, or the shipped one).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the landmark draw (same for all).")
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Seed of the landmark draw (same for all).")
 @threads_option
 @click.option("--min-cosine-mean", type=float, default=0.99, show_default=True,
               help="Tolerance: mean cosine of encoder embeddings to the reference.")
@@ -104,7 +104,7 @@ def parity(model_dir, data_dir, report, checkpoint, seed, threads, min_cosine_me
 @click.option("--backend", "backends", multiple=True, type=click.Choice(["onnxruntime", "tensorrt"]),
               help="Backend(s) to evaluate (repeatable); default: every backend usable here.")
 @batch_size_option
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the landmark draw of the refinement.")
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Seed of the landmark draw of the refinement.")
 @click.option("--max-rank", type=click.IntRange(1), default=50, show_default=True, help="Length of the CMC curve.")
 @threads_option
 @click.option("--report", type=click.Path(path_type=Path), default=None, help="Also write the results as JSON.")

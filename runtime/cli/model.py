@@ -47,7 +47,7 @@ def embed(model_dir, crops, out, names_out, batch_size, threads):
 @click.argument("embeddings", type=click.Path(path_type=Path))
 @click.option("--out", "out", type=click.Path(path_type=Path), required=True,
               help="Output .npy: float32 [N, 256] refined embeddings.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the landmark draw.")
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Seed of the landmark draw.")
 @click.option("--landmarks", "landmarks_file", type=click.Path(path_type=Path), default=None,
               help="A .npy of int64 [n_layer, l] landmark rows instead of the seeded draw.")
 @click.option("--raw", is_flag=True, help="Write the model's `refined` output as is (default: L2-normalised, "

@@ -359,3 +359,19 @@ def test_concurrent_saves_and_loads_from_processes(tmp_path):
     assert sorted(p.name for p in path.iterdir()) == ["CURRENT", version]
     final = Gallery.load(path, SMALL)
     assert final.meta[0]["w"] == final.camids[0]
+
+
+def test_a_negative_seed_is_one_clear_error(tmp_path):
+    from click.testing import CliRunner
+
+    from export.contract.errors import InputError
+    from export.contract.landmarks import sample_landmarks
+    from runtime.cli import main as runtime_cli
+
+    with pytest.raises(InputError, match="integer >= 0"):
+        sample_landmarks(10, 4, 5, seed=-1)
+    for args in (["synth", str(tmp_path / "d"), "--seed", "-1"], ["refine", str(tmp_path), "x.npy", "--out",
+                                                                    str(tmp_path / "o.npy"), "--seed", "-3"]):
+        result = CliRunner().invoke(runtime_cli, args)
+        assert result.exit_code == 2 and "--seed" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "d").exists() and not (tmp_path / "o.npy").exists()
