@@ -254,3 +254,24 @@ def test_block_sizes_do_not_change_the_lists(n, block_elements):
     small = run(x, 20, block_elements=block_elements)
     assert_lists_equal(small, default, f"block_elements={block_elements}")
     assert_lists_equal(default, oracle(x, 20))
+
+
+def test_onnx_runtime_float64_sqrt_and_div_are_correctly_rounded():
+    """The body's norms and keys use ONNX Runtime's float64 Sqrt and Div: they must be the IEEE,
+    correctly rounded operations (torch's vectorised CPU sqrt is not), or the norms differ by machine."""
+    import math
+
+    graph = helper.make_graph(
+        [helper.make_node("Sqrt", ["a"], ["s"]), helper.make_node("Div", ["a", "b"], ["q"])], "g",
+        [helper.make_tensor_value_info("a", TensorProto.DOUBLE, [None]),
+         helper.make_tensor_value_info("b", TensorProto.DOUBLE, [None])],
+        [helper.make_tensor_value_info("s", TensorProto.DOUBLE, [None]),
+         helper.make_tensor_value_info("q", TensorProto.DOUBLE, [None])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=10)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    a = np.abs(rng.standard_normal(200_000)) * 10.0 ** rng.uniform(-30, 30, 200_000)
+    b = np.abs(rng.standard_normal(200_000)) + 0.5
+    s, q = sess.run(["s", "q"], {"a": a, "b": b})
+    assert np.array_equal(s, [math.sqrt(v) for v in a])
+    assert np.array_equal(q, a / b)
