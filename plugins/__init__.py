@@ -16,6 +16,9 @@ from pathlib import Path
 from export.contract.errors import NFormerError
 
 PLUGIN_LIBRARY = "libnformer_plugins.so"
+#: The same plugin, registered with TensorRT's registry when the library is loaded: for hosts that only dlopen
+#: plugin libraries (Triton's TensorRT backend, DeepStream's nvinfer).  Never load both in one process.
+AUTOREG_LIBRARY = "libnformer_plugins_autoreg.so"
 KERNELS_LIBRARY = "libnformer_kernels.so"
 #: Directory searched first for the built libraries.
 ENV_DIR = "NFORMER_PLUGIN_DIR"
@@ -27,13 +30,16 @@ BUILD_COMMAND = (
 )
 
 __all__ = [
+    "AUTOREG_LIBRARY",
     "BUILD_COMMAND",
     "ENV_DIR",
     "KERNELS_LIBRARY",
     "PLUGIN_LIBRARY",
     "PluginNotBuiltError",
+    "autoreg_library_path",
     "kernels_library_path",
     "library_path",
+    "linked_tensorrt_major",
     "plugin_library_path",
     "search_dirs",
 ]
@@ -109,3 +115,48 @@ def plugin_library_path(required: bool = False) -> Path | None:
         if required:
             raise
         return None
+
+
+def autoreg_library_path(required: bool = False) -> Path | None:
+    """Path of ``libnformer_plugins_autoreg.so``, the plugin library that registers its creator when it is
+    loaded: what Triton (``--backend-config=tensorrt,plugins=<path>`` or ``LD_PRELOAD=<path>``) and
+    DeepStream (``custom-lib-path``) load, since they only dlopen plugin libraries.  None when not built.
+
+    It is looked for beside the :func:`library_path` in use (the same build, so the plugin code that the
+    engines' build records name), never elsewhere.  CMake builds it only when it finds libnvinfer, which it
+    links (``-DTENSORRT_NVINFER_LIBRARY=/path/to/libnvinfer.so.N``: the server's TensorRT major version).
+    ``required=True``: raise :class:`PluginNotBuiltError` saying why instead of returning None.
+    """
+    try:
+        plugin = library_path()
+    except PluginNotBuiltError:
+        if required:
+            raise
+        return None
+    # the directory library_path() took it from (its first search directory that holds it)
+    build_dir = next((d for d in search_dirs() if (d / PLUGIN_LIBRARY).is_file()), plugin.parent)
+    candidate = build_dir / AUTOREG_LIBRARY
+    if candidate.is_file():
+        return candidate.resolve()
+    if not required:
+        return None
+    raise PluginNotBuiltError(
+        f"The self-registering plugin library ({AUTOREG_LIBRARY}, what Triton and DeepStream load) is not built: "
+        f"looked for {candidate}, beside the plugin library in use. CMake builds it only when it finds TensorRT's "
+        "libnvinfer, which it links: re-run the build with -DTENSORRT_NVINFER_LIBRARY=/path/to/libnvinfer.so.N (the serving "
+        f"machine's TensorRT major version) or a TENSORRT_ROOT whose lib/ holds it. Build command: {BUILD_COMMAND}"
+    )
+
+
+def linked_tensorrt_major(path: str | Path) -> int | None:
+    """The TensorRT major version a built library links (its ``libnvinfer.so.N`` dependency, as the dynamic
+    loader will look for it), or None when it names none (``libnformer_plugins.so`` links no libnvinfer)
+    or cannot be read.  ``libnformer_plugins_autoreg.so`` loads only beside that major version."""
+    import re
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return None
+    found = re.search(rb"\x00libnvinfer\.so\.(\d+)\x00", data)  # a NUL-separated name of .dynstr
+    return int(found.group(1)) if found else None

@@ -22,6 +22,12 @@ int nformer_reciprocal_neighbors(const void* features, int dtype, int B, int N, 
     return nformer_reciprocal_neighbors_ex(features, dtype, B, N, D, k, idx, valid, workspace, ws_bytes, stream, 0, 0);
 }
 
+int nformer_reciprocal_neighbors_prepare_device(void)
+{
+    nformer::ReciprocalNeighborsDevice const* device = nullptr;
+    return nformer::prepareReciprocalNeighborsDevice(&device);
+}
+
 size_t nformer_reciprocal_neighbors_workspace_ex(int B, int N, int D, int k, int candidates)
 {
     return nformer::reciprocalNeighborsWorkspaceSize(B, N, D, k, candidates);

@@ -35,6 +35,11 @@ NFORMER_API int nformer_reciprocal_neighbors(const void* features, int dtype, in
 NFORMER_API int nformer_reciprocal_neighbors_ex(const void* features, int dtype, int B, int N, int D, int k, int* idx,
     int* valid, void* workspace, size_t ws_bytes, cudaStream_t stream, int candidates, int flags);
 
+/* Prepares the current device once per process (its attributes, the kernels' shared-memory limits; thread-safe);
+ * the calls above do it on a device's first use. After it, a call on this device is stream work only (two
+ * cudaMemsetAsync, kernel launches), so call this (or run once) before capturing a call in a CUDA graph. */
+NFORMER_API int nformer_reciprocal_neighbors_prepare_device(void);
+
 /* Workspace bytes for these sizes (0 for invalid sizes); enough for any smaller B, N, D with the same k. */
 NFORMER_API size_t nformer_reciprocal_neighbors_workspace(int B, int N, int D, int k);
 NFORMER_API size_t nformer_reciprocal_neighbors_workspace_ex(int B, int N, int D, int k, int candidates);

@@ -51,6 +51,8 @@ def load_kernels(path=None) -> ctypes.CDLL:
             c_int, c_int, c_int, c_int, c_int, ctypes.POINTER(c_int), ctypes.POINTER(c_int),
             ctypes.POINTER(ctypes.c_double), ctypes.POINTER(c_size)]
         lib.nformer_reciprocal_neighbors_plan.restype = c_int
+        lib.nformer_reciprocal_neighbors_prepare_device.argtypes = []
+        lib.nformer_reciprocal_neighbors_prepare_device.restype = c_int
         lib.nformer_reciprocal_neighbors_max_k.argtypes = []
         lib.nformer_reciprocal_neighbors_max_k.restype = c_int
         lib.nformer_status_string.argtypes = [c_int]

@@ -1,7 +1,8 @@
 /*
  * Device helpers shared by the candidate kernels of reciprocalNeighborsKernels.cu (mma.sync, any sm_80+)
  * and reciprocalNeighborsWgmma.cu (wgmma, sm_90a): the candidate operand's scaling, cp.async, and the
- * 64-bit (score, column) entries of the per-row candidate buffers. Internal to the kernels library.
+ * 64-bit (score, column) entries of the per-row candidate buffers; on the host, the shared-memory limit
+ * that the device table (prepareReciprocalNeighborsDevice) raises once per device. Internal to the kernels library.
  */
 #ifndef NFORMER_RECIPROCAL_NEIGHBORS_DEVICE_CUH
 #define NFORMER_RECIPROCAL_NEIGHBORS_DEVICE_CUH
@@ -54,6 +55,22 @@ __device__ __forceinline__ float entryScore(unsigned long long e)
 __device__ __forceinline__ int entryColumn(unsigned long long e)
 {
     return static_cast<int>(static_cast<unsigned>(e & 0xffffffffull));
+}
+
+//! Host side, once per device (the kernels library's device table): let `kernel` take as much dynamic shared
+//! memory as the device allows a block (its opt-in maximum less the kernel's static shared memory), so that
+//! no launch needs cudaFuncSetAttribute afterwards, whatever its size.
+template <typename Kernel>
+cudaError_t allowMaxDynamicSharedMemory(Kernel kernel, int smemOptin)
+{
+    cudaFuncAttributes attributes{};
+    cudaError_t err = cudaFuncGetAttributes(&attributes, kernel);
+    if (err != cudaSuccess)
+    {
+        return err;
+    }
+    int const room = smemOptin - static_cast<int>(attributes.sharedSizeBytes);
+    return room > 0 ? cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, room) : cudaSuccess;
 }
 
 } // namespace

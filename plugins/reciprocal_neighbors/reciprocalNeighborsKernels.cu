@@ -32,9 +32,11 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <mutex>
 
 namespace nformer
 {
@@ -1256,21 +1258,68 @@ cudaError_t launchCandidates(ReciprocalNeighborsPlan const& p, __half const* y, 
     float* candThresh, cudaStream_t stream)
 {
     size_t const smemBytes = candidateSmemBytes(BM, p.candidates);
-    auto kernel = candidateKernel<BM, WM>;
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smemBytes));
-    if (err != cudaSuccess)
-    {
-        return err;
-    }
     dim3 grid((p.rows + BM - 1) / BM, p.splits, p.batch);
-    kernel<<<grid, kThreads, smemBytes, stream>>>(y, p.rows, p.paddedDim, p.splits, p.candidates, candIdx, candScore, candThresh);
+    candidateKernel<BM, WM><<<grid, kThreads, smemBytes, stream>>>(
+        y, p.rows, p.paddedDim, p.splits, p.candidates, candIdx, candScore, candThresh);
     return cudaGetLastError();
 }
 
+// ---------------------------------------------------------------- the device table
+
+//! Device ordinals the table holds (CUDA enumerates far fewer per process in practice).
+constexpr int kDeviceTableSize = 256;
+
+struct DeviceSlot
+{
+    std::atomic<bool> ready{false};
+    ReciprocalNeighborsDevice info{};
+};
+
+DeviceSlot gDeviceTable[kDeviceTableSize];
+std::mutex gDeviceTableMutex; // serialises first uses; a prepared slot is read without it
+
+//! What the launches need from the driver, asked once per device instead of on every call: the attributes
+//! they depend on, and the dynamic shared-memory limit of every kernel with dynamic shared memory (raised to
+//! the device's maximum, so that no launch size needs a cudaFuncSetAttribute of its own).
+cudaError_t fillDevice(int device, ReciprocalNeighborsDevice& info)
+{
+    info.device = device;
+    cudaError_t err = cudaSuccess;
+    if ((err = cudaDeviceGetAttribute(&info.smCount, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess
+        || (err = cudaDeviceGetAttribute(&info.smemOptin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device))
+            != cudaSuccess
+        || (err = cudaDeviceGetAttribute(&info.ccMajor, cudaDevAttrComputeCapabilityMajor, device)) != cudaSuccess
+        || (err = cudaDeviceGetAttribute(&info.ccMinor, cudaDevAttrComputeCapabilityMinor, device)) != cudaSuccess)
+    {
+        return err;
+    }
+    int const optin = info.smemOptin;
+    if ((err = allowMaxDynamicSharedMemory(candidateKernel<128, 4>, optin)) != cudaSuccess
+        || (err = allowMaxDynamicSharedMemory(candidateKernel<64, 2>, optin)) != cudaSuccess
+        || (err = allowMaxDynamicSharedMemory(candidateKernel<32, 2>, optin)) != cudaSuccess
+        || (err = allowMaxDynamicSharedMemory(candidateResidentKernel, optin)) != cudaSuccess
+        || (err = allowMaxDynamicSharedMemory(rescoreKernel<float, 0>, optin)) != cudaSuccess
+        || (err = allowMaxDynamicSharedMemory(rescoreKernel<float, kTreeCarryLevels>, optin)) != cudaSuccess
+        || (err = allowMaxDynamicSharedMemory(rescoreKernel<__half, 0>, optin)) != cudaSuccess
+        || (err = allowMaxDynamicSharedMemory(rescoreKernel<__half, kTreeCarryLevels>, optin)) != cudaSuccess)
+    {
+        return err;
+    }
+#if NFORMER_HAVE_WGMMA
+    if (info.ccMajor == 9 && info.ccMinor == 0 && (err = prepareWgmmaCandidates(optin)) != cudaSuccess)
+    {
+        return err;
+    }
+#endif
+    return cudaSuccess;
+}
+
 //! kCarry: the canonical dot's carry levels, 0 for D <= kNarrowTreeDim, else kTreeCarryLevels.
+//! Only stream work from here on (two cudaMemsetAsync, the launches, cudaGetLastError): `dev` holds what the
+//! launches need to know about the device.
 template <typename T, int kCarry>
 int32_t run(T const* x, ReciprocalNeighborsPlan const& p, int32_t* outIdx, int32_t* outValid, unsigned char* ws,
-    cudaStream_t stream, int flags)
+    cudaStream_t stream, int flags, ReciprocalNeighborsDevice const& dev)
 {
     int64_t const totalRows = static_cast<int64_t>(p.batch) * p.rows;
     Layout const l = layoutFor(totalRows, p.paddedDim, totalRows * p.splits, p.candidates);
@@ -1286,17 +1335,10 @@ int32_t run(T const* x, ReciprocalNeighborsPlan const& p, int32_t* outIdx, int32
     bool const canonicalAll = (flags & kFLAG_CANONICAL_KEYS) != 0;
     bool const needCandidates = kk > 0 && !exactOnly;
 
+    int const smCount = dev.smCount;
+    int const smemOptin = dev.smemOptin;
     cudaError_t err = cudaMemsetAsync(counters, 0, kCounterBytes, stream);
     if (err != cudaSuccess)
-    {
-        return static_cast<int32_t>(err);
-    }
-    int device = 0;
-    int smCount = 0;
-    int smemOptin = 0;
-    if ((err = cudaGetDevice(&device)) != cudaSuccess
-        || (err = cudaDeviceGetAttribute(&smCount, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess
-        || (err = cudaDeviceGetAttribute(&smemOptin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device)) != cudaSuccess)
     {
         return static_cast<int32_t>(err);
     }
@@ -1319,15 +1361,8 @@ int32_t run(T const* x, ReciprocalNeighborsPlan const& p, int32_t* outIdx, int32
         size_t const residentBytes = residentSmemBytes(p.paddedDim);
         CandidateKernel used = kCANDIDATES_GENERIC;
 #if NFORMER_HAVE_WGMMA
-        int ccMajor = 0;
-        int ccMinor = 0;
-        if ((err = cudaDeviceGetAttribute(&ccMajor, cudaDevAttrComputeCapabilityMajor, device)) != cudaSuccess
-            || (err = cudaDeviceGetAttribute(&ccMinor, cudaDevAttrComputeCapabilityMinor, device)) != cudaSuccess)
-        {
-            return static_cast<int32_t>(err);
-        }
         // sm_90a machine code runs on compute capability 9.0 exactly (H100, H200, GH200)
-        bool const wgmma = !generic && (flags & kFLAG_NO_WGMMA) == 0 && ccMajor == 9 && ccMinor == 0
+        bool const wgmma = !generic && (flags & kFLAG_NO_WGMMA) == 0 && dev.ccMajor == 9 && dev.ccMinor == 0
             && p.paddedDim <= kWgmmaMaxPaddedDim && p.candidates <= kWgmmaMaxCandidates
             && wgmmaCandidateSmemBytes(p.paddedDim) <= static_cast<size_t>(smemOptin);
 #else
@@ -1343,15 +1378,10 @@ int32_t run(T const* x, ReciprocalNeighborsPlan const& p, int32_t* outIdx, int32
             && residentBytes <= static_cast<size_t>(smemOptin))
         {
             used = kCANDIDATES_RESIDENT;
-            auto kernel = candidateResidentKernel;
-            err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(residentBytes));
-            if (err == cudaSuccess)
-            {
-                dim3 grid((p.rows + kRBM - 1) / kRBM, p.splits, p.batch);
-                kernel<<<grid, kThreads, residentBytes, stream>>>(
-                    y, p.rows, p.paddedDim, p.splits, p.candidates, candIdx, candScore, candThresh);
-                err = cudaGetLastError();
-            }
+            dim3 grid((p.rows + kRBM - 1) / kRBM, p.splits, p.batch);
+            candidateResidentKernel<<<grid, kThreads, residentBytes, stream>>>(
+                y, p.rows, p.paddedDim, p.splits, p.candidates, candIdx, candScore, candThresh);
+            err = cudaGetLastError();
         }
         else if (!tile64 && !tile32 && candidateSmemBytes(128, p.candidates) <= static_cast<size_t>(smemOptin))
         {
@@ -1378,16 +1408,10 @@ int32_t run(T const* x, ReciprocalNeighborsPlan const& p, int32_t* outIdx, int32
     {
         int const unionSize = p.splits * p.candidates;
         size_t const smemBytes = static_cast<size_t>(kWarps) * unionSize * (sizeof(double) + sizeof(int) + sizeof(float));
-        auto kernel = rescoreKernel<T, kCarry>;
-        if ((err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smemBytes)))
-            != cudaSuccess)
-        {
-            return static_cast<int32_t>(err);
-        }
         unsigned const blocks = static_cast<unsigned>((totalRows + kWarps - 1) / kWarps);
-        kernel<<<blocks, kThreads, smemBytes, stream>>>(x, norms, totalRows, p.rows, p.dim, p.kEff, unionSize,
-            p.splits, candIdx, candScore, candThresh, p.errorBound, exactOnly ? 1 : 0, canonicalAll ? 1 : 0, outIdx,
-            fallbackRows, counters);
+        rescoreKernel<T, kCarry><<<blocks, kThreads, smemBytes, stream>>>(x, norms, totalRows, p.rows, p.dim,
+            p.kEff, unionSize, p.splits, candIdx, candScore, candThresh, p.errorBound, exactOnly ? 1 : 0,
+            canonicalAll ? 1 : 0, outIdx, fallbackRows, counters);
         if ((err = cudaGetLastError()) != cudaSuccess)
         {
             return static_cast<int32_t>(err);
@@ -1499,9 +1523,43 @@ size_t reciprocalNeighborsWorkspaceSize(int32_t batch, int32_t rows, int32_t dim
     return std::max(bound, p.workspaceBytes);
 }
 
+int32_t prepareReciprocalNeighborsDevice(ReciprocalNeighborsDevice const** device)
+{
+    if (device == nullptr)
+    {
+        return kSTATUS_NULL_POINTER;
+    }
+    int ordinal = 0;
+    cudaError_t err = cudaGetDevice(&ordinal);
+    if (err != cudaSuccess)
+    {
+        return static_cast<int32_t>(err);
+    }
+    if (ordinal < 0 || ordinal >= kDeviceTableSize)
+    {
+        return static_cast<int32_t>(cudaErrorInvalidDevice);
+    }
+    DeviceSlot& slot = gDeviceTable[ordinal];
+    if (!slot.ready.load(std::memory_order_acquire))
+    {
+        std::lock_guard<std::mutex> lock(gDeviceTableMutex);
+        if (!slot.ready.load(std::memory_order_relaxed))
+        {
+            // a failure leaves the slot empty: the next call tries again and reports its own error
+            if ((err = fillDevice(ordinal, slot.info)) != cudaSuccess)
+            {
+                return static_cast<int32_t>(err);
+            }
+            slot.ready.store(true, std::memory_order_release);
+        }
+    }
+    *device = &slot.info;
+    return kSTATUS_SUCCESS;
+}
+
 int32_t reciprocalNeighbors(void const* features, FeatureType type, int32_t batch, int32_t rows, int32_t dim,
     int32_t k, int32_t* neighborIndex, int32_t* neighborValid, void* workspace, size_t workspaceBytes,
-    cudaStream_t stream, int32_t candidates, int32_t flags)
+    cudaStream_t stream, int32_t candidates, int32_t flags, ReciprocalNeighborsDevice const* device)
 {
     if (type != FeatureType::kFLOAT32 && type != FeatureType::kFLOAT16)
     {
@@ -1517,17 +1575,22 @@ int32_t reciprocalNeighbors(void const* features, FeatureType type, int32_t batc
     {
         return kSTATUS_NULL_POINTER;
     }
+    if (device == nullptr && (status = prepareReciprocalNeighborsDevice(&device)) != kSTATUS_SUCCESS)
+    {
+        return status;
+    }
+    ReciprocalNeighborsDevice const& dev = *device;
     auto* ws = reinterpret_cast<unsigned char*>(alignUp(reinterpret_cast<uintptr_t>(workspace), kAlign));
     bool const narrow = p.dim <= kNarrowTreeDim;
     if (type == FeatureType::kFLOAT32)
     {
         auto const* xf = static_cast<float const*>(features);
-        return narrow ? run<float, 0>(xf, p, neighborIndex, neighborValid, ws, stream, flags)
-                      : run<float, kTreeCarryLevels>(xf, p, neighborIndex, neighborValid, ws, stream, flags);
+        return narrow ? run<float, 0>(xf, p, neighborIndex, neighborValid, ws, stream, flags, dev)
+                      : run<float, kTreeCarryLevels>(xf, p, neighborIndex, neighborValid, ws, stream, flags, dev);
     }
     auto const* xh = static_cast<__half const*>(features);
-    return narrow ? run<__half, 0>(xh, p, neighborIndex, neighborValid, ws, stream, flags)
-                  : run<__half, kTreeCarryLevels>(xh, p, neighborIndex, neighborValid, ws, stream, flags);
+    return narrow ? run<__half, 0>(xh, p, neighborIndex, neighborValid, ws, stream, flags, dev)
+                  : run<__half, kTreeCarryLevels>(xh, p, neighborIndex, neighborValid, ws, stream, flags, dev);
 }
 
 char const* reciprocalNeighborsStatusString(int32_t status)

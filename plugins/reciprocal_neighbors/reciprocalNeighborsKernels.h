@@ -100,18 +100,39 @@ struct ReciprocalNeighborsPlan
 int32_t planReciprocalNeighbors(int32_t batch, int32_t rows, int32_t dim, int32_t k, int32_t candidates,
     size_t workspaceLimit, ReciprocalNeighborsPlan* plan);
 
+//! What the launches need to know about one device: filled once per device and process by
+//! prepareReciprocalNeighborsDevice(), never changed afterwards.
+struct ReciprocalNeighborsDevice
+{
+    int32_t device{-1};   //!< the CUDA device ordinal
+    int32_t smCount{};    //!< cudaDevAttrMultiProcessorCount (grid sizes of the fallback and validity kernels)
+    int32_t smemOptin{};  //!< cudaDevAttrMaxSharedMemoryPerBlockOptin (which candidate kernel and tile fit)
+    int32_t ccMajor{};    //!< compute capability (the sm_90a wgmma kernel runs on 9.0 only)
+    int32_t ccMinor{};
+};
+
+//! The current device's entry of a per-process table (one cudaGetDevice). The first call for a device queries
+//! its attributes and raises the kernels' dynamic shared-memory limits to the device's maximum
+//! (cudaDeviceGetAttribute, cudaFuncGetAttributes, cudaFuncSetAttribute); every later call only reads the
+//! table. Thread-safe; a failure is not remembered (the next call tries again). Status as reciprocalNeighbors().
+int32_t prepareReciprocalNeighborsDevice(ReciprocalNeighborsDevice const** device);
+
 //! Workspace bytes needed for these sizes (0 for invalid arguments). Enough for any smaller B, N or D
 //! with the same k: a smaller problem given this workspace lowers its column splits to fit.
 size_t reciprocalNeighborsWorkspaceSize(int32_t batch, int32_t rows, int32_t dim, int32_t k, int32_t candidates = 0);
 
 //! Enqueue the whole step on `stream`. features [B, N, D] (fp32 or fp16, contiguous, device);
 //! neighborIndex / neighborValid int32 [B, N, min(k, N)] (device). Never allocates or synchronises.
+//! `device`: the current device's prepareReciprocalNeighborsDevice() entry; nullptr looks it up (one
+//! cudaGetDevice, and on a device's first use the preparation). With a prepared device the call is stream
+//! work only (two cudaMemsetAsync, the kernel launches, cudaGetLastError), so it can be captured in a CUDA graph.
 //! The first 16 bytes of the workspace hold int32 counters after the call: [0] rows that took the exact
 //! fallback scan, [1] candidate scores that broke the error bound (0 expected; such rows also fall back),
 //! [2] the candidate kernel that ran (CandidateKernel).
 int32_t reciprocalNeighbors(void const* features, FeatureType type, int32_t batch, int32_t rows, int32_t dim,
     int32_t k, int32_t* neighborIndex, int32_t* neighborValid, void* workspace, size_t workspaceBytes,
-    cudaStream_t stream, int32_t candidates = 0, int32_t flags = kFLAG_NONE);
+    cudaStream_t stream, int32_t candidates = 0, int32_t flags = kFLAG_NONE,
+    ReciprocalNeighborsDevice const* device = nullptr);
 
 //! A one-line description of a status code.
 char const* reciprocalNeighborsStatusString(int32_t status);

@@ -2,7 +2,8 @@
  * TensorRT glue of the ReciprocalNeighbors op (see reciprocalNeighborsPlugin.h and README.md).
  *
  * Only TensorRT's headers are used: every call into TensorRT goes through virtual interfaces it passes
- * in (IExprBuilder, ILoggerFinder/ILogger), so the library needs no libnvinfer at link or load time.
+ * in (IExprBuilder, ILoggerFinder/ILogger), so this file needs no libnvinfer at link or load time. How TensorRT
+ * finds the creator is the business of pluginEntryPoints.cpp (loadLibrary) or pluginAutoRegistration.cpp.
  */
 #include "reciprocalNeighborsPlugin.h"
 #include "reciprocalNeighborsKernels.h"
@@ -71,7 +72,7 @@ LoggerFinderHolder& loggerFinder() noexcept
 
 void logError(std::string const& message) noexcept
 {
-    loggerFinder().log(ILogger::Severity::kERROR, std::string("ReciprocalNeighbors plugin: ") + message);
+    logPluginMessage(ILogger::Severity::kERROR, message);
 }
 
 bool toInt32(int64_t v, int32_t& out) noexcept
@@ -286,6 +287,17 @@ char const* ReciprocalNeighborsPlugin::getMetadataString() noexcept
     }
 }
 
+void ReciprocalNeighborsPlugin::prepareDevice() noexcept
+{
+    // The device's attribute queries and kernel shared-memory limits, once per device and process, here rather
+    // than in enqueue (which may be captured in a CUDA graph). A failure leaves mDevice null: enqueue then tries
+    // again and reports the error.
+    if (mDevice == nullptr && prepareReciprocalNeighborsDevice(&mDevice) != kSTATUS_SUCCESS)
+    {
+        mDevice = nullptr;
+    }
+}
+
 int32_t ReciprocalNeighborsPlugin::onShapeChange(
     PluginTensorDesc const* in, int32_t nbInputs, PluginTensorDesc const* /* out */, int32_t nbOutputs) noexcept
 {
@@ -293,6 +305,7 @@ int32_t ReciprocalNeighborsPlugin::onShapeChange(
     {
         return 1;
     }
+    prepareDevice();
     return 0;
 }
 
@@ -316,8 +329,9 @@ int32_t ReciprocalNeighborsPlugin::enqueue(PluginTensorDesc const* inputDesc, Pl
     // TensorRT gives at least getWorkspaceSize() for the profile's max shape; the kernels only need the
     // size for the current shape, which is never larger.
     size_t const wsBytes = reciprocalNeighborsWorkspaceSize(b, n, d, mK);
+    // With mDevice prepared (the usual case) this is stream work only: no device query, no attribute call.
     int32_t const status = reciprocalNeighbors(inputs[0], type, b, n, d, mK, static_cast<int32_t*>(outputs[0]),
-        static_cast<int32_t*>(outputs[1]), workspace, wsBytes, stream);
+        static_cast<int32_t*>(outputs[1]), workspace, wsBytes, stream, 0, kFLAG_NONE, mDevice);
     if (status != kSTATUS_SUCCESS)
     {
         logError(std::string("enqueue failed: ") + reciprocalNeighborsStatusString(status));
@@ -328,7 +342,13 @@ int32_t ReciprocalNeighborsPlugin::enqueue(PluginTensorDesc const* inputDesc, Pl
 
 IPluginV3* ReciprocalNeighborsPlugin::attachToContext(IPluginResourceContext* /* context */) noexcept
 {
-    return clone();
+    // The copy serves one execution context, on the device that is current while TensorRT creates it.
+    auto* plugin = static_cast<ReciprocalNeighborsPlugin*>(clone());
+    if (plugin != nullptr)
+    {
+        plugin->prepareDevice();
+    }
+    return plugin;
 }
 
 PluginFieldCollection const* ReciprocalNeighborsPlugin::getFieldsToSerialize() noexcept
@@ -410,22 +430,30 @@ IPluginV3* ReciprocalNeighborsPluginCreator::createPlugin(
     return nullptr;
 }
 
+// ---------------------------------------------------------------- the library's creator and logger
+
+ReciprocalNeighborsPluginCreator& reciprocalNeighborsCreator() noexcept
+{
+    static ReciprocalNeighborsPluginCreator sCreator;
+    return sCreator;
+}
+
+void setPluginLoggerFinder(ILoggerFinder* finder) noexcept
+{
+    loggerFinder().set(finder);
+}
+
+void logPluginMessage(ILogger::Severity severity, std::string const& message) noexcept
+{
+    try
+    {
+        loggerFinder().log(severity, std::string("ReciprocalNeighbors plugin: ") + message);
+    }
+    catch (...)
+    {
+    }
+}
+
 } // namespace plugin
 } // namespace nformer
 
-// ---------------------------------------------------------------- library entry points
-
-#define NFORMER_PLUGIN_EXPORT extern "C" __attribute__((visibility("default")))
-
-NFORMER_PLUGIN_EXPORT nvinfer1::IPluginCreatorInterface* const* getCreators(int32_t& nbCreators)
-{
-    static nformer::plugin::ReciprocalNeighborsPluginCreator sReciprocalNeighborsCreator;
-    static nvinfer1::IPluginCreatorInterface* const sCreators[] = {&sReciprocalNeighborsCreator};
-    nbCreators = 1;
-    return sCreators;
-}
-
-NFORMER_PLUGIN_EXPORT void setLoggerFinder(nvinfer1::ILoggerFinder* finder)
-{
-    nformer::plugin::loggerFinder().set(finder);
-}

@@ -4,9 +4,14 @@
  * plugin_version "1", plugin_namespace "") to this creator; `k` arrives as an INT32 PluginField and is
  * serialised with the engine. The kernels live in reciprocalNeighborsKernels.cu.
  *
- * Built into libnformer_plugins.so, which exports getCreators() and setLoggerFinder() (extern "C") and
- * does not link libnvinfer: load it with `trtexec --dynamicPlugins=libnformer_plugins.so` or
- * IPluginRegistry::loadLibrary().
+ * Built into two libraries (plugins/CMakeLists.txt) that differ only in how TensorRT learns of the creator:
+ *   libnformer_plugins.so exports getCreators() and setLoggerFinder() (pluginEntryPoints.cpp) and does not link
+ *     libnvinfer: load it with `trtexec --dynamicPlugins=...` or IPluginRegistry::loadLibrary() (Python
+ *     load_library); it registers nothing when it is merely dlopen'ed;
+ *   libnformer_plugins_autoreg.so registers the creator with getPluginRegistry() when it is loaded
+ *     (pluginAutoRegistration.cpp, links libnvinfer) and exports neither entry point: for hosts that only
+ *     dlopen plugin libraries (Triton's TensorRT backend, DeepStream's nvinfer).
+ * One process uses one of the two: the second would register the same creator again (refused, logged).
  */
 #ifndef NFORMER_RECIPROCAL_NEIGHBORS_PLUGIN_H
 #define NFORMER_RECIPROCAL_NEIGHBORS_PLUGIN_H
@@ -19,6 +24,8 @@
 
 namespace nformer
 {
+struct ReciprocalNeighborsDevice;
+
 namespace plugin
 {
 
@@ -75,8 +82,13 @@ public:
     }
 
 private:
+    void prepareDevice() noexcept;
+
     int32_t mK;
     std::string mNamespace;
+    //! The execution context's device, prepared outside enqueue (attachToContext, onShapeChange); null until then,
+    //! and enqueue then looks it up itself. Not copied by clone(): a clone may serve another context.
+    ReciprocalNeighborsDevice const* mDevice{nullptr};
     std::string mMetadata;
     std::vector<nvinfer1::PluginField> mFieldsToSerialize;
     nvinfer1::PluginFieldCollection mFieldCollection{};
@@ -100,6 +112,16 @@ private:
     std::vector<nvinfer1::PluginField> mFields;
     nvinfer1::PluginFieldCollection mFieldCollection{};
 };
+
+//! The library's creator (a static object that lives as long as the library): the one getCreators() hands to
+//! IPluginRegistry::loadLibrary, and the one libnformer_plugins_autoreg.so registers when it is loaded.
+ReciprocalNeighborsPluginCreator& reciprocalNeighborsCreator() noexcept;
+
+//! Where the plugin's messages go (the first non-null finder is kept; before one is set they are dropped).
+void setPluginLoggerFinder(nvinfer1::ILoggerFinder* finder) noexcept;
+
+//! A message through that logger, prefixed with the plugin's name.
+void logPluginMessage(nvinfer1::ILogger::Severity severity, std::string const& message) noexcept;
 
 } // namespace plugin
 } // namespace nformer

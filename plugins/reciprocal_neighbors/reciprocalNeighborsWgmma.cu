@@ -463,15 +463,11 @@ template <int KSTEPS>
 cudaError_t launchFor(__half const* y, int batch, int rows, int splits, int c, int* candIdx, float* candScore,
     float* candThresh, cudaStream_t stream)
 {
+    // the shared-memory limit was raised once for this device (prepareWgmmaCandidates)
     size_t const smemBytes = wgmmaCandidateSmemBytes(KSTEPS * 16);
-    auto kernel = candidateWgmmaKernel<KSTEPS>;
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smemBytes));
-    if (err != cudaSuccess)
-    {
-        return err;
-    }
     dim3 grid((rows + kWBM - 1) / kWBM, splits, batch);
-    kernel<<<grid, kWThreads, smemBytes, stream>>>(y, rows, splits, c, candIdx, candScore, candThresh);
+    candidateWgmmaKernel<KSTEPS><<<grid, kWThreads, smemBytes, stream>>>(
+        y, rows, splits, c, candIdx, candScore, candThresh);
     return cudaGetLastError();
 }
 
@@ -481,6 +477,19 @@ size_t wgmmaCandidateSmemBytes(int paddedDim)
 {
     return 1024 + kWStages * stageBytes(paddedDim) + static_cast<size_t>(kWBM) * kWCap * sizeof(unsigned long long)
         + static_cast<size_t>(kWBM) * (sizeof(int) + sizeof(float));
+}
+
+cudaError_t prepareWgmmaCandidates(int smemOptin)
+{
+    cudaError_t err = cudaSuccess;
+    if ((err = allowMaxDynamicSharedMemory(candidateWgmmaKernel<4>, smemOptin)) != cudaSuccess
+        || (err = allowMaxDynamicSharedMemory(candidateWgmmaKernel<8>, smemOptin)) != cudaSuccess
+        || (err = allowMaxDynamicSharedMemory(candidateWgmmaKernel<12>, smemOptin)) != cudaSuccess
+        || (err = allowMaxDynamicSharedMemory(candidateWgmmaKernel<16>, smemOptin)) != cudaSuccess)
+    {
+        return err;
+    }
+    return cudaSuccess;
 }
 
 cudaError_t launchWgmmaCandidates(__half const* y, int batch, int rows, int paddedDim, int splits, int c,

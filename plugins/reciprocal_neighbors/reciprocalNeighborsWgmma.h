@@ -26,7 +26,11 @@ constexpr int kWgmmaMaxPaddedDim = 256;
 //! Dynamic shared memory of the wgmma candidate kernel for this padded feature size (a multiple of 64).
 size_t wgmmaCandidateSmemBytes(int paddedDim);
 
-//! Launch the candidate pass: y [batch, rows, paddedDim] fp16, 128-row blocks x `splits` column ranges.
+//! Once per compute capability 9.0 device, before any launch there (the kernels library's device table):
+//! raise the wgmma kernels' dynamic shared-memory limit to the device's opt-in maximum.
+cudaError_t prepareWgmmaCandidates(int smemOptin);
+
+//! Launch the candidate pass (the device was prepared): y [batch, rows, paddedDim] fp16, 128-row blocks x `splits` column ranges.
 //! Outputs per (row, split): c candidate columns (-1 = empty), their approximate cosines, the threshold.
 cudaError_t launchWgmmaCandidates(__half const* y, int batch, int rows, int paddedDim, int splits, int c,
     int* candIdx, float* candScore, float* candThresh, cudaStream_t stream);

@@ -4,10 +4,16 @@ and the libraries' host-side contract (C API, exports, workspace formula, error 
 Runs on a CPU machine.  Needs nvcc (CUDA 13.0 here and in CI; found on PATH or in /usr/local/cuda/bin)
 and CMake; the TensorRT glue needs TensorRT's headers (``TENSORRT_ROOT`` or the standard include paths)
 and is skipped, with the reason printed, where they are not found.  One CMake build per session.
+
+``libnformer_plugins_autoreg.so`` links libnvinfer; here it is linked against, and loaded with, a stand-in
+``libnvinfer.so.<major>`` built from tests/plugins/fake_libnvinfer.cpp (getPluginRegistry, getLogger and a
+registry that does what IPluginRegistry documents), so what is tested is how the library registers itself,
+not TensorRT: the real registry, Triton and DeepStream never ran here.
 """
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -48,6 +54,42 @@ def run(cmd, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kw)
 
 
+def find_cxx() -> str | None:
+    return shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+
+
+def tensorrt_major(include: Path) -> int:
+    """NV_TENSORRT_MAJOR of the headers (10.x writes it directly, 10.16 and 11 through TRT_MAJOR_ENTERPRISE)."""
+    text = (include / "NvInferVersion.h").read_text()
+    found = re.search(r"#define\s+(?:NV_TENSORRT_MAJOR|TRT_MAJOR_ENTERPRISE)\s+(\d+)", text)
+    assert found, f"no major version in {include / 'NvInferVersion.h'}"
+    return int(found.group(1))
+
+
+def cuda_include_dir(nvcc: str) -> Path:
+    """The directory of cuda_runtime_api.h (TensorRT's headers include it), as nvcc itself passes it on
+    (nvcc may be a wrapper script far from the toolkit)."""
+    res = run([nvcc, "-v", "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull])
+    for found in re.finditer(r'-I"?([^"\s]+)', res.stdout + res.stderr):
+        if (Path(found.group(1)) / "cuda_runtime_api.h").is_file():
+            return Path(found.group(1))
+    return Path(nvcc).resolve().parent.parent / "include"
+
+
+def build_fake_libnvinfer(out: Path, trt_include: Path, nvcc: str) -> Path | None:
+    """libnvinfer.so.<major> from tests/plugins/fake_libnvinfer.cpp (None without a C++ compiler)."""
+    cxx = find_cxx()
+    if cxx is None:
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"libnvinfer.so.{tensorrt_major(trt_include)}"
+    res = run([cxx, "-shared", "-fPIC", "-std=c++17", "-Wall", "-Wno-deprecated-declarations",
+               "-I", trt_include, "-I", cuda_include_dir(nvcc), f"-Wl,-soname,{name}",
+               REPO / "tests" / "plugins" / "fake_libnvinfer.cpp", "-o", out / name, "-ldl"])
+    assert res.returncode == 0, res.stderr
+    return out / name
+
+
 @pytest.fixture(scope="module")
 def build(tmp_path_factory):
     """One CMake build of plugins/ for sm_80/86/89/90: the kernels always, the glue when headers exist."""
@@ -61,15 +103,20 @@ def build(tmp_path_factory):
     out = tmp_path_factory.mktemp("plugin_build")
     configure = [cmake, "-S", REPO / "plugins", "-B", out, f"-DCMAKE_CUDA_COMPILER={nvcc}",
                  f"-DCMAKE_CUDA_ARCHITECTURES={';'.join(ARCHS)}", "-DCMAKE_CUDA_FLAGS=--threads=0"]
+    fake_nvinfer = None
     if trt_include is not None:
         configure.append(f"-DTENSORRT_ROOT={trt_include.parent}")
+        fake_nvinfer = build_fake_libnvinfer(out / "fake_nvinfer", trt_include, nvcc)
+        if fake_nvinfer is not None:  # link the self-registering library against the stand-in, never a real one
+            configure.append(f"-DTENSORRT_NVINFER_LIBRARY={fake_nvinfer}")
     else:
         configure.append("-DNFORMER_BUILD_PLUGIN=OFF")
     cfg = run(configure)
     assert cfg.returncode == 0, f"cmake configure failed:\n{cfg.stdout}\n{cfg.stderr}"
     bld = run([cmake, "--build", out, "-j", str(os.cpu_count() or 2)])
     assert bld.returncode == 0, f"cmake build failed:\n{bld.stdout[-8000:]}\n{bld.stderr[-8000:]}"
-    return {"dir": out, "nvcc": nvcc, "trt_include": trt_include, "log": cfg.stdout + bld.stdout}
+    return {"dir": out, "nvcc": nvcc, "trt_include": trt_include, "fake_nvinfer": fake_nvinfer,
+            "log": cfg.stdout + bld.stdout}
 
 
 @pytest.fixture(scope="module")
@@ -256,7 +303,7 @@ def test_c_api_exports(build):
     assert syms.returncode == 0
     for name in ("nformer_reciprocal_neighbors", "nformer_reciprocal_neighbors_ex",
                  "nformer_reciprocal_neighbors_workspace", "nformer_reciprocal_neighbors_plan",
-                 "nformer_status_string"):
+                 "nformer_reciprocal_neighbors_prepare_device", "nformer_status_string"):
         assert f" T {name}\n" in syms.stdout
     # only the C API is visible: the kernels' C++ symbols stay hidden
     exported = [line.split()[-1] for line in syms.stdout.splitlines() if " T " in line]
@@ -338,6 +385,29 @@ def test_missing_libraries_raise_a_clear_error(tmp_path, monkeypatch):
     assert plugins.library_path().name == plugins.PLUGIN_LIBRARY
 
 
+def test_the_self_registering_library_is_found_only_beside_the_plugin_library_in_use(tmp_path, monkeypatch):
+    """plugins.autoreg_library_path(): the autoreg library of the same build as libnformer_plugins.so (the one
+    the engines' records name), never one from another search directory; a clear error says how to build it."""
+    env_dir, build_dir = tmp_path / "env", tmp_path / "build" / "plugins"
+    env_dir.mkdir()
+    build_dir.mkdir(parents=True)
+    monkeypatch.setenv(plugins.ENV_DIR, str(env_dir))
+    monkeypatch.setattr(plugins, "DEFAULT_BUILD_DIR", build_dir)
+    assert plugins.autoreg_library_path() is None  # nothing built
+    with pytest.raises(plugins.PluginNotBuiltError, match="libnformer_plugins.so"):
+        plugins.autoreg_library_path(required=True)
+    (env_dir / plugins.PLUGIN_LIBRARY).write_bytes(b"")
+    (build_dir / plugins.AUTOREG_LIBRARY).write_bytes(b"")  # another build's: not taken
+    assert plugins.autoreg_library_path() is None
+    with pytest.raises(plugins.PluginNotBuiltError, match=r"libnformer_plugins_autoreg\.so.*Triton and DeepStream.*"
+                                                          r"TENSORRT_NVINFER_LIBRARY") as err:
+        plugins.autoreg_library_path(required=True)
+    assert str(env_dir / plugins.AUTOREG_LIBRARY) in str(err.value)
+    (env_dir / plugins.AUTOREG_LIBRARY).write_bytes(b"")
+    assert plugins.autoreg_library_path() == (env_dir / plugins.AUTOREG_LIBRARY).resolve()
+    assert plugins.autoreg_library_path(required=True) == (env_dir / plugins.AUTOREG_LIBRARY).resolve()
+
+
 def test_tensorrt_glue_builds_against_tensorrt_headers(build):
     if build["trt_include"] is None:
         pytest.skip("TensorRT headers (NvInfer.h) not found via TENSORRT_ROOT or "
@@ -348,8 +418,154 @@ def test_tensorrt_glue_builds_against_tensorrt_headers(build):
     assert " T getCreators\n" in syms and " T setLoggerFinder\n" in syms
     needed = run(["readelf", "-d", lib]).stdout
     assert "libnvinfer" not in needed and "libcudart.so" not in needed, needed
+    # no load-time registration: it never reaches for TensorRT's registry (only loadLibrary registers it)
+    undefined = run(["nm", "-D", "--undefined-only", lib]).stdout
+    assert "getPluginRegistry" not in undefined and "getLogger" not in undefined, undefined
     # the creator, fields, serialisation, shapes, formats and workspace, driven through the IPluginV3
     # interfaces without TensorRT (a GPU run of enqueue is in benchmarks/gpu_plugin_run.sh)
     selftest = run([build["dir"] / "nformer_plugin_selftest", lib])
     assert selftest.returncode == 0, selftest.stdout + selftest.stderr
     assert "OK: 0 failure(s)" in selftest.stdout
+
+
+AUTOREG_SKIP = ("libnformer_plugins_autoreg.so was not built: it needs TensorRT's headers (NvInfer.h via "
+                f"TENSORRT_ROOT or {', '.join(TRT_STANDARD_INCLUDES)}) and a C++ compiler for the stand-in libnvinfer")
+
+
+def test_self_registering_library_links_libnvinfer_and_exports_no_loadlibrary_entry_points(build):
+    """libnformer_plugins_autoreg.so: libnvinfer is a dependency (DT_NEEDED, so LD_PRELOAD loads TensorRT with
+    it), getPluginRegistry resolves there, nothing is exported (no getCreators / setLoggerFinder: it is not for
+    loadLibrary), dlclose never unmaps it (NODELETE), and no RUNPATH points at the build machine's TensorRT."""
+    if build["fake_nvinfer"] is None:
+        pytest.skip(AUTOREG_SKIP)
+    lib = build["dir"] / plugins.AUTOREG_LIBRARY
+    assert lib.is_file(), build["log"][-4000:]
+    exported = [line.split()[-1] for line in run(["nm", "-D", "--defined-only", lib]).stdout.splitlines()
+                if " T " in line]
+    assert exported == [], exported
+    undefined = run(["nm", "-D", "--undefined-only", lib]).stdout.split()
+    assert "getPluginRegistry" in undefined and "getLogger" in undefined
+    dynamic = run(["readelf", "-d", lib]).stdout
+    major = tensorrt_major(build["trt_include"])
+    assert f"Shared library: [libnvinfer.so.{major}]" in dynamic and "libcudart.so" not in dynamic, dynamic
+    assert "NODELETE" in dynamic and "RPATH" not in dynamic and "RUNPATH" not in dynamic, dynamic
+    assert plugins.linked_tensorrt_major(lib) == major
+    assert plugins.linked_tensorrt_major(build["dir"] / plugins.PLUGIN_LIBRARY) is None
+
+
+@pytest.fixture(scope="module")
+def probe(build, tmp_path_factory):
+    """tests/plugins/plugin_registry_probe.cpp linked against the stand-in libnvinfer: load(*steps) runs it."""
+    if build["fake_nvinfer"] is None:
+        pytest.skip(AUTOREG_SKIP)
+    exe = tmp_path_factory.mktemp("probe") / "plugin_registry_probe"
+    res = run([find_cxx(), "-std=c++17", "-Wall", "-Wno-deprecated-declarations", "-I", build["trt_include"],
+               "-I", cuda_include_dir(build["nvcc"]),
+               REPO / "tests" / "plugins" / "plugin_registry_probe.cpp", "-o", exe, build["fake_nvinfer"], "-ldl"])
+    assert res.returncode == 0, res.stderr
+    env = {**os.environ, "LD_LIBRARY_PATH": str(build["fake_nvinfer"].parent)}
+
+    def load(*steps):
+        res = run([exe, *steps], env=env, timeout=120)
+        assert res.returncode == 0, f"{steps}: exit {res.returncode}\n{res.stdout}\n{res.stderr}"
+        return res.stdout
+    return load
+
+
+CREATOR_USABLE = ('creator 0: PLUGIN CREATOR_V3ONE ReciprocalNeighbors version 1 namespace "" '
+                  "-> plugin ReciprocalNeighbors 1")
+
+
+def test_self_registering_library_registers_when_dlopened(build, probe):
+    """As Triton's plugins= option and DeepStream's custom-lib-path load it (dlopen RTLD_NOW | RTLD_LOCAL),
+    libnformer_plugins_autoreg.so registers its V3 creator under ReciprocalNeighbors / 1 / "" and the
+    registered creator makes plugins; libnformer_plugins.so dlopen'ed the same way registers nothing."""
+    autoreg, loadable = build["dir"] / plugins.AUTOREG_LIBRARY, build["dir"] / plugins.PLUGIN_LIBRARY
+    out = probe(f"dlopen={autoreg}")
+    assert 'registerCreator ReciprocalNeighbors/1/ (namespace argument "") -> true' in out, out
+    assert "registered 1\n" in out and CREATOR_USABLE in out, out
+    out = probe(f"dlopen={loadable}")
+    assert "registerCreator" not in out and "registered 0\n" in out, out
+    out = probe(f"loadLibrary={loadable}")  # trtexec --dynamicPlugins / Python load_library
+    assert f"loadLibrary {loadable} -> handle" in out and CREATOR_USABLE in out, out
+
+
+def test_both_libraries_in_one_process_register_once_and_do_not_crash(build, probe):
+    """The second registration of ReciprocalNeighbors / 1 / "" is refused either way: after the autoreg library,
+    loadLibrary(libnformer_plugins.so) returns null; after loadLibrary, the autoreg library logs a warning that
+    names the cause; the first creator stays registered and usable."""
+    autoreg, loadable = build["dir"] / plugins.AUTOREG_LIBRARY, build["dir"] / plugins.PLUGIN_LIBRARY
+    out = probe(f"dlopen={autoreg}", f"loadLibrary={loadable}")
+    assert f"loadLibrary {loadable} -> null" in out and "registered 1\n" in out and CREATOR_USABLE in out, out
+    out = probe(f"loadLibrary={loadable}", f"dlopen={autoreg}")
+    assert "-> false" in out and "registered 1\n" in out and CREATOR_USABLE in out, out
+    warning = next(line for line in out.splitlines() if line.startswith("log 2: "))  # Severity::kWARNING
+    assert "already registered" in warning and "libnformer_plugins.so" in warning, out
+
+
+def test_self_registering_library_survives_reopening_and_dlclose(build, probe):
+    """Opened twice, it registers once (static initialisers run once per load); after a dlclose (DeepStream
+    tearing a pipeline down) it stays mapped (NODELETE), so the registered creator still works."""
+    autoreg = build["dir"] / plugins.AUTOREG_LIBRARY
+    out = probe(f"dlopen={autoreg}", f"dlopen={autoreg}")
+    assert out.count("registerCreator") == 1 and CREATOR_USABLE in out, out
+    out = probe(f"dlopen={autoreg}", f"dlclose={autoreg}")
+    assert f"dlclose {autoreg} -> 0" in out and CREATOR_USABLE in out, out
+
+
+ALLOWED_DEVICE_SETUP = {"fillDevice", "prepareReciprocalNeighborsDevice", "allowMaxDynamicSharedMemory",
+                        "prepareWgmmaCandidates"}
+STREAM_WORK = {"cudaMemsetAsync", "cudaGetLastError", "cudaGetErrorString"}
+
+
+def top_level_functions(text: str):
+    """(name, body) of each function defined at namespace level: a header at column 0 (its parameter list may
+    continue on indented lines), the body from a "{" to the next "}" at column 0 (the layout of these sources).
+    Namespaces and extern "C" blocks are entered; class and struct bodies (ending in "};") are skipped."""
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        if lines[i] == "{" and i > 0:
+            j = i - 1
+            while j > 0 and lines[j].startswith((" ", "\t")):  # continued parameter lists
+                j -= 1
+            if lines[j].startswith(("namespace", 'extern "C"')):
+                i += 1
+                continue
+            end = next(k for k in range(i, len(lines)) if lines[k] in ("}", "};"))
+            found = re.search(r"(\w+)\s*\(", lines[j])
+            if found and lines[end] == "}":
+                yield found.group(1), "\n".join(lines[i:end])
+            i = end
+        i += 1
+
+
+def test_the_launch_path_is_stream_work_only():
+    """enqueue is capturable: outside the once-per-device preparation (the device table), the kernels' host code
+    calls no CUDA API but cudaMemsetAsync, cudaGetLastError (and cudaGetErrorString for messages): no
+    cudaGetDevice, attribute query or cudaFuncSetAttribute per call, no allocation, no synchronisation; the
+    plugin's enqueue passes its prepared device and calls CUDA only through the kernels."""
+    rn = REPO / "plugins" / "reciprocal_neighbors"
+    seen = set()
+    for name in ("reciprocalNeighborsKernels.cu", "reciprocalNeighborsWgmma.cu", "reciprocalNeighborsDevice.cuh",
+                 "reciprocalNeighborsPlugin.cpp", "capi.cu"):
+        for function, body in top_level_functions((rn / name).read_text()):
+            seen.add(function)
+            calls = set(re.findall(r"\b(cuda[A-Z]\w*)\s*\(", body))
+            if function not in ALLOWED_DEVICE_SETUP:
+                assert calls <= STREAM_WORK, f"{name}: {function} calls {sorted(calls - STREAM_WORK)}"
+            if function == "enqueue":
+                assert not calls and "mDevice)" in body, body
+    assert ALLOWED_DEVICE_SETUP | {"run", "enqueue", "launchCandidates", "launchFor", "reciprocalNeighbors",
+                                   "launchWgmmaCandidates", "onShapeChange", "attachToContext"} <= seen, sorted(seen)
+
+
+def test_device_preparation_reports_a_missing_gpu_and_retries(kernels):
+    """Without a usable GPU the preparation returns the CUDA error (a positive status), again on the next
+    call (a failure is not remembered); with one it succeeds and stays prepared."""
+    first = kernels.nformer_reciprocal_neighbors_prepare_device()
+    second = kernels.nformer_reciprocal_neighbors_prepare_device()
+    assert first >= 0 and second == first, (first, second)
+    if first > 0:
+        assert len(kernels.nformer_status_string(first)) > 5
+

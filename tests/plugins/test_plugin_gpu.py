@@ -396,3 +396,32 @@ def test_fallback_and_rescore_rank_alike_on_the_candidate_kernels():
              "canonical_keys": {"canonical_keys": True}, "exact_only": {"exact_only": True},
              "c=32": {"candidates": 32}, "c=32 canonical_keys": {"candidates": 32, "canonical_keys": True}}
     assert_every_path_matches(x, 20, f"N={ORACLE_MAX_N}", paths=paths)
+
+
+@pytest.mark.parametrize("paths", [{}, {"generic": True}])
+def test_a_prepared_call_replays_from_a_cuda_graph(paths):
+    """Once the device is prepared (nformer_reciprocal_neighbors_prepare_device; a plugin does it outside
+    enqueue), a call is stream work only: torch captures it (global capture mode refuses non-capturable CUDA
+    calls), and replays on new inputs give the reference lists."""
+    assert cuda.load_kernels().nformer_reciprocal_neighbors_prepare_device() == 0
+    n, k = 700, 20
+    x = random_unit(n, seed=80).to(DEVICE)
+    idx = torch.empty((1, n, k), dtype=torch.int32, device=DEVICE)
+    valid = torch.empty_like(idx)
+    ws = torch.empty(cuda.workspace_size(1, n, x.shape[-1], k), dtype=torch.uint8, device=DEVICE)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):  # a warm-up on the capture's side stream, as torch advises
+        cuda.reciprocal_neighbors(x, k, out=(idx, valid), workspace=ws, **paths)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="global"):
+        cuda.reciprocal_neighbors(x, k, out=(idx, valid), workspace=ws, **paths)
+    for seed in (81, 82):
+        fresh = random_unit(n, seed=seed)
+        x.copy_(fresh.to(DEVICE))
+        idx.fill_(-7)
+        graph.replay()
+        torch.cuda.synchronize()
+        ref_idx, ref_valid = reference_lists(fresh, k)
+        assert_same(idx.cpu(), valid.cpu(), ref_idx, ref_valid, f"graph replay {paths} seed {seed}")
+
