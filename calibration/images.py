@@ -12,9 +12,9 @@ Two layouts are accepted:
 * any other directory: every file below it (recursively, sorted by path).
 
 Files that are not images (by suffix) and images that do not decode are reported and skipped.
-An empty directory, or fewer readable images than asked for, is an :class:`InputError` that says
-how many there are.  Selection is deterministic: a seeded permutation of the candidates, decoded in
-that order until ``count`` images are read.
+A directory with no readable image is an :class:`InputError`; one with fewer readable images than
+asked for is calibrated on all of them, with a note saying how many.  Selection is deterministic:
+a seeded permutation of the candidates, decoded in that order until ``count`` images are read.
 
 Imports no torch.
 """
@@ -142,12 +142,13 @@ def read_calibration_images(candidates: Candidates, count: int, size_hw, mean, s
         used.append(path)
     if skipped:
         log(f"calibration: {describe_skipped(skipped, candidates.root)}")
-    if len(used) < count:
-        raise InputError(f"{candidates.root} holds {len(used)} readable calibration image(s) but {count} were "
-                         f"asked for ({describe_skipped(skipped, candidates.root) if skipped else 'none skipped'}); "
-                         f"pass --calib-images {len(used)} or fewer, or add crops" if used else
-                         f"{candidates.root} holds no readable calibration image "
+    if not used:
+        raise InputError(f"{candidates.root} holds no readable calibration image "
                          f"({describe_skipped(skipped, candidates.root)}); add JPEG/PNG person crops")
+    if len(used) < count:
+        log(f"calibration: note: {count} images asked for (--calib-images) but {candidates.root} holds "
+            f"{len(used)} readable one(s): calibrating on all {len(used)}")
+        images = images[:len(used)]
     return CalibrationImages(candidates.root, candidates.layout, used, images, skipped)
 
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
-import shutil
+import math
+import signal
 import sys
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 
@@ -22,13 +24,13 @@ import onnx
 import torch
 
 from export.reference.checkpoint import load_checkpoint
-from export.contract.cli import int_list, size_hw
+from export.contract.cli import FiniteFloatRange, int_list, size_hw
 from export.contract.errors import InputError, NFormerError
 from export.contract.landmarks import sample_landmarks
 from export.contract.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, io_spec
-from export.contract.files import sha256_file, write_json_atomic
+from export.contract.files import sha256_file, work_dir, write_json_atomic
 from export.reference.model import NFormerModel
-from export.reference.nformer import NFormerLayers
+from export.layers_graph import layers_model
 from export.onnx_functions import OPSET, OUTPUTS as NEIGHBOR_OUTPUTS, reciprocal_neighbors_function
 from export.contract.parity import format_table, max_abs_error, neighbor_set_agreement, relative_error
 from export.contract.ops import MAX_K, OP_DOMAIN, OP_TYPE, PLUGIN_NAMESPACE, PLUGIN_VERSION
@@ -107,20 +109,13 @@ def export_nformer(model: NFormerModel, path: Path) -> None:
 
 
 def export_nformer_layers(model: NFormerModel, path: Path) -> None:
-    c = model.config
-    n = 2 * c.topk + 3
-    features = torch.nn.functional.normalize(torch.randn(1, n, c.n_embd), dim=-1)
-    landmarks = torch.from_numpy(sample_landmarks(n, c.n_layer, c.landmarks))
-    idx, valid = model.nformer.neighbors(features)
-    dyn_n, dyn_k = torch.export.Dim("N", min=1), torch.export.Dim("k", min=1)
-    dims = {"features": {1: dyn_n}, "landmarks": {1: torch.export.Dim("l", min=1)},
-            "neighbor_index": {1: dyn_n, 2: dyn_k}, "neighbor_valid": {1: dyn_n, 2: dyn_k}}
-    with _quiet_exporter():
-        program = torch.onnx.export(
-            NFormerLayers(model.nformer).eval(), (features, landmarks, idx.to(torch.int32), valid.to(torch.int32)),
-            dynamo=True, opset_version=OPSET, input_names=["features", "landmarks", *NEIGHBOR_OUTPUTS],
-            output_names=["refined"], dynamic_shapes=dims, optimize=True, verbose=False)
-    onnx.save(_tidy(program.model_proto), path)
+    """The layers with the lists as inputs, written node by node by ``export.layers_graph`` (row
+    blocks and landmark algebra for CPUs) rather than traced; checked against the reference like
+    the other files."""
+    c, nformer = model.config, model.nformer
+    proto = layers_model(nformer.state_dict(), c.n_layer, c.n_embd, c.n_head, ln_eps=nformer.h[0].ln_1.e,
+                         bn_eps=nformer.bottleneck.eps, opset=OPSET, ir_version=IR_VERSION)
+    onnx.save(proto, path)
 
 
 def _session(path: Path, extra_outputs: list[str] = ()):
@@ -222,8 +217,14 @@ def prepare_out_dir(out_dir: Path) -> None:
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, n_head: int = 2, topk: int = 20,
                       landmarks: int = 5, last_stride: int = 1, input_size_hw=None, batches=DEFAULT_BATCHES,
                       sizes=DEFAULT_SIZES, rtol: float = 1e-4, seed: int = 0, log=print) -> dict:
-    """Export, check and publish.  Returns ``{"ok": bool, "checks": rows, "out_dir": str}``."""
+    """Export, check and publish.  Returns ``{"ok": bool, "checks": rows, "out_dir": str}``.
+
+    The files are made in a temporary folder ``OUT_DIR/.export-*`` that is removed whatever happens
+    (and, should the process be killed, by the next export into ``out_dir``)."""
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not math.isfinite(rtol) or rtol <= 0:
+        raise InputError(f"rtol must be a finite number > 0 (the largest relative error accepted, e.g. 1e-4), "
+                         f"found {rtol!r}")
     model = load_checkpoint(checkpoint, n_head=n_head, topk=topk, landmarks=landmarks, last_stride=last_stride,
                             input_size_hw=input_size_hw)
     prepare_out_dir(out_dir)
@@ -231,8 +232,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, n_head: in
         f"embeddings {model.config.feature_dim}, last_stride={model.config.last_stride}, n_layer={model.config.n_layer}, "
         f"n_embd={model.config.n_embd}, n_head={model.config.n_head}, topk={model.config.topk}, "
         f"landmarks={model.config.landmarks}")
-    work = Path(tempfile.mkdtemp(dir=out_dir, prefix=".export-"))
-    try:
+    with work_dir(out_dir, ".export-") as work:
         log("exporting encoder.onnx ...")
         export_encoder(model, work / ENCODER_FILE)
         log("exporting nformer.onnx ...")
@@ -251,8 +251,10 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, n_head: in
                 (work / file).replace(out_dir / file)
             write_json_atomic(out_dir / MANIFEST_NAME, manifest)
         return {"ok": ok, "checks": checks, "out_dir": str(out_dir)}
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+
+
+def _exit_on_signal(signum, frame):
+    sys.exit(128 + signum)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -273,8 +275,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, n_head: in
               callback=int_list, help="Encoder batch sizes compared with the reference.")
 @click.option("--check-sizes", default=",".join(map(str, DEFAULT_SIZES)), show_default=True,
               callback=int_list, help="Set sizes N compared with the reference for the refinement.")
-@click.option("--rtol", type=float, default=1e-4, show_default=True,
-              help="Largest relative error ||onnx - torch|| / ||torch|| accepted.")
+@click.option("--rtol", type=FiniteFloatRange(0, min_open=True), default=1e-4, show_default=True,
+              help="Largest relative error ||onnx - torch|| / ||torch|| accepted (a finite number > 0).")
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Seed of the random check inputs.")
 def main(checkpoint, out_dir, n_head, topk, landmarks, last_stride, input_size, check_batches, check_sizes, rtol,
          seed):
@@ -285,6 +287,9 @@ def main(checkpoint, out_dir, n_head, topk, landmarks, last_stride, input_size, 
     files with onnx.checker and against the PyTorch reference in ONNX Runtime.  Exits 1 when a
     check fails (nothing is published) and 2 on bad input.
     """
+    # SIGTERM (timeout, a container stopping) unwinds like Ctrl-C: the temporary folder is removed
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _exit_on_signal) if main_thread else None
     try:
         result = export_checkpoint(checkpoint, out_dir, n_head=n_head, topk=topk, landmarks=landmarks,
                                    last_stride=int(last_stride), input_size_hw=input_size,
@@ -293,6 +298,9 @@ def main(checkpoint, out_dir, n_head, topk, landmarks, last_stride, input_size, 
     except NFormerError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
+    finally:
+        if main_thread and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if not result["ok"]:
         click.echo("error: the exported files do not match the PyTorch reference (rows with ok=False); "
                    "nothing was written", err=True)

@@ -272,6 +272,17 @@ class Gallery:
                 raise InputError(f"add: metadata must be JSON-serialisable ({err})") from None
         return x, ids, cams, metas
 
+    def validate_add(self, embeddings, ids=None, camids=None, meta=None):
+        """What :meth:`add` would add, checked, without changing anything: ``(rows float32 [m, D], ids,
+        camids int64 [m], meta)``; InputError for what ``add`` would refuse.  A journal records this
+        before the change is applied."""
+        with self._lock:
+            batch = self._validated_batch(embeddings, ids, camids, meta)
+            if batch is None:
+                return np.zeros((0, self.config.n_embd), np.float32), [], np.zeros(0, np.int64), []
+            x, ids, cams, metas = batch
+            return np.asarray(x, np.float32), ids, cams, metas
+
     def add(self, embeddings, ids=None, camids=None, meta=None) -> list:
         """Add raw encoder embeddings [m, D] with their ids (default: next integers), camera ids
         (default -1) and metadata dicts.  Returns the ids.  Nothing changes on bad input."""
@@ -353,7 +364,8 @@ class Gallery:
         """The ``topn`` nearest gallery items of each query (raw encoder embeddings [q, D]).
 
         ``query_camids``: camera id per query; gallery items seen by the same camera are left out
-        of that query's hits (cross-camera re-identification).  Ties keep gallery order.
+        of that query's hits (cross-camera re-identification); a negative camera id (unknown
+        camera) leaves nothing out.  Ties keep gallery order.
         """
         if topn < 1:
             raise InputError(f"topn must be >= 1, found {topn}")
@@ -368,7 +380,7 @@ class Gallery:
             hits = []
             for qi, row in enumerate(dist):
                 order = np.argsort(row, kind="stable")
-                if cams is not None:
+                if cams is not None and cams[qi] >= 0:
                     order = order[self._camids[order] != cams[qi]]
                 hits.append([Hit(self._ids[p], float(np.sqrt(row[p])), int(self._camids[p]),
                                  json.loads(json.dumps(self._meta[p])), int(p)) for p in order[:topn]])
@@ -398,7 +410,11 @@ class Gallery:
                 if previous:
                     numbers.append(int(previous["version"][1:]))
                 version = f"v{max(numbers, default=0) + 1:06d}"
-                work = make_temp_dir(path, f".{version}.tmp-")
+                try:
+                    work = make_temp_dir(path, f".{version}.tmp-")
+                except OSError as err:
+                    raise InputError(f"cannot save a gallery to {path}: {err.strerror or err}; check that the "
+                                     "directory is writable, or choose another") from None
                 try:
                     self._write_version(work)
                     os.rename(work, path / version)
@@ -406,6 +422,10 @@ class Gallery:
                     _fsync_dir(path)
                     write_bytes_atomic(path / POINTER, json.dumps(
                         {"format": FORMAT, "format_version": FORMAT_VERSION, "version": version}, indent=1).encode())
+                except OSError as err:   # a full disk, a folder made read-only meanwhile: the old version stays
+                    shutil.rmtree(work, ignore_errors=True)
+                    raise InputError(f"cannot save a gallery to {path}: {err.strerror or err}; the previous "
+                                     "version, if any, is unchanged") from None
                 except BaseException:
                     shutil.rmtree(work, ignore_errors=True)
                     raise
@@ -471,9 +491,12 @@ class Gallery:
             features = _load_npy(folder / "features.npy")
             refined = _load_npy(folder / "refined.npy") if "refined.npy" in items["sha256"] else None
             try:
-                with np.load(folder / "neighbors.npz", allow_pickle=False) as z:
+                z = np.load(folder / "neighbors.npz", allow_pickle=False)
+                if not isinstance(z, np.lib.npyio.NpzFile):
+                    raise ValueError(f"an .npz archive was expected, found a {type(z).__name__}")
+                with z:
                     state = {k: z[k] for k in z.files}
-            except (OSError, ValueError) as err:
+            except Exception as err:  # noqa: BLE001 - whatever edited bytes make numpy or zipfile raise
                 raise InputError(f"cannot read {folder / 'neighbors.npz'}: {err}; the gallery is damaged") from None
         shape = (n, config.n_embd)
         for name, arr in (("embeddings.npy", raw), ("features.npy", features), ("refined.npy", refined)):
@@ -612,5 +635,5 @@ def _read_pointer(path: Path) -> dict:
 def _load_npy(path: Path) -> np.ndarray:
     try:
         return np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
+    except Exception as err:  # noqa: BLE001 - whatever edited bytes make numpy raise (a header that does not parse...)
         raise InputError(f"cannot read {path}: {err}; the gallery is damaged") from None

@@ -3,6 +3,7 @@ a user's mistake, and one parser for each kind of option value.  Torch-free (cli
 from __future__ import annotations
 
 import functools
+import math
 import sys
 
 import click
@@ -53,3 +54,13 @@ def size_hw(ctx, param, value: str) -> tuple[int, int]:
     if h < 1 or w < 1:
         raise click.BadParameter(f"expected positive HxW such as 256x128, got {value!r}")
     return h, w
+
+
+class FiniteFloatRange(click.FloatRange):
+    """``click.FloatRange`` that also refuses ``nan`` and ``inf`` (which pass its comparisons)."""
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number; give a number such as 1e-4", param, ctx)
+        return rv

@@ -3,7 +3,9 @@
 Every write goes through a temporary file beside its target, is fsynced and renamed over it: a crash
 leaves the old file or the new one, never half of one.  Files and directories get the permissions
 the process's umask gives a plain ``open()`` / ``mkdir()`` (``mkstemp``/``mkdtemp`` alone would make
-them 0600 / 0700, unreadable to a container running as another user).
+them 0600 / 0700, unreadable to a container running as another user).  Outputs that belong
+together are published together (``staged_files``); a build's temporary folder (``work_dir``) is
+removed on any exception, and a killed process's is removed by the next build into the same folder.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 
@@ -83,6 +86,77 @@ def make_temp_dir(parent: str | Path, prefix: str) -> Path:
     return path
 
 
+#: a work directory younger than this is never taken for a dead process's leftover: it may have
+#: been created a moment ago by a process that has not locked it yet
+STALE_GRACE_S = 10.0
+
+
+def _try_lock(path: Path, blocking: bool = False) -> int | None:
+    """An fd holding ``flock`` on directory ``path``; None when another process holds it, or when
+    locks are not available here (then nobody can tell whether it is in use)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def remove_stale_work_dirs(parent: str | Path, prefix: str) -> list[Path]:
+    """Remove the :func:`work_dir` folders named ``prefix*`` in ``parent`` that no process holds
+    any more (their process was killed: SIGKILL, power loss).  Folders a running process holds,
+    and folders younger than :data:`STALE_GRACE_S`, are left alone.  Returns what was removed."""
+    removed = []
+    try:
+        entries = [p for p in Path(parent).iterdir() if p.name.startswith(prefix)]
+    except OSError:
+        return removed
+    now = time.time()
+    for path in entries:
+        try:
+            if path.is_symlink() or not path.is_dir() or now - path.stat().st_mtime < STALE_GRACE_S:
+                continue
+        except OSError:
+            continue
+        fd = _try_lock(path)
+        if fd is None:
+            continue
+        try:
+            shutil.rmtree(path, ignore_errors=True)
+        finally:
+            os.close(fd)
+        removed.append(path)
+    return removed
+
+
+@contextlib.contextmanager
+def work_dir(parent: str | Path, prefix: str):
+    """A private temporary directory in ``parent`` (umask permissions) for a build that is published
+    by renaming what is in it.  Removed on leaving the block whatever happened (an exception,
+    KeyboardInterrupt, SystemExit); held with ``flock`` meanwhile, so that a later
+    :func:`remove_stale_work_dirs` (called here first) removes only the leftovers of killed
+    processes, never a running build's."""
+    remove_stale_work_dirs(parent, prefix)
+    path = make_temp_dir(parent, prefix)
+    fd = _try_lock(path, blocking=True)
+    try:
+        yield path
+    finally:
+        try:
+            shutil.rmtree(path, ignore_errors=True)
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+
 @contextlib.contextmanager
 def staged_file(path: str | Path):
     """Yield a temporary path beside ``path`` for a library that writes a file by name (onnx.save,
@@ -100,3 +174,20 @@ def staged_file(path: str | Path):
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def staged_files(*paths: str | Path):
+    """:func:`staged_file` for outputs that belong together (embeddings and their names, a config
+    and the model it names): one temporary path beside each; all are published only after the
+    block wrote every one, and all removed on any failure, so they appear together or not at all."""
+    if len({Path(p).parent.resolve() / Path(p).name for p in paths}) != len(paths):
+        raise ValueError(f"staged_files needs distinct paths, got {[str(p) for p in paths]}")
+    with contextlib.ExitStack() as stack:
+        yield tuple(stack.enter_context(staged_file(p)) for p in paths)
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A new private directory in the system's temporary folder, for a process's scratch files
+    (never published; the caller removes it)."""
+    return Path(tempfile.mkdtemp(prefix=prefix))

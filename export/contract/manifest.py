@@ -251,6 +251,44 @@ def _inside(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
 
 
+def _listed_paths(manifest: dict | None) -> list[str]:
+    if not isinstance(manifest, dict):
+        return []
+    paths = []
+    for section in ("files", "variants"):
+        entries = manifest.get(section)
+        paths += [e["path"] for e in (entries.values() if isinstance(entries, dict) else ())
+                  if isinstance(e, dict) and isinstance(e.get("path"), str)]
+    engines = manifest.get("engines")
+    for entry in engines.values() if isinstance(engines, dict) else ():
+        if isinstance(entry, dict):
+            paths += [entry[k] for k in ("path", "record") if isinstance(entry.get(k), str)]
+    return paths
+
+
+def refuse_model_file(path: str | Path, model_dir: str | Path, manifest: dict | None = None,
+                      what: str = "the output") -> None:
+    """InputError when writing ``path`` would replace a file of the model directory: its manifest, a
+    file the manifest lists, or any other file directly in it (calibration caches, build records).
+    Writes rename a new file over the name, so a name is compared by its folder's real location:
+    a symbolic link to the model directory is caught, a link that merely points at a model file is
+    replaced itself and leaves the model alone."""
+    path, model_dir = Path(path), Path(model_dir)
+    protected = [model_dir / MANIFEST_NAME, *(model_dir / p for p in _listed_paths(manifest))]
+    try:
+        protected += [p for p in model_dir.iterdir() if p.is_file()]
+    except OSError:
+        pass
+
+    def where(p: Path) -> Path:
+        return p.parent.resolve() / p.name
+    target = where(path)
+    for file in protected:
+        if where(file) == target:
+            raise InputError(f"{what} {path} would replace {file.name}, a file of the model directory {model_dir}; "
+                             "write it somewhere else (the model directory's files are the export's)")
+
+
 # ---------------------------------------------------------------------------------------------------
 # loading
 

@@ -22,6 +22,9 @@ from export.reference.resnet import ARCHS
 #: heads used only in training; the deployed networks do not contain them
 TRAINING_ONLY = ("backbone.classifier.", "nformer.classifier.")
 WRAPPERS = ("state_dict", "model", "model_state_dict", "net")
+#: how a file written by torch.save starts: a zip archive (the format since PyTorch 1.6) or, in the
+#: legacy format, a pickle of protocol 2 or later
+CHECKPOINT_MAGIC = (b"PK\x03\x04", b"\x80")
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -32,12 +35,18 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                               "training code; check the path)")
     if not path.is_file():
         raise CheckpointError(f"checkpoint path is not a file: {path}")
+    not_a_checkpoint = (f"{path} is not a PyTorch checkpoint ({{}}); expected a file written by "
+                        "torch.save(model.state_dict())")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except PermissionError as err:
         raise CheckpointError(f"cannot read checkpoint {path}: {err.strerror}; check its permissions") from None
     except pickle.UnpicklingError as err:
         text = str(err)
+        # bytes that are neither a zip archive nor a pickle are no checkpoint, not a refused object
+        garbage = _not_a_pickle(path)
+        if garbage:
+            raise CheckpointError(not_a_checkpoint.format(garbage)) from None
         if "Weights only load failed" in text or "weights_only" in text:
             raise CheckpointError(
                 f"refused to load {path}: it contains pickled objects or code beyond tensors and plain "
@@ -45,11 +54,34 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                 "Re-save it as torch.save(model.state_dict()) from a trusted environment") from None
         raise CheckpointError(f"{path} is not a PyTorch checkpoint ({text.splitlines()[0]}); expected a "
                               "file written by torch.save(model.state_dict())") from None
-    except (RuntimeError, EOFError, ValueError, OSError, KeyError) as err:
+    except (RuntimeError, EOFError, ValueError, OSError, KeyError, IndexError, TypeError, AttributeError) as err:
+        # what the weights-only unpickler and the zip reader raise on bytes that are not a checkpoint
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CheckpointError(f"{path} is not a PyTorch checkpoint ({first}); expected a file written "
                               "by torch.save(model.state_dict())") from None
     return data
+
+
+def _not_a_pickle(path: Path) -> str | None:
+    """Why ``path`` cannot be a checkpoint when it is neither a zip archive nor a parseable pickle
+    stream, else None.  ``pickletools.genops`` only reads opcodes: nothing is run."""
+    import pickletools
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+            if head.startswith(CHECKPOINT_MAGIC[0]):
+                return None
+            if not head.startswith(CHECKPOINT_MAGIC[1]):
+                return f"it starts with bytes {head.hex(' ')}, neither a zip archive nor a pickle"
+            f.seek(0)
+            for _ in pickletools.genops(f):
+                pass
+    except OSError:
+        return None
+    except Exception as err:  # noqa: BLE001 - any parse failure: the bytes are not a pickle
+        return f"the bytes are not a pickle: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+    return None
 
 
 def checkpoint_filter_fn(data) -> dict[str, torch.Tensor]:
@@ -148,5 +180,10 @@ def load_checkpoint(path: str | Path, *, n_head: int = 2, topk: int = 20, landma
     if report:
         raise CheckpointError(f"{path} does not fit the NFormer {config.arch} layout: {report}. Is it a "
                               "checkpoint of another architecture?")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{path} holds NaN or infinite values in {len(bad)} tensor(s): "
+                              f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; the training diverged or "
+                              "the file is damaged: export a checkpoint saved before that")
     model.load_state_dict(state, strict=True)
     return model.eval()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from export.contract.cli import int_list_or_empty, user_errors
+from export.contract.cli import FiniteFloatRange, int_list_or_empty, user_errors
 from runtime.cli.options import batch_size_option, check_writable, model_dir_arg, threads_option, write_report
 
 
@@ -62,11 +62,11 @@ def demo(report, work_dir, figure, identities, seed):
                    "manifest's name and sha256 beside MODEL_DIR, or the shipped one).")
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Seed of the landmark draw (same for all).")
 @threads_option
-@click.option("--min-cosine-mean", type=float, default=0.99, show_default=True,
+@click.option("--min-cosine-mean", type=FiniteFloatRange(-1, 1), default=0.99, show_default=True,
               help="Tolerance: mean cosine of encoder embeddings to the reference.")
-@click.option("--min-cosine-min", type=float, default=0.95, show_default=True,
+@click.option("--min-cosine-min", type=FiniteFloatRange(-1, 1), default=0.95, show_default=True,
               help="Tolerance: smallest cosine of an encoder embedding to the reference.")
-@click.option("--max-map-drop", type=float, default=1.0, show_default=True,
+@click.option("--max-map-drop", type=FiniteFloatRange(0, 100), default=1.0, show_default=True,
               help="Tolerance: largest drop of refined mAP below the reference, in points.")
 @user_errors
 def parity(model_dir, data_dir, report, checkpoint, seed, threads, min_cosine_mean, min_cosine_min, max_map_drop):
@@ -137,7 +137,7 @@ def evaluate(dataset_dir, model_dir, backends, batch_size, seed, max_rank, threa
 @click.option("--request-size", type=click.IntRange(1), default=1, show_default=True, help="Crops per request.")
 @click.option("--max-batch", type=click.IntRange(1), default=32, show_default=True,
               help="Largest batch the dynamic batcher forms.")
-@click.option("--max-wait-ms", type=click.FloatRange(0), default=5.0, show_default=True,
+@click.option("--max-wait-ms", type=FiniteFloatRange(0), default=5.0, show_default=True,
               help="Longest the batcher waits for a batch to fill after its first request.")
 @click.option("--refine-sizes", default="1000", show_default=True, callback=int_list_or_empty,
               help="Set sizes N for the refinement timing (comma-separated; empty to skip).")

@@ -11,8 +11,6 @@ seeded generator.  Pure numpy + Pillow (no torch).
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from export.contract.errors import InputError
+from export.contract.files import work_dir
 
 from export.contract.market1501 import SPLITS
 
@@ -259,13 +258,18 @@ def generate(out_dir: str | Path, identities: int = 300, seed: int = 0, progress
     out_dir = Path(out_dir)
     if identities < 4:
         raise InputError(f"--identities must be at least 4 (2 for training, 2 for testing), got {identities}")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir} is a file; synth writes a directory (bounding_box_train/, query/, "
+                         "bounding_box_test/): choose a new or empty directory")
     if any((out_dir / d).exists() for d in SPLITS.values()):
         raise InputError(f"{out_dir} already holds a data set; choose an empty directory")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=out_dir, prefix=".synth-"))
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"cannot create {out_dir}: {err.strerror or err}; choose a writable directory") from None
     cams = [Camera.draw(seed, c) for c in range(CAMERAS)]
     counts = {}
-    try:
+    with work_dir(out_dir, ".synth-") as work:
         for split, entries in plan(identities, seed).items():
             folder = work / SPLITS[split]
             folder.mkdir()
@@ -285,8 +289,6 @@ def generate(out_dir: str | Path, identities: int = 300, seed: int = 0, progress
             counts[split] = len(entries)
         for d in SPLITS.values():
             os.replace(work / d, out_dir / d)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return counts
 
 

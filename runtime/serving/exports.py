@@ -22,7 +22,10 @@ names; nothing here needs TensorRT, Triton or DeepStream to be installed.
 
 Files are written with ``export.contract.files`` (atomic, umask-following; the Triton repository is
 assembled in a ``make_temp_dir`` folder and published by one rename); the plugin library is found by
-``plugins.plugin_library_path()``.
+``plugins.plugin_library_path()``.  Triton and DeepStream only dlopen plugin libraries, so what they load
+is ``plugins.autoreg_library_path()`` (``libnformer_plugins_autoreg.so``, which registers the plugin's
+creator when it is loaded): the repository holds a copy and its README gives the ``tritonserver`` command
+lines (``--backend-config=tensorrt,plugins=<it>`` or ``LD_PRELOAD=<it>``); ``custom-lib-path`` names it.
 
 Not verified here: no Triton server or DeepStream runs on this project's machines.  Tests parse
 the configs (Triton's model_config protobuf; the key-file syntax) and check the files they name.
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import shlex
 import shutil
 from pathlib import Path
 
@@ -38,13 +42,18 @@ import numpy as np
 
 import plugins
 from export.contract.errors import InputError
-from export.contract.files import make_temp_dir, sha256_file, staged_file, write_text_atomic
-from export.contract.manifest import load_manifest, model_config
+from export.contract.files import (copy_file_atomic, make_temp_dir, sha256_file, staged_files,
+                                   write_text_atomic)
+from export.contract.manifest import load_manifest, model_config, refuse_model_file
 
 ENCODER_MODEL = "nformer_encoder"
 REFINE_MODEL = "nformer_refine"
 REPOSITORY_RECORD = "nformer_repository.json"
 INSTANCE_KINDS = {"auto": "KIND_AUTO", "gpu": "KIND_GPU", "cpu": "KIND_CPU"}
+#: Triton's model_config.proto: max_batch_size, preferred_batch_size and an instance group's count are
+#: int32, max_queue_delay_microseconds is uint64; nvinfer reads its integer keys as gint (int32)
+INT32_MAX = 2**31 - 1
+UINT64_MAX = 2**64 - 1
 _TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32",
                  "int8": "TYPE_INT8", "uint8": "TYPE_UINT8"}
 
@@ -72,11 +81,20 @@ def _tensor_block(kind: str, specs: list[dict], drop_batch: bool, overrides: dic
     return "\n".join(lines)
 
 
+def _check_int(name: str, value, low: int, high: int, why: str) -> int:
+    """``value`` if it is an integer in [low, high] (what the serving system's parser accepts)."""
+    if not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_)) or not low <= value <= high:
+        raise InputError(f"{name} must be an integer from {low} to {high} ({why}), found {value!r}")
+    return int(value)
+
+
 def triton_configs(manifest: dict, max_batch: int = 32, max_queue_delay_us: int = 2000, instance_kind: str = "auto",
                    instance_count: int = 1, platforms: dict | None = None) -> dict[str, str]:
     """``{model name: config.pbtxt text}`` for the encoder and the refinement."""
-    if max_batch < 1 or instance_count < 1 or max_queue_delay_us < 0:
-        raise InputError("max_batch and instance_count must be >= 1 and max_queue_delay_us >= 0")
+    _check_int("max_batch", max_batch, 1, INT32_MAX, "Triton's max_batch_size is an int32")
+    _check_int("instance_count", instance_count, 1, INT32_MAX, "Triton's instance_group count is an int32")
+    _check_int("max_queue_delay_us", max_queue_delay_us, 0, UINT64_MAX,
+               "Triton's max_queue_delay_microseconds is a uint64")
     if instance_kind not in INSTANCE_KINDS:
         raise InputError(f"instance kind must be one of {', '.join(INSTANCE_KINDS)}, found {instance_kind!r}")
     platforms = platforms or {}
@@ -187,6 +205,37 @@ def choose_triton_engines(model_dir: Path, manifest: dict, max_batch: int, tenso
     return chosen
 
 
+def _triton_plugin_library(plan: dict, out_dir: Path) -> dict:
+    """What the repository records about the plugin library Triton loads for the refinement plan
+    (``plugins.autoreg_library_path()``, copied to the repository's top level, which Triton does not
+    read as a model): where it came from, its sha256, the TensorRT major version it links (checked
+    against the server's), and the exact ``tritonserver`` command lines that load it."""
+    lib = plugins.autoreg_library_path(required=True)
+    server = plan["tensorrt"]
+    major = plugins.linked_tensorrt_major(lib)
+    if major is not None and str(major) != server.split(".")[0]:
+        raise InputError(f"{lib} links libnvinfer.so.{major} (TensorRT {major}), but the Triton server runs TensorRT "
+                         f"{server}: it would not load there. Rebuild the plugins against the server's TensorRT "
+                         f"(-DTENSORRT_NVINFER_LIBRARY=/path/to/libnvinfer.so.{server.split('.')[0]})")
+    repo = out_dir.resolve()
+    inside = repo / plugins.AUTOREG_LIBRARY
+    commands = []
+    if ";" not in str(inside):  # the backend splits plugins= at ';'
+        commands.append(f"tritonserver --model-repository={shlex.quote(str(repo))} "
+                        f"--backend-config=tensorrt,plugins={shlex.quote(str(inside))}")
+    if not any(ch.isspace() or ch == ":" for ch in str(inside)):  # LD_PRELOAD splits at spaces and colons
+        commands.append(f"LD_PRELOAD={shlex.quote(str(inside))} "
+                        f"tritonserver --model-repository={shlex.quote(str(repo))}")
+    if not commands:
+        raise InputError(f"{repo}: a path with ';' and a space or ':' cannot name a plugin library on Triton's command "
+                         "line; choose another directory for the model repository")
+    return {"file": plugins.AUTOREG_LIBRARY, "from": str(lib), "sha256": sha256_file(lib),
+            "links_tensorrt_major": major, "tritonserver": commands,
+            "container": (f"docker run --gpus all --rm -v {shlex.quote(str(repo))}:/models "
+                          "nvcr.io/nvidia/tritonserver:<yy.mm>-py3 tritonserver --model-repository=/models "
+                          f"--backend-config=tensorrt,plugins=/models/{plugins.AUTOREG_LIBRARY}")}
+
+
 def write_triton_repository(model_dir: str | Path, out_dir: str | Path, max_batch: int = 32,
                             max_queue_delay_us: int = 2000, instance_kind: str = "auto", instance_count: int = 1,
                             engines: bool = False, overwrite: bool = False,
@@ -206,6 +255,8 @@ def write_triton_repository(model_dir: str | Path, out_dir: str | Path, max_batc
         for network, plan in plans.items():
             sources[network] = plan["path"]
             platforms[network] = "tensorrt_plan"
+    # the refinement plan holds the plugin: Triton must load the library that registers it when dlopen'ed
+    autoreg = _triton_plugin_library(plans["nformer"], out_dir) if "nformer" in plans else None
     configs = triton_configs(manifest, max_batch, max_queue_delay_us, instance_kind, instance_count, platforms)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir} is a file; choose a directory for the model repository")
@@ -229,8 +280,8 @@ def write_triton_repository(model_dir: str | Path, out_dir: str | Path, max_batc
             folder = work / name / "1"
             folder.mkdir(parents=True)
             target = folder / ("model.plan" if plan else "model.onnx")
-            shutil.copyfile(sources[network], target)
-            (work / name / "config.pbtxt").write_text(configs[name])
+            copy_file_atomic(sources[network], target)
+            write_text_atomic(work / name / "config.pbtxt", configs[name])
             record["models"][name] = {"config": f"{name}/config.pbtxt", "file": str(target.relative_to(work)),
                                       "from": sources[network].name}
             if plan:
@@ -239,8 +290,11 @@ def write_triton_repository(model_dir: str | Path, out_dir: str | Path, max_batc
                     "precision": chosen["entry"]["precision"], "tensorrt": chosen["record"]["tensorrt"]["version"],
                     "server_tensorrt": chosen["tensorrt"], "gpu": chosen["record"].get("gpu"),
                     "profiles": chosen["record"].get("profiles"), "passed_over": chosen["passed_over"]}
-        (work / "README.md").write_text(_triton_readme(record, platforms))
-        (work / REPOSITORY_RECORD).write_text(json.dumps(record, indent=1) + "\n")
+        if autoreg is not None:
+            copy_file_atomic(autoreg["from"], work / plugins.AUTOREG_LIBRARY)
+            record["plugin_library"] = autoreg
+        write_text_atomic(work / "README.md", _triton_readme(record, platforms, model_config(manifest)))
+        write_text_atomic(work / REPOSITORY_RECORD, json.dumps(record, indent=1) + "\n")
         if out_dir.exists():
             shutil.rmtree(out_dir)
         work.rename(out_dir)
@@ -250,18 +304,35 @@ def write_triton_repository(model_dir: str | Path, out_dir: str | Path, max_batc
     return {**record, "path": str(out_dir)}
 
 
-def _triton_readme(record: dict, platforms: dict) -> str:
+def _triton_readme(record: dict, platforms: dict, config) -> str:
+    serve = "Serve with `tritonserver --model-repository=<this directory>`.\n"
     plugin = ""
-    if platforms:
-        plugin = ("\nThe TensorRT plans were built with the project's plugin library (`libnformer_plugins.so`, "
-                  "`python -c 'import plugins; print(plugins.plugin_library_path())'`); the server's TensorRT must "
-                  "have it registered before it loads `nformer_refine` (not verified on this project's machines).\n")
+    lib = record.get("plugin_library")
+    if lib:
+        # Triton's TensorRT backend only dlopens the libraries of its plugins= option (and LD_PRELOAD loads
+        # before it): libnformer_plugins.so registers nothing that way, the autoreg library does at load time.
+        serve = ""
+        major = f"libnvinfer.so.{lib['links_tensorrt_major']}" if lib["links_tensorrt_major"] else "libnvinfer"
+        plugin = ("## Loading the plugin\n\n"
+                  f"The `{REFINE_MODEL}` plan calls the TensorRT plugin `ReciprocalNeighbors`. Triton only dlopens "
+                  f"plugin libraries, so the repository holds `{lib['file']}` (copied from `{lib['from']}`, sha256 "
+                  f"`{lib['sha256'][:16]}...`), which registers the plugin with TensorRT when it is loaded. Start "
+                  "the server with exactly one of:\n\n"
+                  + "".join(f"    {c}\n" for c in lib["tritonserver"])
+                  + "\nIn a container, mount this directory and name the library inside it (the image's TensorRT "
+                  "must be the version the plans were built with):\n\n"
+                  f"    {lib['container']}\n\n"
+                  f"The library links {major}, the server's TensorRT, and loads only beside that major version. "
+                  "Do not pass `libnformer_plugins.so` instead (it registers its plugin only through TensorRT's "
+                  "loadLibrary, which Triton does not call), nor both (the second registration is refused and "
+                  "logged). Without the plugin, `nformer_refine` fails to load. Not verified: no Triton server runs "
+                  "on this project's machines.\n")
     return (f"# NFormer model repository\n\nWritten by `runtime triton-repo` from `{record['source']}`.\n\n"
             f"- `{ENCODER_MODEL}`: `images` float32 [batch, 3, H, W] (normalised crops) -> `embeddings` float32 "
-            "[batch, 256]; dynamic batching.\n"
-            f"- `{REFINE_MODEL}`: `features` float32 [1, N, 256] (L2-normalised embeddings of the whole set) and "
-            "`landmarks` int64 [n_layer, l] -> `refined` float32 [1, N, 256].\n\n"
-            "Serve with `tritonserver --model-repository=<this directory>`.\n" + plugin)
+            f"[batch, {config.feature_dim}]; dynamic batching.\n"
+            f"- `{REFINE_MODEL}`: `features` float32 [1, N, {config.n_embd}] (L2-normalised embeddings of the whole "
+            f"set) and `landmarks` int64 [n_layer={config.n_layer}, l] -> `refined` float32 [1, N, {config.n_embd}].\n\n"
+            + serve + plugin)
 
 
 # ---- DeepStream ----
@@ -295,6 +366,35 @@ def fold_channel_scale(encoder_onnx: Path, out_path: Path, ratio, input_name: st
     onnx.save(model, str(out_path))
 
 
+def _class_ids(value) -> str:
+    """``operate-on-class-ids``: semicolon-separated non-negative integers (a string, an int or ints)."""
+    parts = [value] if isinstance(value, (int, np.integer)) and not isinstance(value, bool) else \
+        list(value) if isinstance(value, (list, tuple)) else str(value).split(";")
+    ids = []
+    for part in parts:
+        text = str(part).strip()
+        if not (text.isascii() and text.isdigit()) or isinstance(part, bool) or int(text) > INT32_MAX:
+            raise InputError(f"operate-on-class-ids must be semicolon-separated class ids (integers 0 to {INT32_MAX}, "
+                             f"such as 0 or 0;2), found {str(value)!r}; give the detector's class id(s) of person")
+        ids.append(str(int(text)))
+    return ";".join(ids)
+
+
+def _check_config_path(key: str, path: Path, comment: bool = False) -> None:
+    """A path written into nvinfer's key file: no line break or other control character (it would end
+    the line and start keys of its own) and, in a value, no backslash (GKeyFile reads escapes)."""
+    text = str(path)
+    bad = sorted({ch for ch in text if ord(ch) < 32 or ord(ch) == 127 or (ch == "\\" and not comment)})
+    if bad:
+        raise InputError(f"{key} {text!r} contains {', '.join(repr(ch) for ch in bad)}, which nvinfer's config "
+                         "file cannot hold (a line break would start keys of its own); rename or move it")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(f"{key} {text!r} is not valid UTF-8, which nvinfer's config file must be; rename or "
+                         "move it") from None
+
+
 def write_deepstream_config(model_dir: str | Path, out_path: str | Path, batch_size: int = 16, gpu_id: int = 0,
                             gie_unique_id: int = 2, operate_on_gie_id: int = 1, operate_on_class_ids: str = "0",
                             precision: str = "fp16", engine: str | Path | None = None,
@@ -303,36 +403,56 @@ def write_deepstream_config(model_dir: str | Path, out_path: str | Path, batch_s
 
     ``engine``: an engine file nvinfer should load instead of building one from the ONNX (it must
     have been built from the folded ONNX for exact preprocessing).  ``plugin_library``: "auto"
-    adds ``custom-lib-path`` when the project's plugin library is built, a path adds that one,
-    None leaves it out.  Returns what was written.
+    adds ``custom-lib-path`` naming ``libnformer_plugins_autoreg.so`` when it is built (nvinfer only
+    dlopens the library, and that one registers the plugin when loaded), a path adds that one
+    (``libnformer_plugins.so`` is refused: it registers nothing when dlopen'ed), None leaves it out.
+    Returns what was written.
     """
     model_dir, out_path = Path(model_dir), Path(out_path)
     manifest = load_manifest(model_dir)
     c = model_config(manifest)
     if precision not in ("fp32", "fp16"):
         raise InputError(f"precision must be fp32 or fp16 for nvinfer, found {precision!r}")
-    if batch_size < 1:
-        raise InputError(f"batch size must be >= 1, found {batch_size}")
+    # every value goes into nvinfer's key file: integers in gint's range, no line breaks anywhere
+    batch_size = _check_int("batch size", batch_size, 1, INT32_MAX, "nvinfer's batch-size is an int")
+    gpu_id = _check_int("gpu id", gpu_id, 0, INT32_MAX, "nvinfer's gpu-id is an int")
+    gie_unique_id = _check_int("gie-unique-id", gie_unique_id, 1, INT32_MAX, "nvinfer's gie-unique-id is an int")
+    operate_on_gie_id = _check_int("operate-on-gie-id", operate_on_gie_id, 1, INT32_MAX,
+                                   "nvinfer's operate-on-gie-id is an int")
+    operate_on_class_ids = _class_ids(operate_on_class_ids)
+    onnx_out = out_path.with_name(out_path.stem + ".encoder.onnx")
+    for target, what in ((out_path, "the config"), (onnx_out, "the folded encoder")):
+        if target.is_dir():
+            raise InputError(f"cannot write {what} to {target}: it is a directory; give a file name such as "
+                             f"{target / 'nformer_sgie.txt'}")
+        refuse_model_file(target, model_dir, manifest, what)
     if not out_path.parent.is_dir():
         raise InputError(f"cannot write {out_path}: directory {out_path.parent} does not exist")
     norm = normalization_constants(c.pixel_mean, c.pixel_std)
-    onnx_out = out_path.with_name(out_path.stem + ".encoder.onnx")
     lib = None
     if plugin_library == "auto":
-        lib = plugins.plugin_library_path()  # None when not built: nothing to add (the encoder has no custom op)
+        lib = plugins.autoreg_library_path()  # None when not built: nothing to add (the encoder has no custom op)
     elif plugin_library:
         lib = Path(plugin_library)
         if not lib.is_file():
             raise InputError(f"plugin library {lib} does not exist; build it or leave out --plugin-lib")
+        if lib.name == plugins.PLUGIN_LIBRARY:
+            raise InputError(f"{lib} registers its plugin only through TensorRT's loadLibrary, which nvinfer does not "
+                             f"call: give {plugins.AUTOREG_LIBRARY} from the same build (it registers the plugin when "
+                             "nvinfer dlopens it), or --plugin-lib auto")
     if engine is not None and not Path(engine).is_file():
         raise InputError(f"engine file {engine} does not exist")
-    with staged_file(onnx_out) as tmp:
-        fold_channel_scale(model_dir / manifest["files"]["encoder"]["path"], tmp, norm["channel_ratio"])
+    _check_config_path("the model directory", model_dir.resolve(), comment=True)
+    _check_config_path("onnx-file", onnx_out.resolve())
+    if engine is not None:
+        _check_config_path("model-engine-file", Path(engine).resolve())
+    if lib is not None:
+        _check_config_path("custom-lib-path", lib.resolve())
     h, w = c.input_size_hw
     lines = [
         "# nvinfer (Gst-nvinfer) secondary-GIE config for the NFormer re-identification encoder,",
         f"# written by `runtime deepstream-config` from {model_dir.resolve()}/manifest.json.",
-        "# Each object crop -> 256-d embedding attached as NvDsInferTensorMeta (output-tensor-meta);",
+        f"# Each object crop -> {c.feature_dim}-d embedding attached as NvDsInferTensorMeta (output-tensor-meta);",
         "# refine and search them with runtime.gallery.  Not run here: no DeepStream on this machine.",
         "[property]",
         f"gpu-id={gpu_id}",
@@ -367,9 +487,16 @@ def write_deepstream_config(model_dir: str | Path, out_path: str | Path, batch_s
         "scaling-filter=1",
     ]
     if lib is not None:
-        lines += ["# the project's TensorRT plugin library (nvinfer dlopens it; the encoder has no custom op)",
+        lines += ["# the project's TensorRT plugin, registered when nvinfer dlopens this library (the encoder has no",
+                  "# custom op); the library links libnvinfer of the TensorRT it was built against",
                   f"custom-lib-path={lib.resolve()}"]
     text = "\n".join(lines) + "\n"
-    write_text_atomic(out_path, text)
+    try:
+        with staged_files(onnx_out, out_path) as (onnx_tmp, config_tmp):   # both files or neither
+            fold_channel_scale(model_dir / manifest["files"]["encoder"]["path"], onnx_tmp, norm["channel_ratio"])
+            config_tmp.write_bytes(text.encode("utf-8"))
+    except OSError as err:
+        raise InputError(f"cannot write {out_path} and {onnx_out.name}: {err.strerror or err}; choose a writable "
+                         "directory") from None
     return {"config": str(out_path), "onnx": str(onnx_out), "engine": str(engine) if engine else None,
             "custom_lib_path": str(lib) if lib else None, **norm}

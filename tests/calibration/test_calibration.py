@@ -68,12 +68,14 @@ def test_empty_folder_is_a_clear_error(tmp_path):
         list_candidates(tmp_path / "missing")
 
 
-def test_fewer_readable_images_than_asked_is_a_clear_error(tmp_path):
+def test_fewer_readable_images_than_asked_uses_all_of_them_with_a_note(tmp_path):
     folder = _crops(tmp_path / "crops", 3)
     (folder / "bad.jpg").write_bytes(b"junk")
-    with pytest.raises(InputError, match=r"holds 3 readable calibration image\(s\) but 4 were asked for.*"
-                                         r"--calib-images 3"):
-        _read(list_candidates(folder), 4)
+    messages = []
+    crops = _read(list_candidates(folder), 4, messages.append)
+    assert sorted(p.name for p in crops.files) == ["000.png", "001.png", "002.png"]
+    assert crops.images.shape == (3, 3, *HW)
+    assert any("note: 4 images asked for" in m and "3 readable" in m for m in messages), messages
     (tmp_path / "only_bad").mkdir()
     (tmp_path / "only_bad" / "x.jpg").write_bytes(b"junk")
     with pytest.raises(InputError, match="no readable calibration image"):
@@ -124,6 +126,18 @@ def test_second_calibration_reads_no_image_and_a_changed_key_recalibrates(tmp_pa
     _crops(crops, 25)  # one more file in the folder
     with pytest.raises(AssertionError, match="read despite"):
         quantize_encoder(model_dir / "encoder.onnx", tmp_path / "d.onnx", crops, method="minmax", **kw)
+
+
+def test_calib_images_beyond_the_folder_calibrates_on_every_crop(tmp_path_factory, tmp_path):
+    """--calib-images 512 on a folder of 449 crops: all 449, with a note (here 7 of 9 asked)."""
+    _, build = random_small_export(tmp_path_factory)
+    crops = _crops(tmp_path / "crops", 7)
+    messages = []
+    result = quantize_encoder(build / "encoder.onnx", tmp_path / "q.onnx", crops, size_hw=HW, mean=PIXEL_MEAN,
+                              std=PIXEL_STD, count=9, method="minmax", cache_dir=tmp_path, log=messages.append)
+    assert result["images"] == 7 and (tmp_path / "q.onnx").is_file()
+    assert any("note: 9 images asked for" in m and "holds 7" in m for m in messages), messages
+    assert len(json.loads(Path(result["cache"]).read_text())["images"]) == 7
 
 
 def test_calibration_imports_no_torch(tmp_path_factory, tmp_path):

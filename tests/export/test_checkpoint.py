@@ -6,12 +6,13 @@ import os
 import pickle
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from export.reference.checkpoint import load_checkpoint
 from export.contract.config import ModelConfig
-from export.contract.errors import CheckpointError
+from export.contract.errors import CheckpointError, InputError
 from export.reference.model import NFormerModel
 from export.reference.testing import original_state_dict, random_model
 
@@ -196,3 +197,104 @@ def test_export_refuses_a_k_beyond_the_plugins_limit(tmp_path):
     result = CliRunner().invoke(export_main, ["missing.pth", "--topk", str(MAX_K + 1), "--out-dir", str(tmp_path / "o")])
     assert result.exit_code == 2 and f"1<=x<={MAX_K}" in result.output
     assert not (tmp_path / "o").exists()
+
+
+# ---- hostile and careless input (the hardening issue) ----
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_bytes_are_not_a_checkpoint_rather_than_refused_code(tmp_path, seed):
+    """Random bytes (also behind a pickle's first byte) are "not a PyTorch checkpoint", not "pickled code"."""
+    rng = np.random.default_rng(seed)
+    path = tmp_path / "random.pth"
+    path.write_bytes((b"\x80" if seed % 2 else b"") + rng.bytes(4096))
+    with pytest.raises(CheckpointError, match="is not a PyTorch checkpoint") as info:
+        load_checkpoint(path)
+    assert "pickled objects or code" not in str(info.value)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_inf_weights_are_bad_input_naming_the_tensor(tmp_path, small_model, bad):
+    state = original_state_dict(small_model)
+    state["nformer.h.1.attn.c_attn.w"][3, 5] = bad
+    torch.save(state, tmp_path / "diverged.pth")
+    with pytest.raises(CheckpointError, match=r"NaN or infinite values in 1 tensor\(s\): nformer\.h\.1\.attn\.c_attn\.w"):
+        load_checkpoint(tmp_path / "diverged.pth")
+
+
+@pytest.mark.parametrize("rtol", ["nan", "inf", "-1e-4", "0"])
+def test_export_refuses_an_rtol_that_is_not_a_positive_finite_number(tmp_path, rtol):
+    from click.testing import CliRunner
+
+    from export.to_onnx import export_checkpoint, main as export_main
+
+    result = CliRunner().invoke(export_main, ["missing.pth", "--rtol", rtol, "--out-dir", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "--rtol" in result.output and "Traceback" not in result.output, result.output
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(InputError, match="rtol must be a finite number > 0"):
+        export_checkpoint("missing.pth", tmp_path / "o", rtol=float(rtol))
+    assert not (tmp_path / "o").exists()
+
+
+def _small_checkpoint(path):
+    from export.reference.testing import save_random_checkpoint
+
+    save_random_checkpoint(path, ModelConfig(arch="resnet18", widths=(16, 32, 64, 128), stem_width=16,
+                                             feature_dim=128, n_embd=128, input_size_hw=(128, 64)), seed=5)
+    return path
+
+
+def test_an_interrupted_export_leaves_no_temporary_folder_and_a_killed_ones_is_removed(tmp_path, monkeypatch):
+    import fcntl
+    import time
+
+    import export.to_onnx as to_onnx
+    from export.contract.files import STALE_GRACE_S
+
+    ckpt = _small_checkpoint(tmp_path / "small.pth")
+    out = tmp_path / "build"
+    out.mkdir()
+    killed = out / ".export-killed1"        # what a SIGKILLed export leaves
+    killed.mkdir()
+    (killed / "encoder.onnx").write_bytes(b"half")
+    running = out / ".export-running"       # another export, still running (holds its folder's lock)
+    running.mkdir()
+    for d in (killed, running):
+        os.utime(d, (time.time() - STALE_GRACE_S - 60,) * 2)
+    fd = os.open(running, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        def interrupted(model, path):
+            path.write_bytes(b"half an encoder")
+            raise KeyboardInterrupt
+        monkeypatch.setattr(to_onnx, "export_encoder", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            to_onnx.export_checkpoint(ckpt, out, log=lambda *a: None)
+        assert sorted(p.name for p in out.iterdir()) == [".export-running"]
+    finally:
+        os.close(fd)
+
+
+def test_sigterm_during_an_export_removes_its_temporary_folder(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    ckpt = _small_checkpoint(tmp_path / "small.pth")
+    out = tmp_path / "build"
+    proc = subprocess.Popen([sys.executable, "-m", "export.to_onnx", str(ckpt), "--out-dir", str(out),
+                             "--input-size", "128x64", "--check-batches", "2", "--check-sizes", "9"],
+                            cwd=Path(__file__).resolve().parents[2], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None and not list(out.glob(".export-*")):
+            time.sleep(0.05)
+        assert list(out.glob(".export-*")), "the export never started its temporary folder"
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert list(out.iterdir()) == []

@@ -136,8 +136,8 @@ def test_interrupted_save_leaves_the_previous_save_readable(pipe, features, tmp_
             raise OSError(28, "No space left on device (injected)")
         return real(path, data)
     monkeypatch.setattr(gallery_module, "write_bytes_atomic", failing)
-    with pytest.raises(OSError, match="injected"):
-        g.save(tmp_path / "gal")
+    with pytest.raises(InputError, match=r"cannot save a gallery to .*injected\); the previous version"):
+        g.save(tmp_path / "gal")                               # one clear error, not a raw OSError
     monkeypatch.setattr(gallery_module, "write_bytes_atomic", real)
     assert sorted(p.name for p in (tmp_path / "gal").iterdir()) == ["CURRENT", "v000001"]
     old = pipe.gallery(tmp_path / "gal")

@@ -375,3 +375,360 @@ def test_a_negative_seed_is_one_clear_error(tmp_path):
         result = CliRunner().invoke(runtime_cli, args)
         assert result.exit_code == 2 and "--seed" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "d").exists() and not (tmp_path / "o.npy").exists()
+
+
+# ---- output paths, config injection, ranges, sizes (items 7, 8, 9, 11 of the hardening issue) ----
+
+
+@pytest.fixture(scope="module")
+def small_export(tmp_path_factory):
+    """A random 128-d model (the shipped model's shapes): texts must say 128, not the default 256."""
+    from precision_support import random_small_export
+
+    return random_small_export(tmp_path_factory)[1]
+
+
+def cli(*args):
+    from click.testing import CliRunner
+
+    from runtime.cli import main as runtime_cli
+
+    return CliRunner().invoke(runtime_cli, [str(a) for a in args])
+
+
+def one_error(result, *words):
+    """Exit status 2, one line that says what is wrong, no traceback."""
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.lower().startswith("error:")]
+    assert len(lines) == 1, result.output
+    assert "Traceback" not in result.output, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    for w in words:
+        assert w in lines[0], lines[0]
+    return lines[0]
+
+
+def tree(folder: Path) -> dict:
+    """Every path below ``folder`` with its bytes (files) or None (folders)."""
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None) for p in sorted(folder.rglob("*"))}
+
+
+def test_deepstream_config_into_a_directory_is_one_error_and_writes_nothing(small_export, tmp_path):
+    (tmp_path / "dsdir").mkdir()
+    one_error(cli("deepstream-config", small_export, tmp_path / "dsdir"), "is a directory", "give a file name")
+    assert tree(tmp_path) == {"dsdir": None}           # no dsdir.encoder.onnx, no .dsdir.*.tmp
+
+
+@pytest.mark.parametrize("name", ["manifest.json", "encoder.onnx", "nformer_layers.onnx", "nformer"])
+def test_deepstream_config_never_replaces_a_file_of_the_model(small_export, tmp_path, name):
+    model = tmp_path / "model"
+    model.mkdir()
+    for f in small_export.iterdir():
+        os.link(f, model / f.name)
+    before = tree(model)
+    # "nformer": the config is new, but its folded encoder would be nformer.encoder.onnx (free): allowed
+    result = cli("deepstream-config", model, model / name)
+    if name == "nformer":
+        assert result.exit_code == 0, result.output
+        assert {k: v for k, v in tree(model).items() if k in before} == before
+        return
+    one_error(result, f"would replace {name}", "model directory")
+    assert tree(model) == before
+    # also through a symbolic link to the model directory
+    (tmp_path / "link").symlink_to(model)
+    one_error(cli("deepstream-config", model, tmp_path / "link" / name), "would replace")
+    assert tree(model) == before
+    Pipeline.load(model)
+
+
+@pytest.mark.parametrize("ids", ["0\nnetwork-mode=0\n[evil]", "0;x", "-1", "", "1.5", "0;;2", "2147483648", "0 2"])
+def test_deepstream_class_ids_that_are_not_class_ids_are_refused(small_export, tmp_path, ids):
+    one_error(cli("deepstream-config", small_export, tmp_path / "sgie.txt", "--operate-on-class-ids", ids),
+              "operate-on-class-ids must be semicolon-separated class ids")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_deepstream_config_holds_exactly_its_keys(small_export, tmp_path):
+    import configparser
+
+    from runtime.serving.exports import write_deepstream_config
+
+    r = cli("deepstream-config", small_export, tmp_path / "sgie.txt", "--operate-on-class-ids", " 0 ; 2 ",
+            "--gpu-id", 2**31 - 1, "--plugin-lib", "none")
+    assert r.exit_code == 0, r.output
+    parser = configparser.ConfigParser(inline_comment_prefixes=None, strict=True)
+    parser.read(tmp_path / "sgie.txt")
+    assert parser.sections() == ["property"]
+    p = parser["property"]
+    assert p["operate-on-class-ids"] == "0;2" and p["gpu-id"] == str(2**31 - 1)
+    assert sorted(p) == sorted(["gpu-id", "net-scale-factor", "offsets", "model-color-format", "onnx-file", "infer-dims",
+                                "batch-size", "network-mode", "network-type", "output-tensor-meta",
+                                "output-blob-names", "process-mode", "gie-unique-id", "operate-on-gie-id",
+                                "operate-on-class-ids", "maintain-aspect-ratio", "scaling-filter"])
+    r = cli("deepstream-config", small_export, tmp_path / "sgie2.txt", "--gpu-id", 2**31)
+    assert r.exit_code == 2 and "--gpu-id" in r.output and not (tmp_path / "sgie2.txt").exists()
+    for kwargs, words in ((dict(gpu_id=2**31), "gpu id must be an integer from 0 to 2147483647"),
+                          (dict(batch_size=True), "batch size must be an integer"),
+                          (dict(gie_unique_id=0), "gie-unique-id must be an integer from 1"),
+                          (dict(operate_on_class_ids=[0, "1\n[x]"]), "operate-on-class-ids")):
+        with pytest.raises(InputError, match=words):
+            write_deepstream_config(small_export, tmp_path / "api.txt", plugin_library=None, **kwargs)
+    assert write_deepstream_config(small_export, tmp_path / "api.txt", plugin_library=None,
+                                   operate_on_class_ids=[0, 3])["config"]
+    assert "operate-on-class-ids=0;3\n" in (tmp_path / "api.txt").read_text()
+
+
+@pytest.mark.parametrize("where", ["out", "engine", "plugin"])
+def test_deepstream_paths_with_a_line_break_are_refused(small_export, tmp_path, where):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    odd = tmp_path / "odd\nname=1\n[evil]"
+    odd.mkdir()
+    args = ["deepstream-config", small_export, out_dir / "sgie.txt"]
+    if where == "out":
+        args[2] = odd / "sgie.txt"
+    elif where == "engine":
+        (odd / "e.plan").write_bytes(b"x")
+        args += ["--engine", odd / "e.plan"]
+    else:
+        (odd / "lib.so").write_bytes(b"x")
+        args += ["--plugin-lib", odd / "lib.so"]
+    one_error(cli(*args), "contains '\\n'", "rename or move it")
+    assert list(out_dir.iterdir()) == [] and sorted(p.name for p in odd.iterdir()) == \
+        {"out": [], "engine": ["e.plan"], "plugin": ["lib.so"]}[where]
+
+
+@pytest.mark.parametrize("option, value", [("--instances", "99999999999999999999"), ("--max-batch", "3000000000"),
+                                           ("--instances", str(2**31)), ("--max-queue-delay-us", str(2**64))])
+def test_triton_values_its_parser_rejects_are_refused(small_export, tmp_path, option, value):
+    r = cli("triton-repo", small_export, tmp_path / "repo", option, value)
+    assert r.exit_code == 2 and option in r.output and "Traceback" not in r.output, r.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_triton_extremes_triton_accepts_parse_and_the_library_checks_too(small_export, tmp_path):
+    from runtime.serving.exports import write_triton_repository
+
+    for kwargs, words in ((dict(max_batch=3_000_000_000), "max_batch must be an integer from 1 to 2147483647"),
+                          (dict(instance_count=2**31), "instance_count must be an integer from 1 to 2147483647"),
+                          (dict(max_queue_delay_us=2**64), "max_queue_delay_us must be an integer from 0 to"),
+                          (dict(max_batch=1.5), "max_batch must be an integer")):
+        with pytest.raises(InputError, match=words):
+            write_triton_repository(small_export, tmp_path / "repo", **kwargs)
+    assert list(tmp_path.iterdir()) == []
+    r = cli("triton-repo", small_export, tmp_path / "repo", "--max-batch", 2**31 - 1, "--instances", 2**31 - 1,
+            "--max-queue-delay-us", 2**64 - 1)
+    assert r.exit_code == 0, r.output
+    pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed: Triton's model_config "
+                        "protobuf is needed to parse config.pbtxt")
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    enc = text_format.Parse((tmp_path / "repo" / "nformer_encoder" / "config.pbtxt").read_text(),
+                            model_config_pb2.ModelConfig())
+    assert (enc.max_batch_size, enc.instance_group[0].count, enc.dynamic_batching.max_queue_delay_microseconds) == \
+        (2**31 - 1, 2**31 - 1, 2**64 - 1)
+    # what the refused values would have written: Triton's own parser rejects them
+    from google.protobuf.text_format import ParseError
+
+    with pytest.raises(ParseError):
+        text_format.Parse("max_batch_size: 3000000000", model_config_pb2.ModelConfig())
+
+
+def test_serving_texts_give_the_models_own_feature_dim(small_export, tmp_path):
+    from runtime.serving.exports import write_deepstream_config, write_triton_repository
+
+    write_triton_repository(small_export, tmp_path / "repo")
+    readme = (tmp_path / "repo" / "README.md").read_text()
+    assert "[batch, 128]" in readme and "[1, N, 128]" in readme and "256" not in readme
+    write_deepstream_config(small_export, tmp_path / "sgie.txt", plugin_library=None)
+    text = (tmp_path / "sgie.txt").read_text()
+    assert "128-d embedding" in text and "256" not in text
+
+
+# ---- embed: --out, --names-out and crop names ----
+
+
+@pytest.fixture()
+def crop_folder(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "crops"
+    folder.mkdir()
+    for i, c in enumerate(crops(2, seed=3)):
+        Image.fromarray(c).save(folder / f"{i:03d}.png")
+    return folder
+
+
+def test_names_out_equal_to_out_is_refused_before_anything_is_written(small_export, crop_folder, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    one_error(cli("embed", small_export, crop_folder, "--out", out / "e.npy", "--names-out", out / "." / "e.npy"),
+              "--names-out", "same file as --out")
+    assert list(out.iterdir()) == []
+
+
+def test_a_crop_name_that_is_not_utf8_is_written_byte_for_byte(small_export, crop_folder, tmp_path):
+    raw = b"caf\xe9_\xff.png"                               # Latin-1, not UTF-8
+    (crop_folder / "001.png").rename(crop_folder / os.fsdecode(raw))
+    out = tmp_path / "o"
+    out.mkdir()
+    r = cli("embed", small_export, crop_folder, "--out", out / "e.npy", "--names-out", out / "names.txt")
+    assert r.exit_code == 0, r.output
+    names = (out / "names.txt").read_bytes().split(b"\n")
+    assert names == [b"000.png", raw, b""]                  # one line per row, as the file system names them
+    assert np.load(out / "e.npy").shape == (2, 128)
+    assert sorted(p.name for p in out.iterdir()) == ["e.npy", "names.txt"]
+
+
+@pytest.mark.parametrize("brk", ["\n", "\r", "\u2028", "\x0c"])
+def test_a_crop_name_with_a_line_break_is_refused_before_anything_is_written(small_export, crop_folder, tmp_path, brk):
+    (crop_folder / "001.png").rename(crop_folder / f"a{brk}b.png")
+    out = tmp_path / "o"
+    out.mkdir()
+    one_error(cli("embed", small_export, crop_folder, "--out", out / "e.npy", "--names-out", out / "names.txt"),
+              "contains a line break", "rename the file or leave out --names-out")
+    assert list(out.iterdir()) == []
+    # without --names-out the name does not matter
+    assert cli("embed", small_export, crop_folder, "--out", out / "e.npy").exit_code == 0
+
+
+def test_embed_and_refine_never_replace_a_file_of_the_model(small_export, crop_folder, tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    for f in small_export.iterdir():
+        os.link(f, model / f.name)
+    before = tree(model)
+    one_error(cli("embed", model, crop_folder, "--out", model / "encoder.onnx"), "would replace encoder.onnx")
+    one_error(cli("embed", model, crop_folder, "--out", tmp_path / "e.npy", "--names-out", model / "manifest.json"),
+              "would replace manifest.json")
+    np.save(tmp_path / "x.npy", np.ones((3, 128), np.float32))
+    one_error(cli("refine", model, tmp_path / "x.npy", "--out", model / "nformer.onnx"), "would replace nformer.onnx")
+    assert tree(model) == before and not (tmp_path / "e.npy").exists()
+
+
+# ---- features beyond what a float32 norm can take ----
+
+
+@pytest.mark.parametrize("value, dtype", [(1e30, np.float32), (1e39, np.float64), (-3e20, np.float32)])
+def test_embeddings_that_overflow_the_float32_norm_are_refused(pipe, value, dtype):
+    from runtime.refiner import feature_limit
+
+    x = np.random.default_rng(0).standard_normal((6, 256)).astype(dtype)
+    x[2:4] *= value
+    with pytest.raises(InputError, match=r"values beyond \+-5\.76e\+17 in 2 row\(s\), first rows \[2, 3\].*overflow"):
+        pipe.refine(x)
+    g = pipe.gallery()
+    g.add(np.ones((2, 256), np.float32))
+    with pytest.raises(InputError, match="overflow"):
+        g.add(x)
+    with pytest.raises(InputError, match="overflow"):
+        g.search(x)
+    assert len(g) == 2
+    # just inside the bound: distinct rows come out distinct, and finite
+    y = np.random.default_rng(1).standard_normal((6, 256))
+    y = (y / np.abs(y).max(axis=1, keepdims=True) * feature_limit(256)).astype(np.float32)
+    refined = pipe.refine(y)
+    assert np.isfinite(refined).all() and len(np.unique(refined.round(4), axis=0)) == 6
+    np.testing.assert_allclose(refined, pipe.refine(y / np.float32(1e17)), atol=1e-5)
+
+
+# ---- gallery save, synth: places that cannot be written ----
+
+
+def test_gallery_save_into_a_read_only_directory_is_one_clear_error(tmp_path, monkeypatch):
+    import stat
+
+    import runtime.gallery as gallery_module
+
+    g = small_gallery()
+    g.save(tmp_path / "gal")
+    before = tree(tmp_path / "gal")
+    (tmp_path / "gal").chmod(stat.S_IRUSR | stat.S_IXUSR)
+    try:
+        if os.geteuid() == 0:   # root writes anywhere: make the write fail as a read-only folder would
+            def denied(*a, **k):
+                raise PermissionError(13, "Permission denied")
+            monkeypatch.setattr(gallery_module, "make_temp_dir", denied)
+        with pytest.raises(InputError, match=r"cannot save a gallery to .*gal: Permission denied; check that the "
+                                             "directory is writable"):
+            small_gallery(seed=1).save(tmp_path / "gal")
+    finally:
+        (tmp_path / "gal").chmod(0o755)
+    assert tree(tmp_path / "gal") == before
+    # a write failing half-way (disk full) is one error too, and the previous version stays
+    monkeypatch.undo()
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(gallery_module, "write_bytes_atomic", full)
+    with pytest.raises(InputError, match="No space left on device; the previous version, if any, is unchanged"):
+        small_gallery(seed=1).save(tmp_path / "gal")
+    monkeypatch.undo()
+    assert tree(tmp_path / "gal") == before
+    assert Gallery.load(tmp_path / "gal", SMALL).ids == g.ids
+
+
+def test_synth_into_an_existing_file_is_one_clear_error(tmp_path):
+    (tmp_path / "data").write_text("keep me")
+    one_error(cli("synth", tmp_path / "data", "--identities", 4), "is a file", "choose a new or empty directory")
+    one_error(cli("synth", tmp_path / "data" / "sub", "--identities", 4), "cannot create")
+    assert tree(tmp_path) == {"data": b"keep me"}
+
+
+# ---- file modes: everything written follows the umask ----
+
+
+def test_everything_written_follows_the_umask(tmp_path_factory, tmp_path):
+    """Export, build, embed (with names), refine, a report, a gallery save, triton-repo,
+    deepstream-config and synth under umask 027: every file 0640 and every folder 0750 (027 rather
+    than the usual 022 so that a hard-coded 0644/0755 shows as well as mkstemp's 0600 / mkdtemp's 0700)."""
+    import stat
+
+    from PIL import Image
+
+    from export.to_onnx import export_checkpoint
+    from precision_support import random_small_export
+    from runtime.cli.options import write_report
+    from runtime.evaluation.synth import generate
+
+    ckpt = random_small_export(tmp_path_factory)[0]
+    folder = tmp_path / "crops"
+    folder.mkdir()
+    for i, c in enumerate(crops(3, seed=5)):
+        Image.fromarray(c).save(folder / f"{i}.png")
+    root = tmp_path / "written"
+    root.mkdir()
+    old = os.umask(0o027)
+    try:
+        result = export_checkpoint(ckpt, root / "build", input_size_hw=(128, 64), batches=(2,), sizes=(9,),
+                                   log=lambda *a: None)
+        assert result["ok"]
+        model = root / "build"
+        assert cli("build", model, "--precision", "fp16", "--engine-tool", "none").exit_code == 0
+        (root / "out").mkdir()
+        r = cli("embed", model, folder, "--out", root / "out" / "e.npy", "--names-out", root / "out" / "names.txt")
+        assert r.exit_code == 0, r.output
+        assert cli("refine", model, root / "out" / "e.npy", "--out", root / "out" / "r.npy").exit_code == 0
+        write_report(root / "out" / "report.json", {"rows": []})
+        with Pipeline.load(model) as p:
+            g = p.gallery()
+            g.add(np.load(root / "out" / "e.npy"))
+            g.save(root / "gal")
+        assert cli("triton-repo", model, root / "triton_models").exit_code == 0
+        assert cli("deepstream-config", model, root / "out" / "sgie.txt", "--plugin-lib", "none").exit_code == 0
+        generate(root / "synth", identities=4)
+    finally:
+        os.umask(old)
+    wrong = []
+    for path in sorted(root.rglob("*")):
+        mode = stat.S_IMODE(path.lstat().st_mode)
+        want = 0o750 if path.is_dir() else 0o640
+        if mode != want:
+            wrong.append(f"{path.relative_to(root)}: {oct(mode)} (expected {oct(want)})")
+    assert not wrong, "\n".join(wrong)
+    names = {str(p.relative_to(root)) for p in root.rglob("*")}
+    assert {"build/manifest.json", "build/encoder.onnx", "build/encoder.fp16.onnx", "out/names.txt",
+            "triton_models/nformer_encoder/config.pbtxt", "out/sgie.encoder.onnx", "gal/CURRENT",
+            "synth/query"} <= names
+    assert not [n for n in names if ".tmp" in n or ".export-" in n], names

@@ -77,7 +77,7 @@ def test_triton_repository_parses_and_points_at_files(resnet18_export, tmp_path)
 
 def test_deepstream_config_matches_the_preprocessing(resnet18_export, tmp_path):
     model_dir = resnet18_export[0]
-    lib = tmp_path / "libnformer_plugins.so"
+    lib = tmp_path / "libnformer_plugins_autoreg.so"
     lib.write_bytes(b"\x7fELF stand-in")
     r = CliRunner().invoke(runtime_cli, ["deepstream-config", str(model_dir), str(tmp_path / "sgie.txt"),
                                          "--batch-size", "8", "--plugin-lib", str(lib)])
@@ -104,6 +104,10 @@ def test_deepstream_config_matches_the_preprocessing(resnet18_export, tmp_path):
     assert "custom-lib-path" not in (tmp_path / "plain.txt").read_text()
     with pytest.raises(InputError, match="does not exist"):
         write_deepstream_config(model_dir, tmp_path / "x.txt", plugin_library=tmp_path / "missing.so")
+    # the loadLibrary-only library registers nothing when nvinfer dlopens it: refused, naming the one to use
+    (tmp_path / "libnformer_plugins.so").write_bytes(b"\x7fELF stand-in")
+    with pytest.raises(InputError, match=r"loadLibrary.*libnformer_plugins_autoreg\.so"):
+        write_deepstream_config(model_dir, tmp_path / "x.txt", plugin_library=tmp_path / "libnformer_plugins.so")
     with pytest.raises(InputError, match="does not exist"):
         write_deepstream_config(model_dir, tmp_path / "no_dir" / "x.txt")
 
@@ -199,6 +203,9 @@ def test_serving_files_follow_the_umask_and_leave_no_temporary_files(resnet18_ex
         write_triton_repository(model_dir, out / "repo")
         auto = write_deepstream_config(model_dir, out / "sgie.txt")  # plugin library "auto": not built, none added
         (lib_dir / plugins.PLUGIN_LIBRARY).write_bytes(b"\x7fELF stand-in")
+        # "auto" is the self-registering library: the loadLibrary one alone adds nothing either
+        assert write_deepstream_config(model_dir, out / "sgie.txt")["custom_lib_path"] is None
+        (lib_dir / plugins.AUTOREG_LIBRARY).write_bytes(b"\x7fELF stand-in")
         built = write_deepstream_config(model_dir, out / "sgie2.txt")
     finally:
         os.umask(old)
@@ -208,8 +215,8 @@ def test_serving_files_follow_the_umask_and_leave_no_temporary_files(resnet18_ex
     assert sorted(p.name for p in out.iterdir()) == ["repo", "sgie.encoder.onnx", "sgie.txt", "sgie2.encoder.onnx",
                                                      "sgie2.txt"]
     assert auto["custom_lib_path"] is None and "custom-lib-path" not in (out / "sgie.txt").read_text()
-    assert built["custom_lib_path"] == str((lib_dir / plugins.PLUGIN_LIBRARY).resolve())
-    assert f"custom-lib-path={(lib_dir / plugins.PLUGIN_LIBRARY).resolve()}" in (out / "sgie2.txt").read_text()
+    assert built["custom_lib_path"] == str((lib_dir / plugins.AUTOREG_LIBRARY).resolve())
+    assert f"custom-lib-path={(lib_dir / plugins.AUTOREG_LIBRARY).resolve()}" in (out / "sgie2.txt").read_text()
 
 
 def test_cuda_helper_without_pycuda_says_what_to_install():
