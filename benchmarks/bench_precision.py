@@ -12,9 +12,9 @@ Two encoders, batch 1 and 32, each case in a fresh process (like bench_cpu.py):
   training split).
 
 The INT8 file is exactly what ``runtime build --precision int8`` writes (the one TensorRT builds:
-symmetric int8 activations).  For comparison a second INT8 file in the format ONNX Runtime
-recommends for x86 CPUs (asymmetric uint8 activations, min-max ranges on 64 crops) is timed too;
-TensorRT cannot use it and ``runtime build`` does not write it.
+symmetric int8 activations).  The CPU INT8 file (``runtime build --precision int8-cpu``: uint8
+activations, ONNX Runtime's x86 format, which TensorRT cannot use) is timed too, with the same
+calibration; ``benchmarks/bench_cpu_int8.py`` compares the three encoders in one interleaved run.
 ``--fp16`` adds the FP16 files (ONNX Runtime's CPU provider runs many fp16 nodes through inserted
 casts, so this measures that fallback, not fp16 arithmetic).  Time: median of the timed calls after
 one warm-up.  The load average is sampled before and after every case: other processes on this
@@ -65,25 +65,6 @@ def spawn(case: dict) -> dict:
     return run_in_subprocess(__file__, case)
 
 
-def ort_cpu_int8(model: dict, data: Path) -> Path:
-    """For comparison only: the INT8 format ONNX Runtime recommends for x86 CPUs (asymmetric uint8
-    activations).  TensorRT cannot use it (it needs symmetric int8 activations), so `runtime build`
-    never writes it; it shows what the CPU could gain from a CPU-specific INT8 file."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
-    from calibration.images import ImageBatches, list_candidates, read_calibration_images
-    from export.contract.config import PIXEL_MEAN, PIXEL_STD
-
-    crops = read_calibration_images(list_candidates(data), 64, model["input_size_hw"], PIXEL_MEAN, PIXEL_STD,
-                                    log=lambda *a: None)
-    out = model["dir"] / "encoder.int8-u8asym.onnx"
-    quantize_static(str(model["dir"] / "encoder.onnx"), str(out), ImageBatches(crops.images, batch_size=8),
-                    quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-                    extra_options={"WeightSymmetric": True, "CalibStridedMinMax": 1})
-    return out
-
-
 def prepare(work: Path, fp16: bool) -> list[dict]:
     """Export both models, write their INT8 (and FP16) files; one entry per model."""
     from calibration.variants import write_variants
@@ -116,7 +97,8 @@ def prepare(work: Path, fp16: bool) -> list[dict]:
                        **m["calibration"])
         m["calibration_seconds"] = time.perf_counter() - t
         m["files"] = {"fp32": m["dir"] / "encoder.onnx", "int8": m["dir"] / "encoder.int8.onnx"}
-        m["files"]["int8-u8asym (not TensorRT)"] = ort_cpu_int8(m, data)
+        write_variants(m["dir"], "int8-cpu", calib_data=data, log=lambda *a: None, **m["calibration"])
+        m["files"]["int8-cpu (not TensorRT)"] = m["dir"] / "encoder.int8-cpu.onnx"
         if fp16:
             write_variants(m["dir"], "fp16", log=lambda *a: None)
             m["files"]["fp16"] = m["dir"] / "encoder.fp16.onnx"

@@ -1,11 +1,12 @@
-"""INT8 encoder: explicit quantisation (Q/DQ nodes) calibrated on person crops.
+"""INT8 encoders: explicit quantisation (Q/DQ nodes) calibrated on person crops.
 
-Place in the flow: ``encoder.onnx`` (fp32, from ``export``) -> ``encoder.int8.onnx`` beside it, which
-ONNX Runtime runs on a CPU as it is and TensorRT (10 and 11) builds into an INT8 engine without any
-precision flag or calibrator (DESIGN.md section 3: precision lives in the ONNX file).
+Place in the flow: ``encoder.onnx`` (fp32, from ``export``) -> ``encoder.int8.onnx`` (for TensorRT)
+or ``encoder.int8-cpu.onnx`` (for ONNX Runtime on x86 CPUs) beside it.  TensorRT (10 and 11) builds
+``encoder.int8.onnx`` into an INT8 engine without any precision flag or calibrator (DESIGN.md
+section 3: precision lives in the ONNX file); ONNX Runtime runs both.
 
-The work is ONNX Runtime's ``quantize_static`` in QDQ format with the settings TensorRT's explicit
-quantisation requires:
+The work is ONNX Runtime's ``quantize_static`` in QDQ format.  ``encoder.int8.onnx`` (precision
+``int8``) has the settings TensorRT's explicit quantisation requires:
 
 * INT8 activations, **symmetric** (zero point 0), one scale per tensor, from calibrated ranges
   (entropy, percentile or min-max: ``METHODS``);
@@ -14,6 +15,21 @@ quantisation requires:
   of an int32 bias, while ONNX Runtime quantises a float bias of a Q/DQ Conv itself when it fuses
   the node, so one file serves both;
 * no Q/DQ on the encoder's output (``embeddings`` stays a float tensor, as the contract says).
+
+``encoder.int8-cpu.onnx`` (precision ``int8-cpu``) is the format ONNX Runtime recommends for x86
+CPUs, which its CPU provider fuses into integer kernels (``QLinearConv``, ``QLinearAdd``, ``QGemm``:
+VNNI or AMX where the CPU has them, AVX2 otherwise).  With symmetric int8 activations the provider
+fuses only part of the convolutions and the TensorRT file runs no faster than fp32 (BENCHMARKS.md):
+
+* **uint8 asymmetric** activations, one scale and zero point per tensor, from the same calibration
+  methods, crops and cache as the TensorRT file (the ranges differ: they are not made symmetric);
+* int8 symmetric weights per output channel, **7-bit** (``reduce_range``, values within [-64, 64]):
+  x86 CPUs without VNNI multiply uint8 x int8 pairs with ``vpmaddubsw``, whose int16 sums saturate
+  for full 8-bit weights (ONNX Runtime's advice for AVX2 / AVX-512 without VNNI); with 7 bits no sum
+  saturates, so a file calibrated and checked on one x86 CPU keeps its accuracy on another, at the
+  cost of one bit of weight resolution (measured: BENCHMARKS.md);
+* int32 biases (ONNX Runtime's default), ``Relu`` folded into the preceding node's output range
+  (zero point 0 clips the negatives), no Q/DQ on ``embeddings``.
 
 The refinement is never quantised: its neighbour ranking is fp32 in every variant (DESIGN.md 1).
 
@@ -34,6 +50,7 @@ import onnx
 
 from export.contract.errors import InputError
 from export.contract.files import sha256_file
+from export.contract.variants import CALIBRATED_PRECISIONS
 
 from calibration import cache as calib_cache
 from calibration.images import list_candidates, read_calibration_images
@@ -44,6 +61,11 @@ DEFAULT_IMAGES = 512
 DEFAULT_PERCENTILE = 99.999
 #: operators that get Q/DQ on their inputs (all of the encoder's compute; Reshape/ReduceMean follow)
 OP_TYPES = ("Conv", "Gemm", "MatMul", "Add", "MaxPool")
+#: the CPU file also lists Relu: with asymmetric activations the quantiser folds it into the output
+#: range of the node before it, so a Conv (+ Relu) becomes one QLinearConv
+CPU_OP_TYPES = OP_TYPES + ("Relu",)
+#: the CPU file's weights are 7-bit (module docstring: no saturation on x86 CPUs without VNNI)
+CPU_REDUCE_RANGE = True
 INPUT_NAME = "images"
 
 
@@ -54,15 +76,45 @@ def _ort_method(method: str):
             "minmax": CalibrationMethod.MinMax}[method]
 
 
-def quantization_options(method: str, percentile: float = DEFAULT_PERCENTILE) -> dict:
-    """Everything besides the images that the Q/DQ file depends on (part of the cache key)."""
+def quantization_options(method: str, percentile: float = DEFAULT_PERCENTILE, precision: str = "int8") -> dict:
+    """Everything besides the images that the Q/DQ file of ``precision`` ("int8": TensorRT's,
+    "int8-cpu": ONNX Runtime's x86 format) depends on (part of the cache key)."""
     if method not in METHODS:
         raise InputError(f"unknown calibration method {method!r}; expected one of {', '.join(METHODS)}")
-    options = {"activations": "int8-symmetric-per-tensor", "weights": "int8-symmetric-per-channel",
-               "quantize_bias": False, "op_types": list(OP_TYPES), "output_quantized": False}
+    if precision not in CALIBRATED_PRECISIONS:
+        raise InputError(f"no INT8 encoder format for precision {precision!r}; expected one of "
+                         f"{', '.join(CALIBRATED_PRECISIONS)}")
+    if precision == "int8":
+        options = {"activations": "int8-symmetric-per-tensor", "weights": "int8-symmetric-per-channel",
+                   "quantize_bias": False, "op_types": list(OP_TYPES), "output_quantized": False}
+    else:
+        options = {"activations": "uint8-asymmetric-per-tensor",
+                   "weights": "int8-symmetric-per-channel" + ("-7bit" if CPU_REDUCE_RANGE else ""),
+                   "quantize_bias": True, "op_types": list(CPU_OP_TYPES), "output_quantized": False}
     if method == "percentile":
         options["percentile"] = float(percentile)
     return options
+
+
+def _quantize_settings(precision: str, method: str, percentile: float) -> tuple[dict, dict]:
+    """(``quantize_static`` keyword arguments, its ``extra_options``) of one format."""
+    from onnxruntime.quantization import QuantType
+
+    if precision == "int8":
+        kwargs = {"op_types_to_quantize": list(OP_TYPES), "reduce_range": False,
+                  "activation_type": QuantType.QInt8, "weight_type": QuantType.QInt8}
+        extra = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
+                 "OpTypesToExcludeOutputQuantization": ["Gemm"], "CalibStridedMinMax": 1,
+                 "CalibTensorRangeSymmetric": True}
+    else:
+        kwargs = {"op_types_to_quantize": list(CPU_OP_TYPES), "reduce_range": CPU_REDUCE_RANGE,
+                  "activation_type": QuantType.QUInt8, "weight_type": QuantType.QInt8}
+        extra = {"ActivationSymmetric": False, "WeightSymmetric": True, "QuantizeBias": True,
+                 "OpTypesToExcludeOutputQuantization": ["Gemm"], "CalibStridedMinMax": 1,
+                 "CalibTensorRangeSymmetric": False}
+    if method == "percentile":
+        extra["CalibPercentile"] = float(percentile)
+    return kwargs, extra
 
 
 @contextlib.contextmanager
@@ -82,32 +134,33 @@ def _quiet_ort():
 def quantize_encoder(src: str | Path, dst: str | Path, calib_data: str | Path, *, size_hw, mean, std,
                      method: str = DEFAULT_METHOD, count: int = DEFAULT_IMAGES, seed: int = 0,
                      percentile: float = DEFAULT_PERCENTILE, cache_dir: str | Path | None = None,
-                     batch_size: int = 16, log: Callable[[str], None] = print) -> dict:
+                     batch_size: int = 16, precision: str = "int8", log: Callable[[str], None] = print) -> dict:
     """Write the Q/DQ INT8 version of the fp32 encoder ``src`` to ``dst``; return its calibration record.
 
-    ``cache_dir`` (default: ``dst``'s directory) holds ``calibration_cache/``.  The record says which
-    images were used, what was skipped, and whether the ranges came from the cache.
+    ``precision``: "int8" (TensorRT's format) or "int8-cpu" (ONNX Runtime's x86 format; module
+    docstring).  Both read the same crops (same selection for the same data, count and seed) and keep
+    their ranges in the same cache, one entry per format.  ``cache_dir`` (default: ``dst``'s
+    directory) holds ``calibration_cache/``.  The record says which images were used, what was
+    skipped, and whether the ranges came from the cache.
     """
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import QuantFormat, quantize_static
 
     from calibration.images import ImageBatches
 
     src, dst = Path(src), Path(dst)
-    options = quantization_options(method, percentile)
+    options = quantization_options(method, percentile, precision)
+    settings, extra = _quantize_settings(precision, method, percentile)
     candidates = list_candidates(calib_data)
     if count < 1:
         raise InputError(f"--calib-images must be >= 1, got {count}")
-    if len(candidates.files) < count:
-        raise InputError(f"{candidates.root} holds {len(candidates.files)} candidate image(s) but --calib-images "
-                         f"asks for {count}; pass --calib-images {len(candidates.files)} or fewer, or add crops")
+    if len(candidates.files) < count:   # fewer crops than asked for: all of them, with a note
+        log(f"calibration: note: {count} images asked for (--calib-images) but {candidates.root} holds "
+            f"{len(candidates.files)} candidate image(s): calibrating on all of them")
+        count = len(candidates.files)
     key = calib_cache.cache_key(sha256_file(src), method, options, candidates.digest(), count, seed)
-    path = calib_cache.cache_path(cache_dir or dst.parent, "encoder", key)
+    # the TensorRT file's entries keep their name ("encoder.<method>.<digest>"): caches stay valid
+    path = calib_cache.cache_path(cache_dir or dst.parent, "encoder" if precision == "int8" else "encoder.cpu", key)
     entry = calib_cache.load(path, key)
-    extra = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
-             "OpTypesToExcludeOutputQuantization": ["Gemm"], "CalibStridedMinMax": 1,
-             "CalibTensorRangeSymmetric": True}
-    if method == "percentile":
-        extra["CalibPercentile"] = float(percentile)
     work = Path(tempfile.mkdtemp(prefix=".quantize-", dir=dst.parent))
     try:
         if entry is not None:
@@ -116,27 +169,25 @@ def quantize_encoder(src: str | Path, dst: str | Path, calib_data: str | Path, *
             used, skipped = entry["images"], entry["skipped"]
         else:
             crops = read_calibration_images(candidates, count, size_hw, mean, std, seed, log)
-            log(f"calibration: {method} ranges from {count} crops of {candidates.root} ({candidates.layout})")
+            log(f"calibration: {method} ranges from {len(crops.files)} crops of {candidates.root} ({candidates.layout})")
             reader, ranges = ImageBatches(crops.images, INPUT_NAME, batch_size), work / "ranges.json"
             summary = crops.summary()
             used, skipped = [str(p.relative_to(candidates.root)) for p in crops.files], summary["skipped"]
         with _quiet_ort():
             quantize_static(str(src), str(work / "model.onnx"), reader, quant_format=QuantFormat.QDQ,
-                            op_types_to_quantize=list(OP_TYPES), per_channel=True, reduce_range=False,
-                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=_ort_method(method), extra_options=extra,
-                            calibration_cache_path=str(ranges))
+                            per_channel=True, calibrate_method=_ort_method(method), extra_options=extra,
+                            calibration_cache_path=str(ranges), **settings)
         if entry is None:
             import json
 
             calib_cache.save(path, key, json.loads(ranges.read_text()), used, skipped)
         model = onnx.load(work / "model.onnx")
-        check_qdq_encoder(model)
+        check_qdq_encoder(model) if precision == "int8" else check_cpu_encoder(model)
         onnx.checker.check_model(model, full_check=True)
         shutil.move(str(work / "model.onnx"), dst)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return {"method": method, "options": options, "images": count, "seed": seed,
+    return {"method": method, "options": options, "images": len(used), "seed": seed,
             "source": str(candidates.root), "layout": candidates.layout, "skipped": len(skipped),
             "cache": str(path), "cache_hit": entry is not None}
 
@@ -162,3 +213,42 @@ def check_qdq_encoder(model: onnx.ModelProto) -> None:
     for value in (*model.graph.input, *model.graph.output):
         if value.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
             raise RuntimeError(f"graph input/output {value.name} is not float32")
+
+
+def check_cpu_encoder(model: onnx.ModelProto) -> None:
+    """What ONNX Runtime's x86 provider needs of ``encoder.int8-cpu.onnx`` to run every Conv/Gemm in
+    integer kernels: each reads a dequantised uint8 activation and dequantised int8 weights (per
+    output channel, zero point 0, 7-bit when ``CPU_REDUCE_RANGE``); ``embeddings`` is a float output
+    of the Gemm (never rounded to 8 bits); graph input and output stay float32."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    producers = {o: n for n in model.graph.node for o in n.output}
+    inits = {i.name: i for i in model.graph.initializer}
+    compute = [n for n in model.graph.node if n.op_type in ("Conv", "Gemm")]
+    if not compute:
+        raise RuntimeError("the quantised encoder has no Conv/Gemm nodes")
+    limit = 64 if CPU_REDUCE_RANGE else 127
+    for node in compute:
+        act, weight = (producers.get(name) for name in node.input[:2])
+        for role, dq, dtype in (("activation", act, onnx.TensorProto.UINT8), ("weight", weight, onnx.TensorProto.INT8)):
+            if dq is None or dq.op_type != "DequantizeLinear":
+                raise RuntimeError(f"{node.op_type} {node.name}: its {role} is not dequantised")
+            zp = inits.get(dq.input[2]) if len(dq.input) > 2 else None
+            if zp is None or zp.data_type != dtype:
+                raise RuntimeError(f"{node.op_type} {node.name}: {role} zero point is not "
+                                   f"{onnx.TensorProto.DataType.Name(dtype).lower()}")
+        w = inits.get(weight.input[0])
+        if w is None or numpy_helper.to_array(inits[weight.input[2]]).any():
+            raise RuntimeError(f"{node.op_type} {node.name}: weights are not constant symmetric int8")
+        values = numpy_helper.to_array(w)
+        if np.abs(values.astype(np.int32)).max(initial=0) > limit:
+            raise RuntimeError(f"{node.op_type} {node.name}: int8 weights exceed +-{limit}")
+        if numpy_helper.to_array(inits[weight.input[1]]).size != values.shape[0]:
+            raise RuntimeError(f"{node.op_type} {node.name}: weights are not quantised per output channel")
+    for value in (*model.graph.input, *model.graph.output):
+        if value.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+            raise RuntimeError(f"graph input/output {value.name} is not float32")
+    for value in model.graph.output:
+        if value.name in producers and producers[value.name].op_type == "DequantizeLinear":
+            raise RuntimeError(f"graph output {value.name} is rounded to 8 bits (DequantizeLinear)")

@@ -10,13 +10,18 @@ they describe going stale.
 
 Files per precision (``variant_file``):
 
-=========  ======================  =====================================================
-precision  encoder                 refinement (``nformer``)
-=========  ======================  =====================================================
-fp32       ``encoder.onnx``        ``nformer.onnx`` (the export's files; not re-listed)
-fp16       ``encoder.fp16.onnx``   ``nformer.fp16.onnx`` (neighbour ranking reads fp32)
-int8       ``encoder.int8.onnx``   none: the refinement runs fp32 or fp16 (DESIGN.md 3)
-=========  ======================  =====================================================
+=========  ==========================  =================================================
+precision  encoder                     refinement (``nformer``)
+=========  ==========================  =================================================
+fp32       ``encoder.onnx``            ``nformer.onnx`` (the export's files; not re-listed)
+fp16       ``encoder.fp16.onnx``       ``nformer.fp16.onnx`` (neighbour ranking reads fp32)
+int8       ``encoder.int8.onnx``       none: the refinement runs fp32 or fp16 (DESIGN.md 3)
+int8-cpu   ``encoder.int8-cpu.onnx``   none: fp32 by default (ONNX Runtime on a CPU)
+=========  ==========================  =================================================
+
+``int8`` is TensorRT's file (symmetric int8 activations), ``int8-cpu`` ONNX Runtime's x86 file
+(uint8 activations, 7-bit weights; never built into an engine): ``calibration.quantize`` says why
+there are two.  Both calibrate on the same crops and keep their ranges in the same cache.
 
 ``manifest["variants"]`` format (one entry per file, keyed ``"<network>.<precision>"``)::
 
@@ -25,9 +30,10 @@ int8       ``encoder.int8.onnx``   none: the refinement runs fp32 or fp16 (DESIG
         "network": "encoder", "precision": "int8", "path": "encoder.int8.onnx", "sha256": "...",
         "source": {"path": "encoder.onnx", "sha256": "..."},        # the fp32 file it came from
         "inputs": [{"name", "dtype", "shape"}], "outputs": [...],   # float32 I/O in every variant
-        "quantization": "qdq-int8",                                 # or "fp16-tensors"
+        "quantization": "qdq-int8",                 # or "qdq-u8s8-cpu" (int8-cpu), "fp16-tensors"
         "calibration": {"method", "options", "images", "seed", "source", "layout", "skipped",
-                        "cache", "cache_hit"},                      # int8 only
+                        "cache", "cache_hit"},                      # int8 and int8-cpu only
+        "serving": "onnxruntime-cpu",                               # int8-cpu only: no TensorRT engine
         "neighbor_ranking": "float32",                              # nformer.* only
         "tools": {"onnx": "...", "onnxruntime": "..."}, "created": "..."
       }, ...
@@ -47,7 +53,8 @@ import onnx
 from export.contract.errors import InputError
 from export.contract.manifest import MANIFEST_NAME, io_spec, load_manifest
 from export.contract.variants import (  # noqa: F401  (names of the variants' contract)
-    NETWORKS, PRECISIONS, REFINE_PRECISIONS, VARIANTS_KEY, refinement_precision, variant_file, variant_name)
+    CALIBRATED_PRECISIONS, NETWORKS, PRECISIONS, REFINE_PRECISIONS, VARIANTS_KEY, refinement_precision,
+    variant_file, variant_name)
 from export.contract.files import staged_file, sha256_file, write_json_atomic
 
 from calibration.quantize import DEFAULT_IMAGES, DEFAULT_METHOD, DEFAULT_PERCENTILE, quantize_encoder
@@ -94,8 +101,9 @@ def write_variants(model_dir: str | Path, precision: str, *, refine_precision: s
                    percentile: float = DEFAULT_PERCENTILE, log: Callable[[str], None] = print) -> dict:
     """Write the ONNX files a build at ``precision`` needs; return ``{"encoder": entry, "nformer": entry}``.
 
-    The entries are manifest-style dicts (fp32 entries describe the export's own files).  INT8 needs
-    ``calib_data``; ``refine_precision`` defaults to :func:`refinement_precision`.
+    The entries are manifest-style dicts (fp32 entries describe the export's own files).  INT8 (both
+    ``int8`` and ``int8-cpu``) needs ``calib_data``; ``refine_precision`` defaults to
+    :func:`refinement_precision`.
     """
     from calibration.fp16 import convert_encoder, convert_nformer
 
@@ -106,9 +114,10 @@ def write_variants(model_dir: str | Path, precision: str, *, refine_precision: s
     if refine_precision not in REFINE_PRECISIONS:
         raise InputError(f"the refinement runs in {' or '.join(REFINE_PRECISIONS)} (its neighbour ranking is "
                          f"fp32 in every variant), got {refine_precision!r}")
-    if precision == "int8" and calib_data is None:
-        raise InputError("--precision int8 needs --calib-data DIR: a folder of person crops or a Market-1501-layout "
-                         "directory (its training split is used) to calibrate the activation ranges on")
+    if precision in CALIBRATED_PRECISIONS and calib_data is None:
+        raise InputError(f"--precision {precision} needs --calib-data DIR: a folder of person crops or a "
+                         "Market-1501-layout directory (its training split is used) to calibrate the activation "
+                         "ranges on")
     manifest = load_manifest(model_dir)
     config = manifest["model"]
     files = manifest["files"]
@@ -121,17 +130,24 @@ def write_variants(model_dir: str | Path, precision: str, *, refine_precision: s
                        lambda tmp: convert_encoder(model_dir / files["encoder"]["path"], tmp))
         written["encoder"] = _entry(model_dir, "encoder", "fp16", files["encoder"]["path"], quantization="fp16-tensors")
     else:
-        log(f"writing {variant_file('encoder', 'int8')} (Q/DQ: int8 symmetric, per-channel weights) ...")
+        if precision == "int8":
+            log(f"writing {variant_file('encoder', 'int8')} (Q/DQ: int8 symmetric, per-channel weights) ...")
+            extra = {"quantization": "qdq-int8"}
+        else:
+            log(f"writing {variant_file('encoder', precision)} (Q/DQ for ONNX Runtime on x86 CPUs: uint8 asymmetric "
+                "activations, 7-bit per-channel int8 weights; TensorRT builds --precision int8 instead) ...")
+            extra = {"quantization": "qdq-u8s8-cpu", "serving": "onnxruntime-cpu"}
         calibration = {}
 
         def quantize(tmp: Path) -> None:
             calibration.update(quantize_encoder(
                 model_dir / files["encoder"]["path"], tmp, calib_data, size_hw=tuple(config["input_size_hw"]),
                 mean=tuple(config["pixel_mean"]), std=tuple(config["pixel_std"]), method=calib_method,
-                count=calib_images, seed=calib_seed, percentile=percentile, cache_dir=model_dir, log=log))
-        _write_variant(model_dir / variant_file("encoder", "int8"), quantize)
+                count=calib_images, seed=calib_seed, percentile=percentile, cache_dir=model_dir,
+                precision=precision, log=log))
+        _write_variant(model_dir / variant_file("encoder", precision), quantize)
         calibration["cache"] = os.path.relpath(calibration["cache"], model_dir)
-        written["encoder"] = _entry(model_dir, "encoder", "int8", files["encoder"]["path"], quantization="qdq-int8",
+        written["encoder"] = _entry(model_dir, "encoder", precision, files["encoder"]["path"], **extra,
                                     calibration=calibration)
     if refine_precision == "fp32":
         written["nformer"] = _fp32_entry(model_dir, manifest, "nformer")

@@ -7,9 +7,9 @@ before and after the refinement.  The PyTorch rows are the fp32 reference (this 
 torch when it runs: `pip install -e ".[demo]"`).
 
 Place in the flow: the whole flow in one command -- ``runtime synth`` (:mod:`runtime.evaluation.synth`),
-``export.to_onnx``, ``calibration.variants`` (FP16 files, INT8 encoder), then the runners of
-:mod:`runtime.evaluation.runners` through the one loop of :mod:`runtime.evaluation.loop`; this
-module adds only the rows (``REPORT_KEYS``) and the figure.
+``export.to_onnx``, ``calibration.variants`` (FP16 files, INT8 encoders: TensorRT's and the CPU's),
+then the runners of :mod:`runtime.evaluation.runners` through the one loop of
+:mod:`runtime.evaluation.loop`; this module adds only the rows (``REPORT_KEYS``) and the figure.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import numpy as np
 
 from export.contract.errors import NFormerError
 from export.contract.manifest import load_manifest, model_config
+from export.contract.variants import PRECISIONS
 from export.shipped import SHIPPED, shipped_card
 
 from export.contract.market1501 import read_market1501
@@ -66,9 +67,10 @@ def ensure_export(work_dir: Path, log) -> Path:
 def demo_runners(build: Path, data_dir: Path | None = None, log=print) -> list[Runner]:
     """Every backend and precision this machine can run (the PyTorch fp32 reference first).
 
-    With ``data_dir`` (the synthetic set) the FP16 and INT8 files are written through
-    ``calibration`` (INT8 calibrated on the training split) and run in ONNX Runtime; TensorRT rows
-    follow for engines that `runtime build` put in ``build`` (when they run here).
+    With ``data_dir`` (the synthetic set) the FP16 and INT8 files (``int8``: TensorRT's format,
+    ``int8-cpu``: ONNX Runtime's x86 format) are written through ``calibration`` (INT8 calibrated on
+    the training split) and run in ONNX Runtime; TensorRT rows follow for engines that `runtime
+    build` put in ``build`` (when they run here).
     """
     config = model_config(load_manifest(build))  # its input_size_hw is the card's: ensure_export used it
     precisions = ("fp32",)
@@ -77,7 +79,8 @@ def demo_runners(build: Path, data_dir: Path | None = None, log=print) -> list[R
 
         write_variants(build, "fp16", log=log)
         write_variants(build, "int8", calib_data=data_dir, log=log)  # cached ranges on a rerun
-        precisions = ("fp32", "fp16", "int8")
+        write_variants(build, "int8-cpu", calib_data=data_dir, log=log)
+        precisions = PRECISIONS
     runners = [pytorch_runner(SHIPPED, config)]
     runners += [r for r in (onnxruntime_runner(build, p) for p in precisions) if r is not None]
     if data_dir is not None:

@@ -1,9 +1,9 @@
 """``runtime parity``: every backend and precision of a model directory against the fp32 reference.
 
 Place in the flow: after ``runtime build``.  For each way of running the model that is present
-(the PyTorch fp32 reference, ONNX Runtime fp32 / FP16 / INT8 files, TensorRT engines listed in the
-manifest), on the query/gallery split of a Market-1501-layout directory, at the three levels of
-DESIGN.md section 3:
+(the PyTorch fp32 reference, ONNX Runtime fp32 / FP16 / INT8 files -- TensorRT's ``int8`` and the
+CPU's ``int8-cpu`` --, TensorRT engines listed in the manifest), on the query/gallery split of a
+Market-1501-layout directory, at the three levels of DESIGN.md section 3:
 
 * elementwise -- cosine of each raw encoder embedding (and each refined embedding) to the
   reference's, min and mean;
@@ -36,6 +36,7 @@ import numpy as np
 from export.contract.errors import NFormerError
 from export.contract.manifest import load_manifest, model_config
 from export.contract.parity import cosine_rows
+from export.contract.variants import PRECISIONS
 
 from export.contract.market1501 import read_market1501
 from runtime.evaluation.loop import image_chunks, run_loop
@@ -86,7 +87,7 @@ def run_parity(model_dir: str | Path, data_dir: str | Path, *, checkpoint: str |
         skipped.append({"backend": "pytorch", "precision": "fp32", "reason": "torch is not installed"})
     if ckpt is not None:
         runners.append(pytorch_runner(ckpt, config))
-    for precision in ("fp32", "fp16", "int8"):
+    for precision in PRECISIONS:
         runner = onnxruntime_runner(model_dir, precision, threads)
         if runner is not None:
             runners.append(runner)

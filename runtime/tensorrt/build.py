@@ -29,6 +29,8 @@ network that uses the op is not built at all when the plugin library is not buil
 No precision flag is ever passed (TensorRT 11 removed ``--fp16/--int8``, ``BuilderFlag.FP16/INT8`` and
 the calibrators): the precision is in the ONNX file, so the same code builds on TensorRT 10 and 11.
 Without TensorRT the command still writes the ONNX files and says how to build the engines elsewhere.
+A CPU precision (``int8-cpu``: uint8 activations, which TensorRT rejects) writes its ONNX file and
+never an engine.
 
 Shape profiles: encoder ``images`` [batch, 3, H, W] with batch min/opt/max 1/32/128; refinement
 ``features`` [1, N, D] with N 1/20,000/100,000 and ``landmarks`` [n_layer, l] with l from 1 to the
@@ -101,6 +103,7 @@ from export.contract.errors import InputError, NFormerError
 from export.contract.files import copy_file_atomic, sha256_file, staged_file, write_bytes_atomic, write_json_atomic
 from export.contract.manifest import load_manifest
 from export.contract.ops import OP_DOMAIN, OP_TYPE
+from export.contract.variants import CALIBRATED_PRECISIONS, CPU_PRECISIONS
 
 from runtime.tensorrt.lib import EngineUnusable, import_tensorrt, load_plugin_library, parser_prefers_local_functions
 
@@ -521,7 +524,7 @@ class BuildOptions:
         args = ["runtime", "build", str(model_dir), "--precision", self.precision]
         if self.refine_precision:
             args += ["--refine-precision", self.refine_precision]
-        if self.precision == "int8":
+        if self.precision in CALIBRATED_PRECISIONS:
             args += ["--calib-data", str(self.calib_data), "--calib-method", self.calib_method,
                      "--calib-images", str(self.calib_images)]
         if tuple(self.batch) != DEFAULT_BATCH:
@@ -570,17 +573,30 @@ def build(model_dir: str | Path, options: BuildOptions, log: Callable[[str], Non
     model_dir = Path(model_dir)
     manifest = load_manifest(model_dir)
     profiles = shape_profiles(manifest["model"], options.batch, options.n)  # validate before any work
-    kind, tool = choose_tool(options.engine_tool, options.trtexec)
-    if options.calib_data is not None and options.precision != "int8":
-        log(f"note: --calib-data is used by --precision int8 only; ignored for {options.precision}")
+    if options.precision in CPU_PRECISIONS:
+        # uint8 activations (non-zero zero points): TensorRT's explicit quantisation cannot build the file
+        if options.engine_tool not in ("auto", "none"):
+            raise InputError(f"--precision {options.precision} writes a file for ONNX Runtime on x86 CPUs, which "
+                             f"TensorRT cannot build (--engine-tool {options.engine_tool} asks for an engine); "
+                             "TensorRT's INT8 file is --precision int8")
+        kind, tool = "none", f"--precision {options.precision} is for ONNX Runtime on x86 CPUs"
+    else:
+        kind, tool = choose_tool(options.engine_tool, options.trtexec)
+    if options.calib_data is not None and options.precision not in CALIBRATED_PRECISIONS:
+        log(f"note: --calib-data is used by --precision {' and '.join(CALIBRATED_PRECISIONS)} only; ignored for "
+            f"{options.precision}")
     variants = write_variants(model_dir, options.precision, refine_precision=options.refine_precision,
                               calib_data=options.calib_data, calib_method=options.calib_method,
                               calib_images=options.calib_images, calib_seed=options.calib_seed, log=log)
     result = {"variants": variants, "engines": {}, "tool": kind, "skipped_engines": None}
     if kind == "none":
         result["skipped_engines"] = tool
-        log(f"engines: not built ({tool}); the ONNX files above are ready. On a machine with TensorRT >= "
-            f"{MIN_TENSORRT_MAJOR} run: {options.rebuild_command(model_dir)}")
+        if options.precision in CPU_PRECISIONS:
+            log(f"engines: none ({tool}; TensorRT builds --precision int8); serve the files above with "
+                f"Pipeline.load(..., precision={options.precision!r}) or `runtime parity`")
+        else:
+            log(f"engines: not built ({tool}); the ONNX files above are ready. On a machine with TensorRT >= "
+                f"{MIN_TENSORRT_MAJOR} run: {options.rebuild_command(model_dir)}")
         return result
     plugin = plugin_library_facts()
     log(f"plugin library: {plugin['path']}" if plugin else "plugin library: not built (plugins.plugin_library_path())")
