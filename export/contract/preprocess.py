@@ -7,6 +7,7 @@ evaluation and serving all see exactly what the model was trained to see.
 """
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -21,23 +22,33 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 MAX_CROP_PIXELS = 50_000_000
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Decode ``path`` as an RGB image or raise InputError naming the file."""
+def load_image(path, name: str | None = None) -> Image.Image:
+    """Decode ``path`` (a file name, or a binary file object such as ``io.BytesIO``) as an RGB image
+    or raise InputError naming it (``name``, default the path)."""
+    where = path if name is None else name
     try:
         with Image.open(path) as img:
             w, h = img.size
             if w * h > MAX_CROP_PIXELS:
-                raise InputError(f"{path} is larger than a crop may be ({w}x{h} pixels, limit {MAX_CROP_PIXELS:,}); "
+                raise InputError(f"{where} is larger than a crop may be ({w}x{h} pixels, limit {MAX_CROP_PIXELS:,}); "
                                  "crop the person out of the frame first")
             return img.convert("RGB")
     except FileNotFoundError:
-        raise InputError(f"crop not found: {path}") from None
+        raise InputError(f"crop not found: {where}") from None
     except Image.DecompressionBombError as err:
-        raise InputError(f"{path} is larger than a crop may be (PIL: {err}); crop the person out of the frame "
+        raise InputError(f"{where} is larger than a crop may be (PIL: {err}); crop the person out of the frame "
                          "first") from None
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise InputError(f"{path} is not a decodable image ({type(err).__name__}: {err}); remove it or "
+    except UnidentifiedImageError:
+        raise InputError(f"{where} is not an image in a format PIL reads (JPEG, PNG, ...); remove it or replace it "
+                         "with a JPEG/PNG crop") from None
+    except (OSError, ValueError, SyntaxError) as err:
+        raise InputError(f"{where} is not a decodable image ({type(err).__name__}: {err}); remove it or "
                          "replace it with a JPEG/PNG crop") from None
+
+
+def decode_image(data: bytes, name: str = "crop") -> Image.Image:
+    """Encoded bytes (JPEG, PNG, ...) -> RGB image, exactly as :func:`load_image` reads a file."""
+    return load_image(io.BytesIO(bytes(data)), name)
 
 
 def as_image(crop) -> Image.Image:

@@ -2,13 +2,13 @@
 
 One click group; the subcommands live by area: ``runtime.cli.model`` (embed, refine, build),
 ``runtime.cli.evaluation`` (synth, demo, parity, evaluate, bench), ``runtime.cli.serving``
-(triton-repo, deepstream-config); shared options and file helpers in ``runtime.cli.options``.
+(triton-repo, deepstream-config), ``runtime.cli.service`` (serve, threshold); shared options and file helpers in ``runtime.cli.options``.
 """
 from __future__ import annotations
 
 import click
 
-from runtime.cli import evaluation, model, serving
+from runtime.cli import evaluation, model, service, serving
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -16,7 +16,7 @@ def main():
     """Run exported NFormer models: embed person crops, refine sets of embeddings."""
 
 
-for _module in (model, evaluation, serving):
+for _module in (model, evaluation, serving, service):
     for _command in vars(_module).values():
         if isinstance(_command, click.Command):
             main.add_command(_command)

@@ -1,0 +1,347 @@
+"""A gallery that survives ``kill -9``: the atomic snapshot of ``runtime.gallery`` plus a journal.
+
+Place in the flow: the serving end of ``runtime/`` (no torch), under ``runtime serve``.  Every
+change (an add with the items it evicts, a remove, an expiry) is one record appended to
+``journal.<version>.log`` in the gallery directory and fsynced *before* the change is applied and
+acknowledged; ``<version>`` names the snapshot (``CURRENT``) the journal continues.  Opening the
+store loads that snapshot and replays its journal, so a restart serves exactly the acknowledged
+changes.  ``compact()`` (every ``compact_every`` records, and at ``close()``) saves a new snapshot
+through ``Gallery.save`` (atomic: a crash keeps the old snapshot and its journal) and starts an
+empty journal for it; journals of older snapshots are deleted afterwards.
+
+A record is ``MAGIC | u32 header length | u64 payload length | sha256(header + payload) | header
+(JSON) | payload (float32 rows)``.  A crash while appending leaves at most one torn record at the end:
+it was never acknowledged, so replay drops it (and truncates the file).  A damaged record anywhere
+else is an error: acknowledged changes after it could not be trusted.
+
+Limits: ``max_items`` (the oldest items are evicted to make room; a single add larger than the cap
+is refused) and ``ttl_seconds`` (items whose timestamp is older are expired).  Age is the item's
+``timestamp`` (UNIX seconds, given with the add or the time the server received it); ties keep
+insertion order.  Evictions go through ``Gallery.remove``, so the neighbour lists stay exact.
+
+One process serves a gallery directory at a time (``serve.lock``, ``flock``); a second gets a clear
+error instead of two journals racing.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import struct
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from export.contract.errors import InputError
+
+from runtime.gallery import POINTER, Gallery
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"NFJ1"
+_HEAD = struct.Struct("<4sIQ32s")
+JOURNAL = re.compile(r"journal\.(v\d+)\.log")
+LOCK_FILE = "serve.lock"
+#: records after which the journal is folded into a new snapshot
+COMPACT_EVERY = 1000
+#: meta key holding an item's timestamp (UNIX seconds)
+TIMESTAMP = "timestamp"
+
+
+def _journal_name(version: str) -> str:
+    return f"journal.{version}.log"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def encode_record(header: dict, rows: np.ndarray | None = None) -> bytes:
+    head = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+    payload = b"" if rows is None else np.ascontiguousarray(rows, "<f4").tobytes()
+    digest = hashlib.sha256(head + payload).digest()
+    return _HEAD.pack(MAGIC, len(head), len(payload), digest) + head + payload
+
+
+def read_records(path: Path) -> tuple[list[tuple[dict, np.ndarray | None]], int, int]:
+    """The journal's records, the byte length of its valid prefix and the file's length.
+
+    A record that ends past the end of the file or fails its checksum while being the last one is
+    a torn append (dropped); a damaged record followed by more data is an InputError."""
+    data = path.read_bytes()
+    records, pos = [], 0
+    while pos < len(data):
+        end_of_head = pos + _HEAD.size
+        if end_of_head > len(data):
+            break                                           # torn header at the end
+        magic, head_len, payload_len, digest = _HEAD.unpack_from(data, pos)
+        end = end_of_head + head_len + payload_len
+        body = data[end_of_head:end]
+        intact = magic == MAGIC and end <= len(data) and hashlib.sha256(body).digest() == digest
+        if not intact:
+            # a crash mid-append leaves a prefix of the record, or zeros where the file grew
+            torn = (not data[pos:].strip(b"\0")) if magic != MAGIC else end >= len(data)
+            if torn:
+                break
+            raise InputError(f"{path} is damaged at byte {pos} (a record that is not the last one fails its "
+                             "checksum): the changes after it cannot be trusted. Move the journal away to serve the "
+                             "last snapshot, or restore the gallery from a backup")
+        try:
+            header = json.loads(body[:head_len].decode())
+        except ValueError as err:
+            raise InputError(f"{path}: record at byte {pos} has a checksum but no JSON header ({err}); the "
+                             "journal was written by another program") from None
+        rows = None
+        if payload_len:
+            rows = np.frombuffer(body[head_len:], "<f4").astype(np.float32)
+        records.append((header, rows))
+        pos = end
+    return records, pos, len(data)
+
+
+class GalleryStore:
+    """``Gallery`` + journal: every acknowledged change survives a crash.  Thread-safe."""
+
+    def __init__(self, path: str | Path, pipe, max_items: int | None = None, ttl_seconds: float | None = None,
+                 compact_every: int = COMPACT_EVERY, clock=time.time):
+        if max_items is not None and max_items < 1:
+            raise InputError(f"max_items must be >= 1, found {max_items}")
+        if ttl_seconds is not None and not (np.isfinite(ttl_seconds) and ttl_seconds > 0):
+            raise InputError(f"ttl_seconds must be a positive number of seconds, found {ttl_seconds}")
+        self.path = Path(path)
+        self.pipe = pipe
+        self.max_items = max_items
+        self.ttl_seconds = ttl_seconds
+        self.compact_every = max(1, int(compact_every))
+        self.clock = clock
+        self._lock = threading.RLock()
+        self._lock_fd = -1
+        self._journal_fd = -1
+        self._records = 0
+        self.replayed = 0
+        self.dropped_torn_bytes = 0
+        self._open()
+
+    # ---- opening ----
+
+    def _open(self) -> None:
+        if self.path.exists() and not self.path.is_dir():
+            raise InputError(f"gallery {self.path} is a file; give a directory (a new one is created)")
+        if not (self.path / POINTER).is_file():
+            self.pipe.gallery().save(self.path)             # a new, empty gallery: the first snapshot
+        self._take_owner_lock()
+        try:
+            self.gallery: Gallery = self.pipe.gallery(self.path)
+            self.version = json.loads((self.path / POINTER).read_text())["version"]
+            journal = self.path / _journal_name(self.version)
+            if journal.exists():
+                self._replay(journal)
+            self._open_journal(journal)
+            self._remove_stale_journals()
+            self.enforce_limits()
+        except BaseException:
+            self.close(compact=False)
+            raise
+
+    def _take_owner_lock(self) -> None:
+        import fcntl
+
+        lock = self.path / LOCK_FILE
+        try:
+            self._lock_fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as err:
+            raise InputError(f"cannot open {lock}: {err.strerror or err}; the gallery directory must be writable") from None
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+            raise InputError(f"gallery {self.path} is already served by another process (it holds {lock}); stop "
+                             "that server or give another --gallery directory") from None
+
+    def _replay(self, journal: Path) -> None:
+        records, good, size = read_records(journal)
+        for n, (header, rows) in enumerate(records):
+            try:
+                self._apply(header, rows)
+            except InputError as err:
+                raise InputError(f"{journal}: record {n} cannot be replayed onto snapshot {self.version} ({err}); "
+                                 "the gallery directory was changed by hand: restore it from a backup") from None
+        self.replayed = len(records)
+        self._records = len(records)
+        if good < size:
+            self.dropped_torn_bytes = size - good
+            log.warning("%s: dropped a torn last record (%d bytes) left by a crash; it was never acknowledged",
+                        journal, size - good)
+            with open(journal, "r+b") as f:
+                f.truncate(good)
+                f.flush()
+                os.fsync(f.fileno())
+
+    def _open_journal(self, journal: Path) -> None:
+        existed = journal.exists()
+        self._journal_fd = os.open(journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)   # the umask applies
+        if not existed:
+            _fsync_dir(self.path)
+
+    def _remove_stale_journals(self) -> None:
+        for p in self.path.iterdir():
+            m = JOURNAL.fullmatch(p.name)
+            if m and m.group(1) != self.version:
+                p.unlink(missing_ok=True)
+
+    # ---- changes ----
+
+    def __len__(self) -> int:
+        return len(self.gallery)
+
+    def add(self, embeddings, ids, camids=None, timestamps=None) -> int:
+        """Add raw embeddings [m, D] with string ids, camera ids and timestamps (UNIX seconds; default:
+        now); evicts the oldest items beyond ``max_items``.  Returns the gallery's size once the change
+        is durable."""
+        with self._lock:
+            ids = [_as_id(i) for i in ids]
+            m = len(ids)
+            now = self.clock()
+            if timestamps is None:
+                stamps = np.full(m, now, np.float64)
+            else:
+                stamps = np.asarray(timestamps, np.float64).reshape(-1)
+                if stamps.shape != (m,) or not np.isfinite(stamps).all():
+                    raise InputError(f"gallery_add: timestamps must be {m} finite numbers (UNIX seconds, one per "
+                                     f"row), found shape {stamps.shape}")
+            meta = [{TIMESTAMP: float(t)} for t in stamps]
+            x, ids, cams, meta = self.gallery.validate_add(embeddings, ids, camids, meta)
+            if self.max_items is not None and len(x) > self.max_items:
+                raise InputError(f"gallery_add: {len(x)} items at once but the gallery holds at most "
+                                 f"{self.max_items} (--max-items); send fewer")
+            evict = self._oldest(len(self.gallery) + len(x) - self.max_items) if self.max_items else []
+            header = {"op": "add", "ids": ids, "camids": cams.tolist(), "timestamps": stamps.tolist(),
+                      "evict": evict, "dim": int(x.shape[1])}
+            self._commit(header, x)
+            return len(self.gallery)
+
+    def remove(self, ids) -> int:
+        """Remove items by id (all known, or nothing changes).  Returns the gallery's size."""
+        with self._lock:
+            ids = [_as_id(i) for i in ids]
+            unknown = [i for i in ids if i not in self.gallery]
+            if unknown:
+                raise InputError(f"gallery_remove: {len(unknown)} unknown id(s), first {unknown[:5]}; nothing was "
+                                 "removed")
+            if len(set(ids)) != len(ids):
+                raise InputError("gallery_remove: ids must be unique")
+            if ids:
+                self._commit({"op": "remove", "ids": ids}, None)
+            return len(self.gallery)
+
+    def enforce_limits(self) -> int:
+        """Expire items older than ``ttl_seconds`` and evict beyond ``max_items``; returns how many."""
+        with self._lock:
+            drop: list = []
+            if self.ttl_seconds is not None and len(self.gallery):
+                stamps = self._stamps()
+                old = np.flatnonzero(stamps < self.clock() - self.ttl_seconds)
+                ids = self.gallery.ids
+                drop = [ids[p] for p in old]
+            if self.max_items is not None:
+                over = len(self.gallery) - len(drop) - self.max_items
+                if over > 0:
+                    dropped = set(drop)
+                    drop += [i for i in self._oldest(over + len(drop)) if i not in dropped][:over]
+            if drop:
+                self._commit({"op": "remove", "ids": drop, "reason": "limits"}, None)
+            return len(drop)
+
+    def _stamps(self) -> np.ndarray:
+        return np.array([m.get(TIMESTAMP, 0.0) for m in self.gallery.meta], np.float64)
+
+    def _oldest(self, count: int) -> list:
+        if count <= 0:
+            return []
+        order = np.argsort(self._stamps(), kind="stable")[:count]
+        ids = self.gallery.ids
+        return [ids[p] for p in order]
+
+    def _commit(self, header: dict, rows: np.ndarray | None) -> None:
+        """Journal (fsync), then apply: a change is acknowledged only once it is on disk."""
+        if self._journal_fd < 0:
+            raise InputError("the gallery store is closed")
+        record = encode_record(header, rows)
+        view = memoryview(record)
+        while view:
+            written = os.write(self._journal_fd, view)
+            view = view[written:]
+        os.fsync(self._journal_fd)
+        self._apply(header, rows)
+        self._records += 1
+        if self._records >= self.compact_every:
+            self.compact()
+
+    def _apply(self, header: dict, rows: np.ndarray | None) -> None:
+        op = header.get("op")
+        if op == "add":
+            if header.get("evict"):
+                self.gallery.remove(header["evict"])
+            ids = header["ids"]
+            x = rows.reshape(len(ids), int(header["dim"]))
+            self.gallery.add(x, ids, np.asarray(header["camids"], np.int64),
+                             [{TIMESTAMP: float(t)} for t in header["timestamps"]])
+        elif op == "remove":
+            self.gallery.remove(header["ids"])
+        else:
+            raise InputError(f"unknown journal operation {op!r}")
+
+    # ---- snapshots ----
+
+    def compact(self) -> None:
+        """Fold the journal into a new snapshot and start an empty journal for it."""
+        with self._lock:
+            if self._journal_fd < 0:
+                return
+            saved = self.gallery.save(self.path)
+            old_fd, self._journal_fd = self._journal_fd, -1
+            os.close(old_fd)
+            self.version = saved.name
+            self._open_journal(self.path / _journal_name(self.version))
+            self._records = 0
+            self._remove_stale_journals()
+
+    def close(self, compact: bool = True) -> None:
+        """Compact (by default) and release the journal and the directory."""
+        with self._lock:
+            try:
+                if compact and self._journal_fd >= 0 and self._records:
+                    self.compact()
+            finally:
+                if self._journal_fd >= 0:
+                    os.close(self._journal_fd)
+                    self._journal_fd = -1
+                if self._lock_fd >= 0:
+                    os.close(self._lock_fd)
+                    self._lock_fd = -1
+
+    def __enter__(self) -> "GalleryStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _as_id(value) -> str:
+    if isinstance(value, (bytes, np.bytes_)):
+        try:
+            value = bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            raise InputError(f"ids must be UTF-8 text, found bytes {bytes(value)[:20]!r}") from None
+    if not isinstance(value, str) or not value or len(value) > 256 or any(ord(c) < 32 for c in value):
+        raise InputError(f"ids must be non-empty text of at most 256 printable characters, found {value!r:.60}")
+    return value

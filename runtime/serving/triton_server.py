@@ -1,0 +1,242 @@
+"""``runtime serve``: the re-identification service behind a real Triton Inference Server (PyTriton).
+
+Place in the flow: the outermost layer of ``runtime/``.  PyTriton starts the ``tritonserver``
+binary it bundles; each Triton model below is a Python-backend stub that hands requests to this
+process, where ``ReidService`` answers them with the project's runtime.  The model names, inputs
+and outputs are the interface (README "Serve"):
+
+================  ======================================================  =============================================
+model             inputs                                                  outputs
+================  ======================================================  =============================================
+embed             crops BYTES [-1, 1] (encoded JPEG/PNG; batched)         embeddings FP32 [-1, D]
+encoder           images FP32 [-1, 3, H, W] (preprocessed; batched)       embeddings FP32 [-1, D]
+gallery_add       embeddings FP32 [-1, D], ids BYTES [-1],                count INT64 [1] (gallery size once durable)
+                  camids INT64 [-1], timestamps FP64 [-1] (optional)
+gallery_remove    ids BYTES [-1]                                          count INT64 [1]
+gallery_search    embeddings FP32 [-1, D], camids INT64 [-1],             ids BYTES [-1, topn], distances FP32
+                  topn INT32 [1], mode BYTES [1] (optional)               [-1, topn], unknown BOOL [-1]
+================  ======================================================  =============================================
+
+``embed`` and ``encoder`` use Triton's dynamic batcher (``--max-batch``, ``--max-queue-delay-us``):
+requests of many clients become one encoder batch; ``embed``'s ``crops`` therefore carry the batch
+dimension, shape [-1, 1].  A refused request gets a Triton error whose message ends with the
+project's one-line reason, and the server keeps serving.  PyTriton answers a batch with one result
+or one error, so a bad crop also fails the requests Triton batched with it (the message names the
+request at fault); clients that share a server retry such a failure.
+
+Each model has one instance: PyTriton's instances of one model initialise concurrently and race
+for a handshake socket (seen here: the second instance's connect refused on a loaded machine),
+and every model's work is serialised by the gallery or batched by Triton anyway.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import sys
+import sysconfig
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from export.contract.errors import InputError
+from export.contract.files import scratch_dir
+
+log = logging.getLogger(__name__)
+
+MODELS = ("embed", "encoder", "gallery_add", "gallery_remove", "gallery_search")
+#: PyTriton's default is 30 s: a stop then waits that long for idle HTTP keep-alive connections
+EXIT_TIMEOUT_S = 5
+
+
+def interpreter_library_dir() -> str:
+    """Where this interpreter's libpython lives (``sysconfig`` LIBDIR)."""
+    return sysconfig.get_config_var("LIBDIR") or str(Path(sys.base_prefix) / "lib")
+
+
+def stub_environment(env: dict | None = None) -> dict:
+    """``env`` with this interpreter's library directory first on LD_LIBRARY_PATH.
+
+    PyTriton's Python-backend stub links libpython dynamically; without this the loader may take
+    the system's libpython of the same minor version (seen: Debian's 3.11.2 under a 3.11.7 venv),
+    and the stub fails with ``'_thread.RLock' object has no attribute '_recursion_count'``."""
+    env = dict(os.environ if env is None else env)
+    first = interpreter_library_dir()
+    rest = [p for p in env.get("LD_LIBRARY_PATH", "").split(":") if p and p != first]
+    env["LD_LIBRARY_PATH"] = ":".join([first] + rest)
+    return env
+
+
+def import_pytriton():
+    try:
+        from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
+        from pytriton.triton import Triton, TritonConfig
+    except ImportError as err:
+        raise InputError(f"runtime serve needs PyTriton ({err}); install the serve extra: "
+                         "pip install 'nformer-trt[serve]'") from None
+    return Triton, TritonConfig, ModelConfig, Tensor, DynamicBatcher
+
+
+def _scalar_text(value, name: str) -> str:
+    arr = np.asarray(value, dtype=object).reshape(-1)
+    if len(arr) != 1:
+        raise InputError(f"{name} must hold one value, found {len(arr)}")
+    item = arr[0]
+    if isinstance(item, (bytes, np.bytes_)):
+        try:
+            return bytes(item).decode("utf-8")
+        except UnicodeDecodeError:
+            raise InputError(f"{name} must be UTF-8 text") from None
+    return str(item)
+
+
+def _per_request(handler):
+    """An infer function answering each request with ``handler(request)``; a project error becomes
+    the request's Triton error (its message ends with the reason)."""
+    def infer(requests):
+        return [handler(r) for r in requests]
+    return infer
+
+
+def bind_models(triton, service, max_batch: int = 32, max_queue_delay_us: int = 2000) -> None:
+    """Bind the five models of ``service`` to a PyTriton ``Triton``."""
+    _, _, ModelConfig, Tensor, DynamicBatcher = import_pytriton()
+    d = service.width
+    h, w = service.pipe.config.input_size_hw
+
+    def embed(requests):
+        sizes, crops = [], []
+        for n, r in enumerate(requests):
+            try:
+                crops.append(service.decode(r["crops"]))
+            except InputError as err:
+                raise InputError(f"request {n + 1} of the {len(requests)} batched together: {err}") \
+                    if len(requests) > 1 else err from None
+            sizes.append(len(crops[-1]))
+        out = service.embed_images([img for part in crops for img in part])
+        return [{"embeddings": part} for part in np.split(out, np.cumsum(sizes)[:-1])]
+
+    def encoder(requests):
+        sizes = [len(r["images"]) for r in requests]
+        out = service.encode(np.concatenate([r["images"] for r in requests]))
+        return [{"embeddings": part} for part in np.split(out, np.cumsum(sizes)[:-1])]
+
+    def gallery_add(request):
+        count = service.add(request["embeddings"], request["ids"], request["camids"], request["timestamps"] if "timestamps" in request else None)
+        return {"count": np.array([count], np.int64)}
+
+    def gallery_remove(request):
+        return {"count": np.array([service.remove(request["ids"])], np.int64)}
+
+    def gallery_search(request):
+        topn = np.asarray(request["topn"]).reshape(-1)
+        if len(topn) != 1:
+            raise InputError(f"topn must hold one value, found {len(topn)}")
+        mode = _scalar_text(request["mode"], "mode") if "mode" in request else "refined"
+        ids, dist, unknown = service.search(request["embeddings"], request["camids"], int(topn[0]), mode)
+        return {"ids": ids.astype(np.bytes_), "distances": dist, "unknown": unknown}
+
+    unbatched = ModelConfig(batching=False)
+    batched = ModelConfig(max_batch_size=max_batch,
+                          batcher=DynamicBatcher(max_queue_delay_microseconds=max_queue_delay_us))
+    triton.bind("embed", embed,
+                inputs=[Tensor(name="crops", dtype=np.bytes_, shape=(1,))],
+                outputs=[Tensor(name="embeddings", dtype=np.float32, shape=(d,))], config=batched)
+    triton.bind("encoder", encoder,
+                inputs=[Tensor(name="images", dtype=np.float32, shape=(3, h, w))],
+                outputs=[Tensor(name="embeddings", dtype=np.float32, shape=(d,))], config=batched)
+    triton.bind("gallery_add", _per_request(gallery_add),
+                inputs=[Tensor(name="embeddings", dtype=np.float32, shape=(-1, d)),
+                        Tensor(name="ids", dtype=np.bytes_, shape=(-1,)),
+                        Tensor(name="camids", dtype=np.int64, shape=(-1,)),
+                        Tensor(name="timestamps", dtype=np.float64, shape=(-1,), optional=True)],
+                outputs=[Tensor(name="count", dtype=np.int64, shape=(1,))], config=unbatched)
+    triton.bind("gallery_remove", _per_request(gallery_remove),
+                inputs=[Tensor(name="ids", dtype=np.bytes_, shape=(-1,))],
+                outputs=[Tensor(name="count", dtype=np.int64, shape=(1,))], config=unbatched)
+    triton.bind("gallery_search", _per_request(gallery_search),
+                inputs=[Tensor(name="embeddings", dtype=np.float32, shape=(-1, d)),
+                        Tensor(name="camids", dtype=np.int64, shape=(-1,)),
+                        Tensor(name="topn", dtype=np.int32, shape=(1,)),
+                        Tensor(name="mode", dtype=np.bytes_, shape=(1,), optional=True)],
+                outputs=[Tensor(name="ids", dtype=np.bytes_, shape=(-1, -1)),
+                         Tensor(name="distances", dtype=np.float32, shape=(-1, -1)),
+                         Tensor(name="unknown", dtype=np.bool_, shape=(-1,))], config=unbatched)
+
+
+def open_service(model_dir, gallery_dir, *, max_batch: int = 32, max_queue_delay_us: int = 2000,
+                 max_items: int | None = None, ttl_seconds: float | None = None,
+                 unknown_distance: float | None = None, backend: str = "auto", threads: int | None = None,
+                 precision: str | None = None):
+    """The ``ReidService`` that ``serve`` runs: pipeline with dynamic batching, durable gallery,
+    thresholds (``unknown_distance`` overrides the stored ones for both modes)."""
+    from runtime.pipeline import Pipeline
+    from runtime.serving.gallery_store import GalleryStore
+    from runtime.serving.open_set import MODES, load_thresholds
+    from runtime.serving.service import ReidService
+
+    pipe = Pipeline.load(model_dir, batch_size=max_batch, backend=backend, threads=threads, precision=precision)
+    try:
+        if unknown_distance is not None:
+            if not (np.isfinite(unknown_distance) and unknown_distance >= 0):
+                raise InputError(f"--unknown-distance must be a distance >= 0, found {unknown_distance}")
+            thresholds = {m: float(unknown_distance) for m in MODES}
+        else:
+            thresholds = load_thresholds(model_dir, pipe.manifest)
+        store = GalleryStore(gallery_dir, pipe, max_items=max_items, ttl_seconds=ttl_seconds)
+    except BaseException:
+        pipe.close()
+        raise
+    return ReidService(pipe, store, thresholds, max_request=max_batch * 64)
+
+
+def serve(model_dir, gallery_dir=None, *, host: str = "127.0.0.1", http_port: int = 8000, grpc_port: int = 8001,
+          metrics_port: int = 8002, max_batch: int = 32, max_queue_delay_us: int = 2000,
+          max_items: int | None = None, ttl_seconds: float | None = None, unknown_distance: float | None = None,
+          backend: str = "auto", log_fn=None, stop_event: threading.Event | None = None) -> None:
+    """Serve until SIGINT/SIGTERM (or ``stop_event``), then stop Triton and fold the gallery's journal
+    into a snapshot.  ``gallery_dir`` None: a gallery in ``model_dir/gallery``."""
+    Triton, TritonConfig, _, _, _ = import_pytriton()
+    log_fn = log_fn or (lambda message: print(message, flush=True))
+    os.environ.update(stub_environment())          # the stub inherits the server's environment
+    gallery_dir = Path(gallery_dir) if gallery_dir is not None else Path(model_dir) / "gallery"
+    service = open_service(model_dir, gallery_dir, max_batch=max_batch, max_queue_delay_us=max_queue_delay_us,
+                           max_items=max_items, ttl_seconds=ttl_seconds, unknown_distance=unknown_distance,
+                           backend=backend)
+    stop = stop_event or threading.Event()
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda *_: stop.set())
+    scratch = scratch_dir("nformer-serve-")                      # PyTriton wants to create the workspace itself
+    config = TritonConfig(http_address=host, http_port=http_port, grpc_address=host, grpc_port=grpc_port,
+                          metrics_address=host, metrics_port=metrics_port, allow_metrics=True,
+                          exit_timeout_secs=EXIT_TIMEOUT_S)
+    try:
+        triton = Triton(config=config, workspace=scratch / "workspace")
+        triton.run()
+        bind_models(triton, service, max_batch, max_queue_delay_us)
+        choice = ", ".join(f"{k}: {v['backend']}" for k, v in service.pipe.backend_choice.items())
+        t = service.thresholds
+        log_fn(f"serving {Path(model_dir)} on {host}: http {http_port}, grpc {grpc_port}, metrics {metrics_port} "
+               f"({choice}); gallery {gallery_dir} with {len(service.store)} items"
+               + (f", {service.store.replayed} journal records replayed" if service.store.replayed else ""))
+        log_fn("open set: " + (f"unknown beyond distance {t['refined']:.4f} (refined), {t['encoder']:.4f} "
+                               "(encoder)" if t["refined"] is not None else
+                               "no threshold (fit one with `runtime threshold`, or pass --unknown-distance)"))
+        log_fn("ready")
+        while not stop.wait(1.0):
+            if not triton.is_alive():
+                raise InputError("the Triton server stopped on its own; see its log above")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        try:
+            if "triton" in locals():
+                triton.stop()
+        finally:
+            service.close()
+            shutil.rmtree(scratch, ignore_errors=True)
+        log_fn(f"stopped; gallery {gallery_dir} saved with {len(service.store)} items")

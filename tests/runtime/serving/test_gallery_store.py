@@ -1,0 +1,169 @@
+"""The durable gallery of ``runtime serve``: journal, replay, torn appends, limits, compaction, ownership."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from export.contract.errors import InputError
+from neighbor_oracle import canonical_lists
+from runtime.gallery import POINTER
+from runtime.pipeline import Pipeline
+from runtime.serving.gallery_store import GalleryStore, encode_record, read_records
+
+
+@pytest.fixture(scope="module")
+def pipe(resnet18_export):
+    with Pipeline.load(resnet18_export[0], backend="onnxruntime") as p:
+        yield p
+
+
+def rows(n, d, seed=0, dup=0):
+    x = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+    if dup:
+        x[-dup:] = x[:dup]                      # exact duplicates: ties the lists must order canonically
+    return x
+
+
+class Clock:
+    def __init__(self, t=1000.0):
+        self.t = t
+
+    def __call__(self):
+        return self.t
+
+
+def crash(store):
+    """What kill -9 leaves: no compaction, descriptors gone."""
+    os.close(store._journal_fd)
+    os.close(store._lock_fd)
+    store._journal_fd = store._lock_fd = -1
+
+
+def assert_exact_lists(store):
+    g = store.gallery
+    idx, valid = g._index.neighbors()
+    ref_idx, ref_valid = canonical_lists(g._index.rows(), g.config.topk)
+    np.testing.assert_array_equal(valid, ref_valid)
+    np.testing.assert_array_equal(np.where(valid, idx, -1), np.where(ref_valid, ref_idx, -1))
+
+
+def test_acknowledged_changes_survive_a_crash_and_replay_in_order(pipe, tmp_path):
+    d = pipe.config.n_embd
+    x = rows(30, d, dup=4)
+    s = GalleryStore(tmp_path / "g", pipe)
+    s.add(x[:10], [f"a{i}" for i in range(10)], np.arange(10) % 3)
+    s.remove(["a3", "a4"])
+    s.add(x[10:30], [f"b{i}" for i in range(20)], np.arange(20) % 3, timestamps=np.arange(20.0))
+    expect_ids, expect_raw = s.gallery.ids, s.gallery.embeddings
+    crash(s)
+    assert sorted(os.listdir(tmp_path / "g")) == ["CURRENT", "journal.v000001.log", "serve.lock", "v000001"]
+    s2 = GalleryStore(tmp_path / "g", pipe)
+    assert s2.replayed == 3 and s2.gallery.ids == expect_ids
+    np.testing.assert_array_equal(s2.gallery.embeddings, expect_raw)
+    assert [m["timestamp"] for m in s2.gallery.meta[-20:]] == list(np.arange(20.0))
+    assert_exact_lists(s2)
+    s2.close()                                      # compacts: one snapshot, an empty journal
+    names = sorted(os.listdir(tmp_path / "g"))
+    assert names == ["CURRENT", "journal.v000002.log", "serve.lock", "v000002"]
+    assert (tmp_path / "g" / "journal.v000002.log").stat().st_size == 0
+    with GalleryStore(tmp_path / "g", pipe) as s3:
+        assert s3.replayed == 0 and s3.gallery.ids == expect_ids
+
+
+def test_a_torn_last_record_is_dropped_and_a_damaged_middle_one_is_an_error(pipe, tmp_path):
+    d = pipe.config.n_embd
+    s = GalleryStore(tmp_path / "g", pipe)
+    s.add(rows(4, d), ["a", "b", "c", "d"], np.zeros(4, np.int64))
+    s.add(rows(2, d, seed=1), ["e", "f"], np.zeros(2, np.int64))
+    crash(s)
+    journal = tmp_path / "g" / "journal.v000001.log"
+    good = journal.read_bytes()
+    torn = encode_record({"op": "add", "ids": ["g"], "camids": [0], "timestamps": [0.0], "evict": [], "dim": d},
+                         rows(1, d, seed=2))
+    for tail in (torn[:10], torn[:-5], b"\0" * 300):   # a crash mid-append; zeros where the file grew
+        journal.write_bytes(good + tail)
+        s = GalleryStore(tmp_path / "g", pipe)
+        assert s.gallery.ids == ["a", "b", "c", "d", "e", "f"] and s.dropped_torn_bytes == len(tail)
+        crash(s)
+        assert journal.read_bytes() == good             # truncated to the acknowledged records
+    first = len(encode_record({"op": "add", "ids": ["a", "b", "c", "d"], "camids": [0] * 4,
+                               "timestamps": [0.0] * 4, "evict": [], "dim": d}, rows(4, d)))
+    damaged = bytearray(good)
+    damaged[first // 2] ^= 0xFF                          # inside the first of two records
+    journal.write_bytes(bytes(damaged))
+    with pytest.raises(InputError, match="damaged at byte 0"):
+        GalleryStore(tmp_path / "g", pipe)
+    assert journal.read_bytes() == bytes(damaged)        # nothing is thrown away on an error
+
+
+def test_a_refused_change_writes_nothing(pipe, tmp_path):
+    d = pipe.config.n_embd
+    with GalleryStore(tmp_path / "g", pipe) as s:
+        s.add(rows(3, d), ["a", "b", "c"], np.zeros(3, np.int64))
+        size = (tmp_path / "g" / "journal.v000001.log").stat().st_size
+        bad = [lambda: s.add(rows(1, d), ["a"], [0]),                     # id taken
+               lambda: s.add(rows(2, d), ["x", "x"], [0, 0]),             # repeated id
+               lambda: s.add(np.full((1, d), np.nan, np.float32), ["y"], [0]),
+               lambda: s.add(rows(1, d), [b"\xff"], [0]),                  # not UTF-8
+               lambda: s.add(rows(1, d), ["z\n"], [0]),                    # control character
+               lambda: s.add(rows(1, d), ["z"], [0], timestamps=[np.inf]),
+               lambda: s.remove(["a", "nope"])]
+        for call in bad:
+            with pytest.raises(InputError):
+                call()
+        assert (tmp_path / "g" / "journal.v000001.log").stat().st_size == size
+        assert s.gallery.ids == ["a", "b", "c"]
+
+
+def test_cap_and_ttl_evict_the_oldest_and_keep_the_lists_exact(pipe, tmp_path):
+    d = pipe.config.n_embd
+    clock = Clock()
+    x = rows(60, d, seed=3, dup=6)
+    s = GalleryStore(tmp_path / "g", pipe, max_items=25, ttl_seconds=100, clock=clock)
+    for n in range(0, 60, 6):
+        clock.t += 10
+        s.add(x[n:n + 6], [f"p{i}" for i in range(n, n + 6)], np.arange(6) % 2,
+              timestamps=clock.t - np.arange(6))          # within a batch the last row is the oldest
+        assert len(s) <= 25
+        assert_exact_lists(s)
+    assert len(s) == 25
+    stamps = [m["timestamp"] for m in s.gallery.meta]
+    assert min(stamps) >= max(stamps) - 50                # the newest 25 of 60
+    clock.t += 85                                          # everything older than clock - 100 expires
+    expired = s.enforce_limits()
+    assert expired > 0 and all(m["timestamp"] >= clock.t - 100 for m in s.gallery.meta)
+    assert_exact_lists(s)
+    keep = s.gallery.ids
+    crash(s)
+    s2 = GalleryStore(tmp_path / "g", pipe, max_items=25, ttl_seconds=100, clock=clock)
+    assert s2.gallery.ids == keep                          # evictions are journalled, replay agrees
+    with pytest.raises(InputError, match="at most 25"):
+        s2.add(rows(26, d), [f"q{i}" for i in range(26)], np.zeros(26, np.int64))
+    s2.close()
+
+
+def test_compaction_every_n_records_and_one_server_per_directory(pipe, tmp_path):
+    d = pipe.config.n_embd
+    s = GalleryStore(tmp_path / "g", pipe, compact_every=3)
+    for i in range(7):
+        s.add(rows(1, d, seed=i), [f"i{i}"], [0])
+    assert json.loads((tmp_path / "g" / POINTER).read_text())["version"] == "v000003"
+    assert len(read_records(tmp_path / "g" / "journal.v000003.log")[0]) == 1
+    with pytest.raises(InputError, match="already served by another process"):
+        GalleryStore(tmp_path / "g", pipe)
+    s.close()
+    with GalleryStore(tmp_path / "g", pipe) as s2:
+        assert s2.gallery.ids == [f"i{i}" for i in range(7)]
+
+
+def test_bad_arguments(pipe, tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match="is a file"):
+        GalleryStore(tmp_path / "file", pipe)
+    with pytest.raises(InputError, match="max_items"):
+        GalleryStore(tmp_path / "g", pipe, max_items=0)
+    with pytest.raises(InputError, match="ttl_seconds"):
+        GalleryStore(tmp_path / "g", pipe, ttl_seconds=float("nan"))

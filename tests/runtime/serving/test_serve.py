@@ -1,0 +1,306 @@
+"""``runtime serve`` behind a real Triton server (PyTriton's bundled tritonserver), on loopback.
+
+Every server listens on 127.0.0.1 with free ports, runs in its own process group, is bounded in
+time, and is stopped by its PID (SIGTERM, then SIGKILL of the group).
+"""
+from __future__ import annotations
+
+import io
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("pytriton", reason="runtime serve needs the serve extra (nvidia-pytriton)")
+httpclient = pytest.importorskip("tritonclient.http")
+grpcclient = pytest.importorskip("tritonclient.grpc")
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+from runtime.pipeline import Pipeline  # noqa: E402
+from runtime.serving.process import ServeFailed, ServeProcess  # noqa: E402
+
+START_TIMEOUT_S = 240
+MAX_BATCH = 16
+
+
+class Server(ServeProcess):
+    """A server with this module's batch size, started without LD_LIBRARY_PATH: serve must set it itself."""
+
+    def __init__(self, model_dir, gallery, log_path, *extra):
+        env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
+        try:
+            super().__init__(model_dir, gallery, log_path, "--max-batch", str(MAX_BATCH), *extra,
+                             start_timeout_s=START_TIMEOUT_S, env=env)
+        except ServeFailed as err:
+            pytest.fail(str(err))
+
+    def tail(self, n=4000):
+        return self.output()[-n:]
+
+
+def png(seed, size=(64, 32)):
+    arr = np.random.default_rng(seed).integers(0, 255, (*size, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def infer(client, model, inputs, outputs, kind="http"):
+    mod = httpclient if kind == "http" else grpcclient
+    tensors = []
+    for name, (arr, dtype) in inputs.items():
+        t = mod.InferInput(name, list(arr.shape), dtype)
+        t.set_data_from_numpy(arr)
+        tensors.append(t)
+    result = client.infer(model, tensors)
+    return [result.as_numpy(o) for o in outputs]
+
+
+def embed(client, crops, kind="http"):
+    arr = np.array([[c] for c in crops], dtype=object)
+    return infer(client, "embed", {"crops": (arr, "BYTES")}, ["embeddings"], kind)[0]
+
+
+def add(client, x, ids, camids, kind="http"):
+    return infer(client, "gallery_add", {"embeddings": (x, "FP32"), "ids": (np.array(ids, dtype=object), "BYTES"),
+                                         "camids": (np.asarray(camids, np.int64), "INT64")}, ["count"], kind)[0]
+
+
+def search(client, q, camids, topn, mode=None, kind="http"):
+    inputs = {"embeddings": (q, "FP32"), "camids": (np.asarray(camids, np.int64), "INT64"),
+              "topn": (np.array([topn], np.int32), "INT32")}
+    if mode:
+        inputs["mode"] = (np.array([mode.encode()], dtype=object), "BYTES")
+    return infer(client, "gallery_search", inputs, ["ids", "distances", "unknown"], kind)
+
+
+@pytest.fixture(scope="module")
+def model_dir(resnet18_export):
+    return resnet18_export[0]
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve")
+    srv = Server(model_dir, tmp / "gallery", tmp / "serve.log", "--unknown-distance", "0.6")
+    yield srv
+    srv.kill()
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    with Pipeline.load(model_dir, batch_size=MAX_BATCH, backend="onnxruntime") as pipe:
+        yield pipe
+
+
+def test_http_and_grpc_equal_the_in_process_pipeline_bitwise(server, reference):
+    from export.contract.preprocess import decode_image, preprocess_batch
+
+    crops = [png(i) for i in range(6)]
+    want = reference.embed([decode_image(c) for c in crops])
+    c = reference.config
+    images = preprocess_batch([decode_image(b) for b in crops], c.input_size_hw, c.pixel_mean, c.pixel_std)
+    want_enc = reference.encoder.embed_images(images)
+    gallery = reference.gallery()
+    g = np.random.default_rng(5).standard_normal((40, c.n_embd)).astype(np.float32)
+    ids = [f"g{i}" for i in range(40)]
+    gallery.add(g, ids, np.arange(40) % 4)
+    for kind in ("http", "grpc"):
+        client = server.client(kind)
+        try:
+            np.testing.assert_array_equal(embed(client, crops, kind), want)
+            got = infer(client, "encoder", {"images": (images, "FP32")}, ["embeddings"], kind)[0]
+            np.testing.assert_array_equal(got, want_enc)
+        finally:
+            client.close()
+    client = server.client()
+    try:
+        assert add(client, g, ids, np.arange(40) % 4)[0] == 40
+        q = g[:5] + np.float32(0.01)
+        cams = np.array([0, 1, -1, 3, 2])
+        for mode in ("refined", "encoder"):
+            hits = gallery.search(q, topn=7, query_camids=cams, refined=mode == "refined")
+            for kind in ("http", "grpc"):
+                kc = server.client(kind)
+                try:
+                    got_ids, got_d, unknown = search(kc, q, cams, 7, mode if mode == "encoder" else None, kind)
+                finally:
+                    kc.close()
+                assert got_ids.shape == (5, 7) and got_d.dtype == np.float32
+                for r, row in enumerate(hits):
+                    assert [i.decode() for i in got_ids[r]] == [h.id for h in row]
+                    np.testing.assert_array_equal(got_d[r], np.array([h.distance for h in row], np.float32))
+                np.testing.assert_array_equal(unknown, got_d[:, 0] > 0.6)
+        # fewer hits than topn: padded with empty ids and infinite distances
+        ids_, d_, _ = search(client, q[:1], [-1], 45)
+        assert ids_[0, 40:].tolist() == [b""] * 5 and np.isinf(d_[0, 40:]).all()
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("case", ["dtype", "shape", "undecodable", "nan", "empty", "over_max", "unknown_ids",
+                                  "topn", "mode", "repeated_id"])
+def test_a_bad_request_gets_a_triton_error_and_the_server_keeps_serving(server, case):
+    client = server.client()
+    try:
+        width = int(client.get_model_config("gallery_search")["input"][0]["dims"][1])
+        good = np.random.default_rng(1).standard_normal((2, width)).astype(np.float32)
+        calls = {
+            "dtype": lambda: infer(client, "gallery_search", {"embeddings": (good.astype(np.float64), "FP64"),
+                                                              "camids": (np.zeros(2, np.int64), "INT64"),
+                                                              "topn": (np.array([1], np.int32), "INT32")}, ["ids"]),
+            "shape": lambda: search(client, good[:, :-1], [0, 0], 1),
+            "undecodable": lambda: embed(client, [b"\x89PNG not really"]),
+            "nan": lambda: search(client, np.full_like(good, np.nan), [0, 0], 1),
+            "empty": lambda: search(client, good[:0], [], 1),
+            "over_max": lambda: infer(client, "encoder", {"images": (np.zeros((MAX_BATCH + 1, 3, 256, 128),
+                                                                              np.float32), "FP32")}, ["embeddings"]),
+            "unknown_ids": lambda: infer(client, "gallery_remove",
+                                         {"ids": (np.array([b"nobody-has-this-id"], dtype=object), "BYTES")}, ["count"]),
+            "topn": lambda: search(client, good, [0, 0], 0),
+            "mode": lambda: search(client, good, [0, 0], 1, mode="fastest"),
+            "repeated_id": lambda: add(client, good, ["same", "same"], [0, 0]),
+        }
+        reasons = {"dtype": "data-type", "shape": "unexpected shape", "undecodable": "not an image",
+                   "nan": "NaN", "empty": "", "over_max": "batch-size must be <=",
+                   "unknown_ids": "unknown id", "topn": "topn must be 1..", "mode": "mode must be one of",
+                   "repeated_id": "ids must be unique"}
+        with pytest.raises(InferenceServerException) as err:
+            calls[case]()
+        assert reasons[case] in str(err.value), str(err.value)[-600:]
+        # still serving
+        assert embed(client, [png(99)]).shape[0] == 1
+        assert search(client, good, [-1, -1], 1)[0].shape == (2, 1)
+    finally:
+        client.close()
+
+
+def test_eight_concurrent_clients_get_their_own_results(server, reference):
+    from export.contract.preprocess import decode_image
+
+    width = reference.config.n_embd
+    crops = {t: [png(1000 + 10 * t + i) for i in range(3)] for t in range(8)}
+    want = {t: reference.embed([decode_image(c) for c in crops[t]]) for t in range(8)}
+    failures, lock = [], threading.Lock()
+
+    def worker(t):
+        client = server.client("grpc" if t % 2 else "http")
+        kind = "grpc" if t % 2 else "http"
+        rng = np.random.default_rng(100 + t)
+        try:
+            for n in range(50):
+                op = n % 3
+                if op == 0:
+                    got = embed(client, crops[t][: 1 + n % 3], kind)
+                    if not np.array_equal(got, want[t][: 1 + n % 3]):
+                        raise AssertionError(f"client {t} request {n}: embeddings of another request")
+                elif op == 1:
+                    x = rng.standard_normal((1, width)).astype(np.float32)
+                    add(client, x, [f"c{t}-{n}"], [t], kind)
+                    ids, dist, _ = search(client, x, [-1], 1, "encoder", kind)
+                    if ids[0, 0] != f"c{t}-{n}".encode() or dist[0, 0] > 1e-3:
+                        raise AssertionError(f"client {t} request {n}: nearest {ids[0, 0]!r} at {dist[0, 0]}")
+                else:
+                    ids, _, _ = search(client, rng.standard_normal((2, width)).astype(np.float32), [t, -1], 3,
+                                       None, kind)
+                    if ids.shape != (2, 3):
+                        raise AssertionError(f"client {t} request {n}: shape {ids.shape}")
+        except Exception as err:       # collected: an assert in a thread would be lost
+            with lock:
+                failures.append(f"{type(err).__name__}: {err}"[:500])
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(600)
+    assert not any(th.is_alive() for th in threads), "clients hung"
+    assert not failures, failures
+
+
+def test_sigterm_flushes_the_gallery_and_exits(model_dir, tmp_path):
+    from runtime.gallery import Gallery  # noqa: F401  (the saved snapshot is read below)
+    from runtime.serving.gallery_store import GalleryStore
+
+    srv = Server(model_dir, tmp_path / "g", tmp_path / "serve.log")
+    try:
+        client = srv.client()
+        width = int(client.get_model_config("gallery_add")["input"][0]["dims"][1])
+        x = np.random.default_rng(2).standard_normal((5, width)).astype(np.float32)
+        add(client, x, [f"s{i}" for i in range(5)], np.zeros(5))
+        client.close()
+        assert srv.terminate() == 0, srv.tail()
+    finally:
+        srv.kill()
+    assert "stopped; gallery" in srv.tail()
+    journals = sorted((tmp_path / "g").glob("journal.*.log"))
+    assert len(journals) == 1 and journals[0].stat().st_size == 0      # folded into the snapshot
+    with Pipeline.load(model_dir, backend="onnxruntime") as pipe, GalleryStore(tmp_path / "g", pipe) as store:
+        assert store.gallery.ids == [f"s{i}" for i in range(5)] and store.replayed == 0
+        np.testing.assert_array_equal(store.gallery.embeddings, x)
+
+
+def test_kill_9_mid_stream_keeps_every_acknowledged_add_and_nothing_else(model_dir, tmp_path):
+    from runtime.serving.gallery_store import GalleryStore
+
+    srv = Server(model_dir, tmp_path / "g", tmp_path / "serve.log")
+    acked, sent, errors, stop = [], [], [], threading.Event()
+    width = None
+    try:
+        client = srv.client()
+        width = int(client.get_model_config("gallery_add")["input"][0]["dims"][1])
+        rng = np.random.default_rng(3)
+        rows = {}
+
+        def stream():
+            sender = srv.client()        # tritonclient.http is gevent-based: one client per thread
+            n = 0
+            try:
+                while not stop.is_set():
+                    ids = [f"k{n}-{j}" for j in range(2)]
+                    x = rng.standard_normal((2, width)).astype(np.float32)
+                    rows.update(zip(ids, x))
+                    sent.append(ids)
+                    try:
+                        add(sender, x, ids, [0, 1])
+                    except Exception as err:
+                        errors.append(err)
+                        return
+                    acked.extend(ids)
+                    n += 1
+            finally:
+                sender.close()
+
+        th = threading.Thread(target=stream)
+        th.start()
+        deadline = time.monotonic() + 120
+        while len(acked) < 40 and time.monotonic() < deadline and th.is_alive():
+            time.sleep(0.05)
+        os.killpg(srv.proc.pid, signal.SIGKILL)          # mid-stream: the server gets no chance to flush
+        srv.proc.wait(30)
+        stop.set()
+        th.join(60)
+        client.close()
+    finally:
+        srv.kill()
+    assert len(acked) >= 40, (len(acked), errors[:1], srv.tail())
+    in_flight = set(sent[-1]) if sent and sent[-1][0] not in acked else set()
+    srv2 = Server(model_dir, tmp_path / "g", tmp_path / "serve2.log")
+    try:
+        client = srv2.client()
+        probe = np.stack([rows[i] for i in acked])
+        ids, dist, _ = search(client, probe, np.full(len(probe), -1), 1, "encoder")
+        assert [i.decode() for i in ids[:, 0]] == acked and float(dist.max()) < 1e-3   # restart serves them
+        client.close()
+        assert srv2.terminate() == 0, srv2.tail()
+    finally:
+        srv2.kill()
+    with Pipeline.load(model_dir, backend="onnxruntime") as pipe, GalleryStore(tmp_path / "g", pipe) as store:
+        present = set(store.gallery.ids)
+    assert set(acked) <= present <= set(acked) | in_flight, (len(acked), len(present), in_flight)
