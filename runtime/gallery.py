@@ -68,6 +68,10 @@ REQUIRED_ARRAYS = ARRAYS[:3]
 #: what the embeddings depend on: a gallery opened with a model that differs in one of them is refused
 IDENTITY_KEYS = ("encoder_sha256", "checkpoint_sha256", "input_size_hw", "pixel_mean", "pixel_std", "feature_dim",
                  "n_embd")
+#: lock files a gallery directory may hold besides its versions: ``.lock`` (saves and loads where
+#: directories cannot be locked), ``.serve.lock`` (the one server that journals into it)
+SERVE_LOCK = ".serve.lock"
+LOCK_FILES = (".lock", SERVE_LOCK)
 _VERSION_DIR = re.compile(r"v\d+")
 _TEMP_DIR = re.compile(r"\.v\d+\.tmp-.*")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -401,7 +405,7 @@ class Gallery:
             except OSError as err:
                 raise InputError(f"cannot create gallery directory {path}: {err.strerror or err}") from None
             with _locked(path, exclusive=True):
-                if not (path / POINTER).is_file() and any(not _TEMP_DIR.fullmatch(p.name) and p.name != ".lock"
+                if not (path / POINTER).is_file() and any(not _TEMP_DIR.fullmatch(p.name) and p.name not in LOCK_FILES
                                                           for p in path.iterdir()):
                     raise InputError(f"{path} is a non-empty directory that is not a gallery (no {POINTER}); "
                                      "choose an empty or new directory")
@@ -422,6 +426,7 @@ class Gallery:
                     _fsync_dir(path)
                     write_bytes_atomic(path / POINTER, json.dumps(
                         {"format": FORMAT, "format_version": FORMAT_VERSION, "version": version}, indent=1).encode())
+                    _fsync_dir(path)     # the switch is durable before the old version is deleted
                 except OSError as err:   # a full disk, a folder made read-only meanwhile: the old version stays
                     shutil.rmtree(work, ignore_errors=True)
                     raise InputError(f"cannot save a gallery to {path}: {err.strerror or err}; the previous "

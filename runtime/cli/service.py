@@ -64,16 +64,23 @@ def serve(model_dir, gallery_dir, host, http_port, grpc_port, metrics_port, max_
 @click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
 @threads_option
+@click.option("--request-size", type=click.IntRange(1, 1024), default=1, show_default=True,
+              help="Queries per gallery_search request the threshold is fitted for (refined distances depend on it).")
+@click.option("--max-queries", type=click.IntRange(1), default=300, show_default=True,
+              help="Queries searched (a random sample when the split has more): each refined request refines the "
+                   "whole gallery.")
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Seed of the query sample.")
 @click.option("--dry-run", is_flag=True, help="Print the table without storing the threshold.")
 @user_errors
-def threshold(dataset_dir, model_dir, far, backend, batch_size, threads, dry_run):
+def threshold(dataset_dir, model_dir, far, backend, batch_size, threads, request_size, max_queries, seed, dry_run):
     """Fit the distance beyond which a query is 'unknown' from labelled data (a Market-1501-layout
     DATASET_DIR), print TAR@FAR for refined and encoder-only ranking, and store it with the model
     (open_set.json) for `runtime serve`."""
     from runtime.evaluation.threshold import fit_thresholds, format_table
 
     record = fit_thresholds(dataset_dir, model_dir, far, backend=backend, batch_size=batch_size, threads=threads,
-                            store=not dry_run, log=click.echo)
+                            store=not dry_run, request_size=request_size, max_queries=max_queries, seed=seed,
+                            log=click.echo)
     click.echo(format_table(record))
     if not dry_run:
         click.echo(f"stored thresholds {record['thresholds']} (FAR {far:g}) in {record['path']}")

@@ -2,13 +2,15 @@
 
 Place in the flow: evaluation on a Market-1501-layout data set; the result is stored with the model
 (``runtime.serving.open_set``) and used by ``runtime serve``.  The query split is searched against
-the gallery split exactly as the service searches: raw embeddings from ``Pipeline.embed``, a
-``Gallery`` of the gallery split, ``Gallery.distances`` refined (queries and gallery as one set)
-and encoder-only.  Pairs are (query, gallery item) seen by different cameras -- the service leaves
-same-camera items out -- split into same identity and different identity.  The threshold at a
-false-accept rate ``far`` is the largest distance at which at most ``far`` of the
-different-identity pairs are accepted (distance <= threshold); TAR is the share of same-identity
-pairs accepted at it.
+the gallery split the way the service searches: raw embeddings from ``Pipeline.embed``, a
+``Gallery`` of the gallery split, ``Gallery.distances`` refined (each request's queries and the
+gallery as one set; ``request_size`` queries per request, 1 by default, as a camera pipeline asks)
+and encoder-only.  Refined distances move with the request's size (the queries join the set), so
+a threshold fitted for one size describes requests of that size.  Pairs are (query, gallery item)
+seen by different cameras -- the service leaves same-camera items out -- split into same identity
+and different identity.  The threshold at a false-accept rate ``far`` is the largest distance at
+which at most ``far`` of the different-identity pairs are accepted (distance <= threshold); TAR is
+the share of same-identity pairs accepted at it.
 """
 from __future__ import annotations
 
@@ -41,11 +43,21 @@ def threshold_at_far(negatives: np.ndarray, far: float) -> float:
     return float(ok[-1] if len(ok) else np.nextafter(neg[0], -np.inf))
 
 
-def pair_distances(pipe, data, log=None) -> dict:
-    """Distances of (query, gallery) pairs across cameras, per mode: {"refined": (pos, neg), ...}."""
-    q_items, g_items = data.query, data.gallery
+def pair_distances(pipe, data, request_size: int = 1, max_queries: int | None = 300, seed: int = 0,
+                   log=None) -> dict:
+    """Distances of (query, gallery) pairs across cameras, per mode: {"refined": (pos, neg), ...}.
+
+    Refined distances depend on which queries are refined together with the gallery, so queries
+    are searched ``request_size`` at a time, as the service answers requests of that size; at most
+    ``max_queries`` of them (drawn with ``seed``) keep the fit's cost bounded (each request refines
+    the whole gallery)."""
+    q_items, g_items = list(data.query), data.gallery
+    if max_queries is not None and len(q_items) > max_queries:
+        pick = np.sort(np.random.default_rng(seed).choice(len(q_items), max_queries, replace=False))
+        q_items = [q_items[i] for i in pick]
     if log:
-        log(f"embedding {len(q_items)} query and {len(g_items)} gallery crops")
+        log(f"embedding {len(q_items)} query and {len(g_items)} gallery crops; refined search {request_size} "
+            f"quer{'y' if request_size == 1 else 'ies'} per request")
     q = pipe.embed([i.path for i in q_items])
     g = pipe.embed([i.path for i in g_items])
     gallery = pipe.gallery()
@@ -57,22 +69,29 @@ def pair_distances(pipe, data, log=None) -> dict:
     cross = q_cam != g_cam
     same = (q_pid == g_pid) & cross
     diff = (q_pid != g_pid) & cross
+    refined = np.concatenate([gallery.distances(q[s:s + request_size], refined=True)
+                              for s in range(0, len(q), request_size)])
     out = {}
-    for mode in MODES:
-        d = np.sqrt(np.maximum(gallery.distances(q, refined=mode == "refined"), 0.0))
+    for mode, sq in (("refined", refined), ("encoder", gallery.distances(q, refined=False))):
+        d = np.sqrt(np.maximum(sq, 0.0))
         out[mode] = (d[same], d[diff])
     return out
 
 
 def fit_thresholds(dataset_dir: str | Path, model_dir: str | Path, far: float = 0.01, backend: str = "auto",
-                   batch_size: int = 32, threads: int | None = None, store: bool = True, log=None) -> dict:
+                   batch_size: int = 32, threads: int | None = None, store: bool = True, request_size: int = 1,
+                   max_queries: int | None = 300, seed: int = 0, log=None) -> dict:
     """Fit the thresholds at ``far``; returns the record (and stores it with the model when ``store``)."""
+    if request_size < 1:
+        raise InputError(f"request_size must be >= 1, found {request_size}")
+    if max_queries is not None and max_queries < 1:
+        raise InputError(f"max_queries must be >= 1, found {max_queries}")
     from runtime.pipeline import Pipeline
 
     threshold_at_far(np.zeros(1), far)                      # validates far before any work
     data = read_market1501(dataset_dir, splits=("query", "gallery"))
     with Pipeline.load(model_dir, batch_size=batch_size, threads=threads, backend=backend) as pipe:
-        pairs = pair_distances(pipe, data, log)
+        pairs = pair_distances(pipe, data, request_size, max_queries, seed, log)
         manifest = pipe.manifest
     pos_n, neg_n = len(pairs["refined"][0]), len(pairs["refined"][1])
     if pos_n == 0:
@@ -96,6 +115,8 @@ def fit_thresholds(dataset_dir: str | Path, model_dir: str | Path, far: float = 
         "tar": {m: chosen[m]["tar"] for m in MODES},
         "table": table,
         "pairs": {"same_identity": pos_n, "different_identity": neg_n},
+        "request_size": request_size,
+        "queries": min(len(data.query), max_queries or len(data.query)),
         "dataset": str(data.root),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

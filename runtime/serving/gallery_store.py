@@ -19,8 +19,12 @@ is refused) and ``ttl_seconds`` (items whose timestamp is older are expired).  A
 ``timestamp`` (UNIX seconds, given with the add or the time the server received it); ties keep
 insertion order.  Evictions go through ``Gallery.remove``, so the neighbour lists stay exact.
 
-One process serves a gallery directory at a time (``serve.lock``, ``flock``); a second gets a clear
-error instead of two journals racing.
+One process serves a gallery directory at a time (``.serve.lock``, ``flock``, taken before anything
+is written); a second gets a clear error instead of two journals racing.  A failed append (a full
+disk, a failed fsync) is cut off again before the error is returned, so the journal never holds
+a change that was not acknowledged ahead of ones that were; if even that fails, the store refuses
+further changes.  A snapshot that fails (``compact``) is logged and retried later: the change that
+triggered it is already durable in the journal and is acknowledged.
 """
 from __future__ import annotations
 
@@ -38,18 +42,19 @@ import numpy as np
 
 from export.contract.errors import InputError
 
-from runtime.gallery import POINTER, Gallery
+from runtime.gallery import POINTER, SERVE_LOCK, Gallery
 
 log = logging.getLogger(__name__)
 
 MAGIC = b"NFJ1"
 _HEAD = struct.Struct("<4sIQ32s")
 JOURNAL = re.compile(r"journal\.(v\d+)\.log")
-LOCK_FILE = "serve.lock"
 #: records after which the journal is folded into a new snapshot
 COMPACT_EVERY = 1000
 #: meta key holding an item's timestamp (UNIX seconds)
 TIMESTAMP = "timestamp"
+#: how far in the future an item's timestamp may lie (clock skew between cameras and the server)
+FUTURE_SKEW_S = 60.0
 
 
 def _journal_name(version: str) -> str:
@@ -126,6 +131,8 @@ class GalleryStore:
         self._lock_fd = -1
         self._journal_fd = -1
         self._records = 0
+        self._next_compaction = self.compact_every
+        self._failed: str | None = None
         self.replayed = 0
         self.dropped_torn_bytes = 0
         self._open()
@@ -135,11 +142,19 @@ class GalleryStore:
     def _open(self) -> None:
         if self.path.exists() and not self.path.is_dir():
             raise InputError(f"gallery {self.path} is a file; give a directory (a new one is created)")
-        if not (self.path / POINTER).is_file():
-            self.pipe.gallery().save(self.path)             # a new, empty gallery: the first snapshot
-        self._take_owner_lock()
         try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise InputError(f"cannot create gallery directory {self.path}: {err.strerror or err}") from None
+        self._take_owner_lock()             # before anything is written: two servers never both save
+        try:
+            if not (self.path / POINTER).is_file():
+                self.pipe.gallery().save(self.path)         # a new, empty gallery: the first snapshot
             self.gallery: Gallery = self.pipe.gallery(self.path)
+            foreign = [i for i in self.gallery.ids if not isinstance(i, str)][:3]
+            if foreign:
+                raise InputError(f"gallery {self.path} has ids that are not text (first {foreign}); the service's ids "
+                                 "are UTF-8 strings: re-add these items with string ids")
             self.version = json.loads((self.path / POINTER).read_text())["version"]
             journal = self.path / _journal_name(self.version)
             if journal.exists():
@@ -154,7 +169,7 @@ class GalleryStore:
     def _take_owner_lock(self) -> None:
         import fcntl
 
-        lock = self.path / LOCK_FILE
+        lock = self.path / SERVE_LOCK
         try:
             self._lock_fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as err:
@@ -187,10 +202,18 @@ class GalleryStore:
                 os.fsync(f.fileno())
 
     def _open_journal(self, journal: Path) -> None:
+        self._journal_fd = self._create_journal(journal)
+
+    def _create_journal(self, journal: Path) -> int:
         existed = journal.exists()
-        self._journal_fd = os.open(journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)   # the umask applies
+        fd = os.open(journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)    # the umask applies
         if not existed:
-            _fsync_dir(self.path)
+            try:
+                _fsync_dir(self.path)
+            except OSError:
+                os.close(fd)
+                raise
+        return fd
 
     def _remove_stale_journals(self) -> None:
         for p in self.path.iterdir():
@@ -218,12 +241,28 @@ class GalleryStore:
                 if stamps.shape != (m,) or not np.isfinite(stamps).all():
                     raise InputError(f"gallery_add: timestamps must be {m} finite numbers (UNIX seconds, one per "
                                      f"row), found shape {stamps.shape}")
+            if (stamps > now + FUTURE_SKEW_S).any():
+                raise InputError(f"gallery_add: timestamps must be UNIX seconds no later than now (+{FUTURE_SKEW_S:.0f} s "
+                                 f"of clock skew), found {float(stamps.max()):.6g} with now {now:.6g}")
+            if self.ttl_seconds is not None and (stamps < now - self.ttl_seconds).any():
+                raise InputError(f"gallery_add: {int((stamps < now - self.ttl_seconds).sum())} item(s) are older than "
+                                 f"--ttl-seconds {self.ttl_seconds:g} and would expire at once; send recent items")
             meta = [{TIMESTAMP: float(t)} for t in stamps]
             x, ids, cams, meta = self.gallery.validate_add(embeddings, ids, camids, meta)
             if self.max_items is not None and len(x) > self.max_items:
                 raise InputError(f"gallery_add: {len(x)} items at once but the gallery holds at most "
                                  f"{self.max_items} (--max-items); send fewer")
-            evict = self._oldest(len(self.gallery) + len(x) - self.max_items) if self.max_items else []
+            evict: list = []
+            if self.max_items is not None and len(self.gallery) + len(x) > self.max_items:
+                # the oldest of old and new together make room; a new item older than all kept ones is not added
+                old_stamps, n_old = self._stamps(), len(self.gallery)
+                pool = np.concatenate([old_stamps, stamps])
+                drop = np.argsort(pool, kind="stable")[:n_old + len(x) - self.max_items]
+                gallery_ids = self.gallery.ids
+                evict = [gallery_ids[p] for p in drop if p < n_old]
+                keep = np.setdiff1d(np.arange(len(x)), drop[drop >= n_old] - n_old)
+                x, cams, stamps = x[keep], cams[keep], stamps[keep]
+                ids = [ids[k] for k in keep]
             header = {"op": "add", "ids": ids, "camids": cams.tolist(), "timestamps": stamps.tolist(),
                       "evict": evict, "dim": int(x.shape[1])}
             self._commit(header, x)
@@ -274,17 +313,41 @@ class GalleryStore:
     def _commit(self, header: dict, rows: np.ndarray | None) -> None:
         """Journal (fsync), then apply: a change is acknowledged only once it is on disk."""
         if self._journal_fd < 0:
-            raise InputError("the gallery store is closed")
+            raise InputError(self._failed or "the gallery store is closed")
         record = encode_record(header, rows)
-        view = memoryview(record)
-        while view:
-            written = os.write(self._journal_fd, view)
-            view = view[written:]
-        os.fsync(self._journal_fd)
+        start = os.lseek(self._journal_fd, 0, os.SEEK_END)
+        try:
+            view = memoryview(record)
+            while view:
+                written = os.write(self._journal_fd, view)
+                view = view[written:]
+            os.fsync(self._journal_fd)
+        except OSError as err:
+            self._cut_back(start, err)
+            raise InputError(f"cannot record the change in {self.path} ({err.strerror or err}); nothing was changed: "
+                             "free disk space or fix the directory, then retry") from None
         self._apply(header, rows)
         self._records += 1
-        if self._records >= self.compact_every:
-            self.compact()
+        if self._records >= self._next_compaction:
+            try:
+                self.compact()
+            except (InputError, OSError) as err:      # the change is durable in the journal: still acknowledged
+                self._next_compaction = self._records + self.compact_every
+                log.warning("%s: could not fold the journal into a snapshot (%s); retrying after %d more changes",
+                            self.path, err, self.compact_every)
+
+    def _cut_back(self, offset: int, cause: OSError) -> None:
+        """Remove a failed append, so that later records never follow an unacknowledged one."""
+        try:
+            os.ftruncate(self._journal_fd, offset)
+            os.fsync(self._journal_fd)
+        except OSError as err:
+            fd, self._journal_fd = self._journal_fd, -1
+            os.close(fd)
+            self._failed = (f"the gallery store at {self.path} stopped taking changes: an append failed "
+                            f"({cause.strerror or cause}) and could not be removed again ({err.strerror or err}); "
+                            "restart the server once the disk is fixed")
+            log.error("%s", self._failed)
 
     def _apply(self, header: dict, rows: np.ndarray | None) -> None:
         op = header.get("op")
@@ -307,12 +370,22 @@ class GalleryStore:
         with self._lock:
             if self._journal_fd < 0:
                 return
-            saved = self.gallery.save(self.path)
-            old_fd, self._journal_fd = self._journal_fd, -1
-            os.close(old_fd)
+            saved = self.gallery.save(self.path)        # atomic: on failure the old snapshot and journal stay
+            try:
+                fd = self._create_journal(self.path / _journal_name(saved.name))
+            except OSError as err:
+                # CURRENT already names the new snapshot: appending to the old journal would be lost
+                os.close(self._journal_fd)
+                self._journal_fd = -1
+                self._failed = (f"the gallery store at {self.path} stopped taking changes: its snapshot {saved.name} "
+                                f"was saved but its journal could not be created ({err.strerror or err}); restart "
+                                "the server once the directory is writable (nothing acknowledged is lost)")
+                raise InputError(self._failed) from None
+            os.close(self._journal_fd)
+            self._journal_fd = fd
             self.version = saved.name
-            self._open_journal(self.path / _journal_name(self.version))
             self._records = 0
+            self._next_compaction = self.compact_every
             self._remove_stale_journals()
 
     def close(self, compact: bool = True) -> None:

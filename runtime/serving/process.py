@@ -94,9 +94,15 @@ class ServeProcess:
             pass
         if not self._log.closed:
             self._log.close()
+        # a killed server cannot unlink PyTriton's shared-memory blocks (named after its pid)
+        for block in Path("/dev/shm").glob(f"pytrtion{self.proc.pid}-*"):
+            block.unlink(missing_ok=True)
 
     def __enter__(self) -> "ServeProcess":
         return self
 
     def __exit__(self, *exc) -> None:
-        self.kill()
+        if self.proc.poll() is None:
+            self.terminate()
+        else:
+            self.kill()

@@ -19,8 +19,8 @@ gallery_search    embeddings FP32 [-1, D], camids INT64 [-1],             ids BY
 
 ``embed`` and ``encoder`` use Triton's dynamic batcher (``--max-batch``, ``--max-queue-delay-us``):
 requests of many clients become one encoder batch; ``embed``'s ``crops`` therefore carry the batch
-dimension, shape [-1, 1].  A refused request gets a Triton error whose message ends with the
-project's one-line reason, and the server keeps serving.  PyTriton answers a batch with one result
+dimension, shape [-1, 1].  A refused request gets a Triton error carrying the project's
+one-line reason (:class:`RequestRefused`), and the server keeps serving.  PyTriton answers a batch with one result
 or one error, so a bad crop also fails the requests Triton batched with it (the message names the
 request at fault); clients that share a server retry such a failure.
 
@@ -69,6 +69,27 @@ def stub_environment(env: dict | None = None) -> dict:
     return env
 
 
+def check_ports(host: str, ports: dict) -> None:
+    """InputError naming the first port that cannot be bound on ``host`` (another server holds it):
+    tritonserver would otherwise only log it, and PyTriton would talk to whatever answers there."""
+    import socket
+
+    for option, port in ports.items():
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as err:
+            raise InputError(f"--host {host!r} is not an address here ({err}); give an address such as 127.0.0.1") \
+                from None
+        family, _, _, _, address = infos[0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as err:
+                raise InputError(f"{option} {port} on {host} is not free ({err.strerror or err}): another server "
+                                 "listens there; stop it or choose other ports") from None
+
+
 def import_pytriton():
     try:
         from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
@@ -92,12 +113,34 @@ def _scalar_text(value, name: str) -> str:
     return str(item)
 
 
+class RequestRefused(InputError):
+    """A bad request, as its Triton error: the one-line reason without a server-side traceback.
+
+    PyTriton formats an infer function's exception with ``traceback.format_exception``, which
+    would show the client every frame (and this server's file paths); this exception has none."""
+
+    @property
+    def __traceback__(self):
+        return None
+
+    @__traceback__.setter
+    def __traceback__(self, value):
+        pass
+
+
+def _refusing(infer):
+    """``infer`` with every project error turned into :class:`RequestRefused`."""
+    def wrapped(requests):
+        try:
+            return infer(requests)
+        except InputError as err:
+            raise RequestRefused(str(err)) from None
+    return wrapped
+
+
 def _per_request(handler):
-    """An infer function answering each request with ``handler(request)``; a project error becomes
-    the request's Triton error (its message ends with the reason)."""
-    def infer(requests):
-        return [handler(r) for r in requests]
-    return infer
+    """An infer function answering each request with ``handler(request)``."""
+    return _refusing(lambda requests: [handler(r) for r in requests])
 
 
 def bind_models(triton, service, max_batch: int = 32, max_queue_delay_us: int = 2000) -> None:
@@ -120,6 +163,10 @@ def bind_models(triton, service, max_batch: int = 32, max_queue_delay_us: int = 
 
     def encoder(requests):
         sizes = [len(r["images"]) for r in requests]
+        for n, r in enumerate(requests):
+            if not np.isfinite(r["images"]).all():
+                raise InputError(f"encoder: images hold NaN or infinite values (request {n + 1} of the "
+                                 f"{len(requests)} batched together); send preprocessed finite pixels")
         out = service.encode(np.concatenate([r["images"] for r in requests]))
         return [{"embeddings": part} for part in np.split(out, np.cumsum(sizes)[:-1])]
 
@@ -141,10 +188,10 @@ def bind_models(triton, service, max_batch: int = 32, max_queue_delay_us: int = 
     unbatched = ModelConfig(batching=False)
     batched = ModelConfig(max_batch_size=max_batch,
                           batcher=DynamicBatcher(max_queue_delay_microseconds=max_queue_delay_us))
-    triton.bind("embed", embed,
+    triton.bind("embed", _refusing(embed),
                 inputs=[Tensor(name="crops", dtype=np.bytes_, shape=(1,))],
                 outputs=[Tensor(name="embeddings", dtype=np.float32, shape=(d,))], config=batched)
-    triton.bind("encoder", encoder,
+    triton.bind("encoder", _refusing(encoder),
                 inputs=[Tensor(name="images", dtype=np.float32, shape=(3, h, w))],
                 outputs=[Tensor(name="embeddings", dtype=np.float32, shape=(d,))], config=batched)
     triton.bind("gallery_add", _per_request(gallery_add),
@@ -202,6 +249,7 @@ def serve(model_dir, gallery_dir=None, *, host: str = "127.0.0.1", http_port: in
     log_fn = log_fn or (lambda message: print(message, flush=True))
     os.environ.update(stub_environment())          # the stub inherits the server's environment
     gallery_dir = Path(gallery_dir) if gallery_dir is not None else Path(model_dir) / "gallery"
+    check_ports(host, {"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port})
     service = open_service(model_dir, gallery_dir, max_batch=max_batch, max_queue_delay_us=max_queue_delay_us,
                            max_items=max_items, ttl_seconds=ttl_seconds, unknown_distance=unknown_distance,
                            backend=backend)
@@ -218,7 +266,7 @@ def serve(model_dir, gallery_dir=None, *, host: str = "127.0.0.1", http_port: in
         triton = Triton(config=config, workspace=scratch / "workspace")
         triton.run()
         bind_models(triton, service, max_batch, max_queue_delay_us)
-        choice = ", ".join(f"{k}: {v['backend']}" for k, v in service.pipe.backend_choice.items())
+        choice = ", ".join(f"{k}: {v.get('backend') or v.get('path')}" for k, v in service.pipe.backend_choice.items())
         t = service.thresholds
         log_fn(f"serving {Path(model_dir)} on {host}: http {http_port}, grpc {grpc_port}, metrics {metrics_port} "
                f"({choice}); gallery {gallery_dir} with {len(service.store)} items"

@@ -59,7 +59,7 @@ def test_acknowledged_changes_survive_a_crash_and_replay_in_order(pipe, tmp_path
     s.add(x[10:30], [f"b{i}" for i in range(20)], np.arange(20) % 3, timestamps=np.arange(20.0))
     expect_ids, expect_raw = s.gallery.ids, s.gallery.embeddings
     crash(s)
-    assert sorted(os.listdir(tmp_path / "g")) == ["CURRENT", "journal.v000001.log", "serve.lock", "v000001"]
+    assert sorted(os.listdir(tmp_path / "g")) == [".serve.lock", "CURRENT", "journal.v000001.log", "v000001"]
     s2 = GalleryStore(tmp_path / "g", pipe)
     assert s2.replayed == 3 and s2.gallery.ids == expect_ids
     np.testing.assert_array_equal(s2.gallery.embeddings, expect_raw)
@@ -67,7 +67,7 @@ def test_acknowledged_changes_survive_a_crash_and_replay_in_order(pipe, tmp_path
     assert_exact_lists(s2)
     s2.close()                                      # compacts: one snapshot, an empty journal
     names = sorted(os.listdir(tmp_path / "g"))
-    assert names == ["CURRENT", "journal.v000002.log", "serve.lock", "v000002"]
+    assert names == [".serve.lock", "CURRENT", "journal.v000002.log", "v000002"]
     assert (tmp_path / "g" / "journal.v000002.log").stat().st_size == 0
     with GalleryStore(tmp_path / "g", pipe) as s3:
         assert s3.replayed == 0 and s3.gallery.ids == expect_ids
@@ -167,3 +167,95 @@ def test_bad_arguments(pipe, tmp_path):
         GalleryStore(tmp_path / "g", pipe, max_items=0)
     with pytest.raises(InputError, match="ttl_seconds"):
         GalleryStore(tmp_path / "g", pipe, ttl_seconds=float("nan"))
+
+
+def test_a_failed_append_is_cut_off_and_later_changes_survive(pipe, tmp_path, monkeypatch):
+    import errno
+
+    import runtime.serving.gallery_store as store_module
+
+    d = pipe.config.n_embd
+    s = GalleryStore(tmp_path / "g", pipe)
+    s.add(rows(2, d), ["a", "b"], [0, 0])
+    real_write, real_fsync = os.write, os.fsync
+
+    def short_write_then_full(fd, data):        # a disk that fills up in the middle of a record
+        real_write(fd, bytes(data[:100]))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store_module.os, "write", short_write_then_full)
+    with pytest.raises(InputError, match="No space left"):
+        s.add(rows(50, d, seed=1), [f"x{i}" for i in range(50)], np.zeros(50, np.int64))
+    monkeypatch.setattr(store_module.os, "write", real_write)
+    calls = {"n": 0}
+
+    def fsync_fails_once(fd):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError(errno.EIO, "Input/output error")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(store_module.os, "fsync", fsync_fails_once)
+    with pytest.raises(InputError, match="Input/output error"):
+        s.add(rows(1, d, seed=2), ["c"], [0])
+    monkeypatch.setattr(store_module.os, "fsync", real_fsync)
+    s.add(rows(1, d, seed=2), ["c"], [0])            # the client's retry of the refused add
+    s.add(rows(1, d, seed=3), ["e"], [0])
+    assert s.gallery.ids == ["a", "b", "c", "e"]
+    crash(s)
+    s2 = GalleryStore(tmp_path / "g", pipe)
+    assert s2.gallery.ids == ["a", "b", "c", "e"] and s2.dropped_torn_bytes == 0
+    s2.close()
+
+
+def test_a_failed_snapshot_still_acknowledges_the_change(pipe, tmp_path, monkeypatch):
+    d = pipe.config.n_embd
+    s = GalleryStore(tmp_path / "g", pipe, compact_every=2)
+
+    def full_disk(path):
+        raise InputError("cannot save a gallery: No space left on device")
+
+    monkeypatch.setattr(s.gallery, "save", full_disk)
+    for i in range(5):
+        s.add(rows(1, d, seed=i), [f"i{i}"], [0])     # compaction fails at 2 and 4: the adds stand
+    monkeypatch.undo()
+    s.add(rows(1, d, seed=9), ["i9"], [0])            # retried after compact_every more changes: succeeds
+    assert json.loads((tmp_path / "g" / POINTER).read_text())["version"] == "v000002"
+    crash(s)
+    with GalleryStore(tmp_path / "g", pipe) as s2:
+        assert s2.gallery.ids == [f"i{i}" for i in range(5)] + ["i9"]
+
+
+def test_the_lock_is_taken_before_the_first_snapshot(pipe, tmp_path):
+    d = pipe.config.n_embd
+    s = GalleryStore(tmp_path / "g", pipe)
+    s.add(rows(1, d), ["a"], [0])
+    with pytest.raises(InputError, match="already served"):
+        GalleryStore(tmp_path / "g", pipe)
+    assert sorted(p.name for p in (tmp_path / "g").iterdir() if p.name.startswith("v")) == ["v000001"]
+    crash(s)
+    with GalleryStore(tmp_path / "g", pipe) as s2:
+        assert s2.gallery.ids == ["a"]
+
+
+def test_timestamps_and_the_cap_over_old_and_new_items(pipe, tmp_path):
+    d = pipe.config.n_embd
+    clock = Clock(10_000.0)
+    with GalleryStore(tmp_path / "g", pipe, max_items=2, ttl_seconds=3600, clock=clock) as s:
+        s.add(rows(2, d), ["A", "B"], [0, 0], timestamps=[9_100.0, 9_200.0])
+        s.add(rows(1, d, seed=1), ["C"], [0], timestamps=[9_050.0])    # older than both: not kept
+        assert s.gallery.ids == ["A", "B"]
+        s.add(rows(1, d, seed=2), ["D"], [0], timestamps=[9_150.0])    # evicts A, the oldest
+        assert s.gallery.ids == ["B", "D"]
+        with pytest.raises(InputError, match="no later than now"):
+            s.add(rows(1, d, seed=3), ["F"], [0], timestamps=[clock.t + 3600])
+        with pytest.raises(InputError, match="would expire at once"):
+            s.add(rows(1, d, seed=3), ["F"], [0], timestamps=[clock.t - 7200])
+
+
+def test_a_gallery_with_integer_ids_is_refused_with_a_clear_error(pipe, tmp_path):
+    g = pipe.gallery()
+    g.add(rows(3, pipe.config.n_embd), ids=[0, 1, 2])
+    g.save(tmp_path / "g")
+    with pytest.raises(InputError, match="not text"):
+        GalleryStore(tmp_path / "g", pipe)

@@ -88,7 +88,7 @@ def server(model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
     srv = Server(model_dir, tmp / "gallery", tmp / "serve.log", "--unknown-distance", "0.6")
     yield srv
-    srv.kill()
+    srv.terminate()
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +172,11 @@ def test_a_bad_request_gets_a_triton_error_and_the_server_keeps_serving(server, 
         with pytest.raises(InferenceServerException) as err:
             calls[case]()
         assert reasons[case] in str(err.value), str(err.value)[-600:]
+        if case not in ("dtype", "shape", "over_max", "empty"):      # the project's refusals: the reason alone
+            # no frame of this server's process (its paths, PyTriton's proxy) reaches the client
+            message = str(err.value)
+            assert "RequestRefused: " in message and "runtime/serving" not in message \
+                and "pytriton/proxy" not in message, message
         # still serving
         assert embed(client, [png(99)]).shape[0] == 1
         assert search(client, good, [-1, -1], 1)[0].shape == (2, 1)
@@ -304,3 +309,20 @@ def test_kill_9_mid_stream_keeps_every_acknowledged_add_and_nothing_else(model_d
     with Pipeline.load(model_dir, backend="onnxruntime") as pipe, GalleryStore(tmp_path / "g", pipe) as store:
         present = set(store.gallery.ids)
     assert set(acked) <= present <= set(acked) | in_flight, (len(acked), len(present), in_flight)
+
+
+def test_a_port_in_use_is_one_clear_error_before_anything_is_written(model_dir, tmp_path):
+    import socket
+
+    from click.testing import CliRunner
+
+    from runtime.cli import main as runtime_cli
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(runtime_cli, ["serve", str(model_dir), "--gallery", str(tmp_path / "g"),
+                                                  "--grpc-port", str(port)])
+    assert result.exit_code == 2 and f"--grpc-port {port}" in result.output and "not free" in result.output
+    assert not (tmp_path / "g").exists()
