@@ -7,8 +7,7 @@ import click
 
 from export.contract.cli import user_errors
 from runtime.cli.options import model_dir_arg, threads_option
-
-INT32_MAX = 2**31 - 1
+from runtime.serving.exports import INT32_MAX
 
 
 def _port(name: str, default: int):

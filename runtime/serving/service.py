@@ -2,7 +2,7 @@
 
 Place in the flow: the serving end of ``runtime/`` (no torch).  ``ReidService`` holds one
 ``Pipeline`` (TensorRT engines where usable, else ONNX Runtime), one durable gallery
-(``runtime.serving.gallery_store``) and the open-set thresholds; ``runtime.serving.triton`` binds
+(``runtime.serving.gallery_store``) and the open-set thresholds; ``runtime.serving.triton_server`` binds
 its methods to Triton models.  Every method checks its inputs and raises InputError (one line:
 what was expected, what was found) for a bad request; nothing changes on a refused request.
 
