@@ -11,16 +11,30 @@ N)``, ``valid[i, t] = i in idx[idx[i, t]]``.
 
 How the keys are computed.  The key is the contract's (``export.contract.neighbor_key``): the
 exact float64 products of the float32 values summed by a fixed double-double tree, divided by the
-column's canonical norm -- one value wherever it is computed.  A float32 pass (one SGEMM per block
-of rows) finds, for each row, every column that can belong to its list: the float32 cosine differs
-from the exact one by at most ``(d + 4) * 2^-24`` (the standard dot-product error bound), so every
-column within twice that of the row's C-th best float32 value is a candidate.  The candidates are
-then scored by a fixed float64 pairwise tree (a function of the two rows alone, so duplicates get
-bit-identical scores), within ``delta_i`` (``key_error_bound``) of the canonical key.  Entries of
-a list whose scores lie within ``2 delta_i`` of another entry (near-ties, duplicates) are rescored
-with the canonical key itself, so every decision is the canonical one: entries further apart keep
-their float64 score, whose order is already the canonical order.  This is the "fast candidate
-pass, exact re-score" that DESIGN.md's precision rule allows.
+column's canonical norm -- one value wherever it is computed.  The same algorithm as the CUDA
+kernels, in numpy (this is the "fast candidate pass, exact re-score" that DESIGN.md's precision
+rule allows):
+
+1. **float32 candidates.**  The float32 cosine of the normalised rows differs from the exact one by
+   at most ``(d + 4) * 2^-24`` (the dot-product error bound of any summation order), so every
+   column within ``margin`` (twice that, with slack) of a row's C-th best float32 value is a
+   candidate, C = ``k - 1 + reserve``.  Large sets (``_scan_tiles``) compute the Gram matrix with
+   float32 BLAS GEMMs in tiles of its upper half only (each tile serves its rows and, transposed,
+   its columns), keeping the entries at or above a per-row threshold taken from a random sample
+   of columns (``_pilot_thresholds``); no row is ever partitioned in full.  A row is *certified*
+   when its C-th best kept value minus ``margin`` is still at or above its threshold: then
+   nothing it needs was left out.  The rows that fail (or kept more than SCAN_ROW_CAP entries:
+   near-identical sets) are scanned again against all columns with a bound that cannot fail
+   (``_scan_rows``: the C-th best of the elementwise maxima of column slabs).  All-zero rows have
+   every key exactly 0 and list the first rows (``_store_zero_rows``).
+2. **float64 scores.**  The candidates within ``margin`` of the C-th best are scored with the exact
+   float64 products in some float64 summation order (BLAS), within ``delta_i``
+   (``key_error_bound``) of the canonical key.  A one-shot computation (``reciprocal_neighbors``)
+   keeps the float32 order for candidates more than ``margin`` from every other candidate of
+   their row and scores only the others.
+3. **canonical keys where they decide.**  Entries of a list whose scores lie within ``2 delta_i``
+   of another entry are rescored with the canonical key itself, unless they are copies of one row
+   (bitwise-equal rows: one key, ties by position), so every decision is the canonical one.
 
 Incremental maintenance.  Row order is insertion order (removal compacts and keeps the relative
 order, so "lower index" keeps meaning "inserted earlier"); each row also carries a never-reused
@@ -36,13 +50,17 @@ order, so "lower index" keeps meaning "inserted earlier"); each row also carries
 * removing rows: they are dropped from every list (the rest shift up, order kept); rows left with
   fewer than ``k_eff - 1`` candidates (they lost more than ``reserve``) are rescanned in full.
 
-Memory: every computation is blocked, O(block * N) with block * N about 4M elements.
+Memory: every computation is blocked, O(block * N) with block * N about 4M elements, plus the
+tiled pass's kept entries, at most SCAN_ROW_CAP a row (about 100 on clustered data).
 """
 from __future__ import annotations
 
 import contextlib
+import math
+import os
 import time
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -56,6 +74,24 @@ DEFAULT_RESERVE = 16
 BLOCK_ELEMENTS = 1 << 22
 _PAD_UID = -1
 _U32 = 2.0 ** -24
+#: sets of at least this many rows take the tiled, certified candidate pass (``_scan_sparse``)
+SPARSE_SCAN_MIN_ROWS = 2048
+#: rows of a tile of the candidate pass (columns: ``block_elements`` / rows)
+SCAN_TILE_ROWS = 512
+#: threads of the tiled pass's extraction (the GEMMs use numpy's BLAS threads)
+SCAN_THREADS = min(2, os.cpu_count() or 1)
+#: entries a row may keep in the tiled pass before it is scanned again by itself (near-identical sets)
+SCAN_ROW_CAP = 384
+#: rows finished at a time (in order of their kept entries: similar widths together)
+FINISH_ROWS = 2048
+#: slabs of columns whose elementwise maxima bound a row's C-th best value (``_scan_rows``)
+SCAN_SLABS = 16
+#: the pilot sample: at least this many columns, or N / fraction; its group maxima, in this many
+#: groups, set each row's threshold about ``PILOT_SIGMAS`` standard deviations past the expected
+PILOT_MIN_SAMPLE = 1024
+PILOT_SAMPLE_FRACTION = 16
+PILOT_GROUPS = 128
+PILOT_SIGMAS = 3.0
 #: version of the key stored in :meth:`NeighborIndex.state` (1: plain float64 keys, before the
 #: canonical key; such saved lists are recomputed on load)
 KEY_VERSION = 2
@@ -117,9 +153,17 @@ def reciprocal_validity(idx: np.ndarray, block: int = 4096) -> np.ndarray:
 
 def reciprocal_neighbors(features, k: int) -> tuple[np.ndarray, np.ndarray]:
     """One-shot lists of a set: ``(idx, valid)`` int32 [N, k_eff], as the reference computes them."""
+    return one_shot_index(features, k).neighbors()
+
+
+def one_shot_index(features, k: int) -> "NeighborIndex":
+    """The index behind :func:`reciprocal_neighbors` (its ``last_scan`` says what the pass did).
+    Its keys are never compared again, so it scores in float64 only where the float32 order is
+    not certain: it must not be added to or removed from."""
     index = NeighborIndex(k, reserve=0)
+    index._lists_only = True
     index.add(features)
-    return index.neighbors()
+    return index
 
 
 def _ragged_to_padded(row_of: np.ndarray, n_rows: int, *columns: tuple[np.ndarray, float]):
@@ -134,6 +178,16 @@ def _ragged_to_padded(row_of: np.ndarray, n_rows: int, *columns: tuple[np.ndarra
         arr[row_of, slot] = values
         out.append(arr)
     return out
+
+
+@dataclass
+class ScanStats:
+    """What the last tiled candidate pass did (``NeighborIndex.last_scan``)."""
+    rows: int = 0
+    fallback_rows: int = 0    # rows scanned again by an exact partition (certificate failed or overflow)
+    overflow_rows: int = 0    # of which rows that kept more than SCAN_ROW_CAP entries
+    kept_entries: int = 0     # float32 entries kept by the pass (all rows)
+    seconds: dict = field(default_factory=dict)   # per phase: pilot, gemm, extract, finish, fallback
 
 
 @dataclass
@@ -157,7 +211,7 @@ class NeighborIndex:
     owner (``runtime.gallery.Gallery``) serialises access.
     """
 
-    _ROW_ARRAYS = ("_x", "_scale", "_delta", "_y32", "_uid", "_cand_key", "_cand_uid", "_count")
+    _ROW_ARRAYS = ("_x", "_x64", "_hash", "_scale", "_delta", "_y32", "_uid", "_cand_key", "_cand_uid", "_count")
 
     def __init__(self, k: int, dim: int | None = None, reserve: int = DEFAULT_RESERVE,
                  block_elements: int = BLOCK_ELEMENTS):
@@ -172,6 +226,8 @@ class NeighborIndex:
         self._n = 0
         self._next_uid = 0
         self.last_update = UpdateStats()
+        self.last_scan = ScanStats()
+        self._lists_only = False
         if dim is not None:
             self._init_dim(int(dim))
 
@@ -180,6 +236,10 @@ class NeighborIndex:
         self._dpad = 1 << max(dim - 1, 0).bit_length()          # the pairwise tree wants 2^p terms
         self.margin = candidate_margin(dim)
         self._x = np.zeros((0, self._dpad), np.float32)        # the rows, zero-padded
+        self._x64 = np.zeros((0, dim))                         # the rows in float64 (exact), for the fast keys
+        self._hash = np.zeros(0, np.uint64)                    # of the row's values: equal rows, equal hashes
+        self._hash_mult = np.random.default_rng(0).integers(1, 2 ** 63, self._dpad, dtype=np.uint64) * 2 + 1
+        self._labels = None                                    # equal labels <=> bitwise-equal rows (lazily)
         self._scale = np.zeros(0)                              # canonical norm, float64
         self._delta = np.zeros(0)                              # key error bound of the row
         self._y32 = np.zeros((0, dim), np.float32)             # x / scale in float32 (norm <= 1)
@@ -234,6 +294,7 @@ class NeighborIndex:
             arr = getattr(self, name)
             arr[:n] = arr[live]
         self._n = n
+        self._labels = None
         # drop removed uids from every list, keeping the order of the rest
         ck, cu, cnt = self._cand_key[:n], self._cand_uid[:n], self._count[:n]
         hit = np.isin(cu, removed_uids)
@@ -263,7 +324,10 @@ class NeighborIndex:
         if k_eff > 1:
             if (self._count[:n] < k_eff - 1).any():  # the invariant; a failure here is a bug
                 raise RuntimeError("neighbour index lost candidates it needs; please report this")
-            idx[:, 1:] = np.searchsorted(self._uid[:n], self._cand_uid[:n, :k_eff - 1])
+            if self._uid[0] == 0 and self._uid[n - 1] == n - 1:   # uids ascending: they are the positions
+                idx[:, 1:] = self._cand_uid[:n, :k_eff - 1]
+            else:
+                idx[:, 1:] = np.searchsorted(self._uid[:n], self._cand_uid[:n, :k_eff - 1])
         return idx, reciprocal_validity(idx)
 
     def copy(self) -> "NeighborIndex":
@@ -291,6 +355,7 @@ class NeighborIndex:
             yield self
         finally:
             self._n, self._next_uid = n, next_uid
+            self._labels = None
             if saved is not None:
                 self._cand_key[:n], self._cand_uid[:n], self._count[:n] = saved
 
@@ -360,10 +425,9 @@ class NeighborIndex:
         if need <= cap:
             return
         new_cap = max(need + need // 4, 2 * cap, 64)   # headroom: the next small add copies nothing
-        fills = {"_cand_key": -np.inf, "_cand_uid": _PAD_UID}
-        for name in self._ROW_ARRAYS:
+        for name in self._ROW_ARRAYS:              # rows past N are written by _append before use
             arr = getattr(self, name)
-            out = np.full((new_cap, *arr.shape[1:]), fills.get(name, 0), arr.dtype)
+            out = np.empty((new_cap, *arr.shape[1:]), arr.dtype)
             out[:self._n] = arr[:self._n]
             setattr(self, name, out)
 
@@ -373,11 +437,16 @@ class NeighborIndex:
         end = n + m
         self._x[n:end, :self.dim] = x32
         self._x[n:end, self.dim:] = 0.0
-        xs = self._x[n:end].astype(np.float64)
-        lengths = np.sqrt(self._dd_chunks(xs, xs))
+        self._x64[n:end] = x32
+        words = self._x[n:end] + np.float32(0)                  # -0.0 -> +0.0: rows equal as values
+        words = words.view(np.uint64) if self._dpad % 2 == 0 else words.view(np.uint32).astype(np.uint64)
+        self._hash[n:end] = np.dot(words, self._hash_mult[:words.shape[1]])
+        self._labels = None
+        lengths = np.sqrt(self._dd_dots(self._x64[n:end], self._x64[n:end]))
         self._scale[n:end] = np.maximum(lengths, NORM_EPS)
         self._delta[n:end] = key_error_bound(self.dim, lengths)
-        self._y32[n:end] = xs[:, :self.dim] / self._scale[n:end, None]
+        # x / scale in float32 (norm <= 1 + 2^-52), through no float64 temporary
+        np.multiply(self._x64[n:end], (1.0 / self._scale[n:end])[:, None], out=self._y32[n:end], casting="unsafe")
         if uids is None:
             uids = np.arange(self._next_uid, self._next_uid + m, dtype=np.int64)
         self._uid[n:end] = uids
@@ -390,33 +459,73 @@ class NeighborIndex:
     def _block_rows(self, width: int) -> int:
         return int(max(8, min(4096, self.block_elements // max(width, 1))))
 
-    def _dd_chunks(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    def _dd_dots(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """The contract's canonical dot of row pairs: float64 [M, dim] each (exact float32 values);
+        many pairs in two threads (numpy releases the GIL in the tree's passes)."""
         out = np.empty(len(a))
-        step = max(64, (1 << 16) // self._dpad)
-        for s in range(0, len(a), step):
-            out[s:s + step] = dd_tree_sum(a[s:s + step] * b[s:s + step])
+
+        def part(lo, hi):
+            step = max(64, (1 << 16) // self._dpad)
+            p = np.zeros((min(step, hi - lo), self._dpad))        # the tree's zero padding stays zero
+            for s in range(lo, hi, step):
+                r = min(step, hi - s)
+                np.multiply(a[s:s + r], b[s:s + r], out=p[:r, :self.dim])
+                out[s:s + r] = dd_tree_sum(p[:r])
+
+        if SCAN_THREADS > 1 and len(a) >= 8192:
+            with ThreadPoolExecutor(1) as helper:
+                theirs = helper.submit(part, len(a) // 2, len(a))
+                part(0, len(a) // 2)
+                theirs.result()
+        else:
+            part(0, len(a))
         return out
 
+    def _cosines(self, a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """``a @ b.T`` in float32 (one SGEMM): the candidate pass.  Any evaluation within the float32
+        dot-product error bound gives the same lists (``candidate_margin``; tests perturb it)."""
+        return np.matmul(a, b.T, out=out)
+
     def _fast_keys(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        """Scores of the pairs (rows[p], cols[p]) within ``delta`` of the canonical key, and
-        bit-identical whatever the call: float32 products are exact in float64 and the sum is a
-        fixed pairwise tree."""
+        """Scores of the pairs (rows[p], cols[p]) within ``delta`` of the canonical key: the exact
+        float64 products of the float32 values summed in some float64 order (``key_error_bound``
+        holds for any order), divided by the canonical norm.
+
+        Pairs that come grouped by row (runs of one row, as every caller passes them) are scored
+        as one float64 matrix-vector product per run (BLAS; ~3x faster than a pairwise tree)."""
+        rows = np.asarray(rows, np.int64)
+        cols = np.asarray(cols, np.int64)
         out = np.empty(len(rows))
-        step = max(64, (1 << 18) // self._dpad)   # products stay in cache: ~3x faster than big chunks
-        for s in range(0, len(rows), step):
-            r, c = rows[s:s + step], cols[s:s + step]
-            p = self._x[r].astype(np.float64)
-            p *= self._x[c]                      # float32 x float32 is exact in float64
-            h = self._dpad
-            while h > 1:
-                h //= 2
-                p[:, :h] += p[:, h:2 * h]
-            out[s:s + len(r)] = p[:, 0] / self._scale[c]
-        return out
+        if len(rows) == 0:
+            return out
+        starts = np.flatnonzero(np.concatenate([[True], rows[1:] != rows[:-1]]))
+        lengths = np.diff(np.append(starts, len(rows)))
+        long = np.repeat(lengths > 512, lengths)               # very long runs: pair by pair
+        if long.any():
+            at = np.flatnonzero(long)
+            step = max(64, (1 << 18) // self._dpad)
+            for s in range(0, len(at), step):
+                a = np.take(self._x64, rows[at[s:s + step]], axis=0)
+                b = np.take(self._x64, cols[at[s:s + step]], axis=0)
+                out[at[s:s + step]] = np.einsum("ij,ij->i", a, b)
+        # the other runs by length class (little padding), ~16 MB of products a chunk
+        for low, high in ((1, 4), (5, 16), (17, 64), (65, 512)):
+            pick = (lengths >= low) & (lengths <= high)
+            st_all, ln_all = starts[pick], lengths[pick]
+            step = max(16, (1 << 13) // high)
+            for s in range(0, len(st_all), step):
+                st, ln = st_all[s:s + step], ln_all[s:s + step]
+                slot = np.arange(int(ln.max()))
+                present = slot[None, :] < ln[:, None]
+                where = np.where(present, st[:, None] + slot[None, :], st[:, None])   # pads repeat a pair
+                a = np.take(self._x64, rows[st], axis=0)                               # [R, D]
+                b = np.take(self._x64, cols[where], axis=0)                            # [R, W, D]
+                out[where[present]] = np.matmul(b, a[:, :, None])[:, :, 0][present]
+        return out / self._scale[cols]
 
     def _canonical_keys(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """The contract's key of the pairs (rows[p], cols[p]) (never self pairs)."""
-        return self._dd_chunks(self._x[rows].astype(np.float64), self._x[cols].astype(np.float64)) / self._scale[cols]
+        return self._dd_dots(np.take(self._x64, rows, axis=0), np.take(self._x64, cols, axis=0)) / self._scale[cols]
 
     def _resolve(self, rows: np.ndarray, keys: np.ndarray, uids: np.ndarray) -> None:
         """Give the canonical key to every entry of ``keys`` [B, W] (rows at positions ``rows``,
@@ -446,7 +555,8 @@ class NeighborIndex:
         start[1:] = ~((r[1:] == r[:-1]) & close[r[1:], np.maximum(slot[1:] - 1, 0)] & (slot[1:] > 0))
         chain = np.cumsum(start) - 1
         same = np.ones(len(r), bool)
-        same[1:] = (self._x[cols[1:]] == self._x[cols[:-1]]).all(axis=1) | start[1:]
+        labels = self._row_labels()
+        same[1:] = (labels[cols[1:]] == labels[cols[:-1]]) | start[1:]
         mixed = np.zeros(chain[-1] + 1, bool)
         np.logical_or.at(mixed, chain, ~same)
         need = mixed[chain]
@@ -457,6 +567,23 @@ class NeighborIndex:
             first = np.flatnonzero(start)[chain]
             keys[r[ident], col_slot[ident]] = keys[r[first[ident]], col_slot[first[ident]]]
 
+    def _row_labels(self) -> np.ndarray:
+        """Per row, the position of the first row with the same values (int64 [N]): rows grouped
+        by hash, each member compared with its group's first row (a hash collision only costs
+        canonical keys)."""
+        n = self._n
+        if self._labels is None or len(self._labels) != n:
+            order = np.argsort(self._hash[:n], kind="stable")
+            h = self._hash[order]
+            start = np.concatenate([[True], h[1:] != h[:-1]])
+            first = order[np.flatnonzero(start)[np.cumsum(start) - 1]]
+            shared = np.flatnonzero(first != order)
+            equal = (self._x64[order[shared]] == self._x64[first[shared]]).all(axis=1)
+            labels = np.arange(n)
+            labels[order[shared[equal]]] = first[shared[equal]]
+            self._labels = labels
+        return self._labels
+
     def _store(self, block: np.ndarray, keys: np.ndarray, uids: np.ndarray, resolve: bool = True) -> None:
         if resolve:
             self._resolve(block, keys, uids)
@@ -466,6 +593,17 @@ class NeighborIndex:
     def _scan(self, rows: np.ndarray) -> int:
         """Full lists of ``rows`` (positions) against the whole current set; returns pairs scored."""
         n, c = self._n, self.capacity
+        rows = np.asarray(rows, np.int64)
+        if len(rows) == 0 or c == 0:
+            return 0
+        if n - 1 <= c or n < SPARSE_SCAN_MIN_ROWS:
+            return self._scan_dense(rows)
+        return self._scan_sparse(rows)
+
+    def _scan_dense(self, rows: np.ndarray) -> int:
+        """:meth:`_scan` by the C-th best float32 value of every row (an exact partition of the
+        whole row): for small sets, and for the rows that :meth:`_scan_sparse` cannot certify."""
+        n, c = self._n, self.capacity
         if len(rows) == 0 or c == 0:
             return 0
         y = self._y32[:n]
@@ -473,7 +611,7 @@ class NeighborIndex:
         step = self._block_rows(n)
         for s in range(0, len(rows), step):
             block = rows[s:s + step]
-            cos = y[block] @ y.T                                   # float32 candidate pass
+            cos = self._cosines(y[block], y)                        # float32 candidate pass
             cos[np.arange(len(block)), block] = -np.inf            # self is slot 0, not a candidate
             if n - 1 <= c:
                 mask = cos > -np.inf
@@ -488,6 +626,284 @@ class NeighborIndex:
             k_pad, u_pad = _ragged_to_padded(row_of, len(block), (keys, -np.inf),
                                              (self._uid[cols], _PAD_UID))
             self._store(block, k_pad, u_pad)
+        return pairs
+
+    def _store_zero_rows(self, rows: np.ndarray) -> None:
+        """All-zero rows: every key is exactly 0 (``delta`` is 0), so the list is the first
+        ``capacity`` other rows in insertion order."""
+        c = min(self.capacity, self._n - 1)
+        slot = np.arange(c)[None, :]
+        cols = slot + (slot >= rows[:, None])                     # skip the row itself
+        self._cand_key[rows] = -np.inf
+        self._cand_uid[rows] = _PAD_UID
+        self._cand_key[rows, :c] = 0.0
+        self._cand_uid[rows, :c] = self._uid[cols]
+        self._count[rows] = c
+
+    def _tile_shape(self) -> tuple[int, int]:
+        """(rows, columns) of one float32 tile of the candidate pass (``block_elements`` in all)."""
+        rows = int(min(SCAN_TILE_ROWS, max(8, math.isqrt(max(1, self.block_elements // 16)))))
+        return rows, int(max(rows, self.block_elements // rows))
+
+    def _pilot_thresholds(self, rows: np.ndarray) -> np.ndarray:
+        """Per row, a float32 threshold that a few times C columns reach: the q-th best of the
+        group maxima of a fixed random sample of columns, q a few standard deviations past the
+        number of the row's top C expected in the sample, minus ``margin``.  Only the speed depends
+        on it (the tiled pass certifies every row against the threshold it used)."""
+        n, c = self._n, self.capacity
+        y = self._y32[:n]
+        groups = min(PILOT_GROUPS, n)
+        size = min(n, max(PILOT_MIN_SAMPLE, n // PILOT_SAMPLE_FRACTION))
+        size -= size % groups
+        sample = np.sort(np.random.default_rng(0).choice(n, size, replace=False))
+        lam = c * size / (n - 1)                    # expected members of a row's top C in the sample
+        q = int(min(groups, max(1, math.floor(lam + PILOT_SIGMAS * math.sqrt(lam) + 2))))
+        y_s = y[sample]
+        out = np.empty(len(rows), np.float32)
+        step = self._block_rows(size)
+        buf = np.empty(min(step, len(rows)) * size, np.float32)
+        for s in range(0, len(rows), step):
+            block = rows[s:s + step]
+            p = self._cosines(y[block], y_s, buf[:len(block) * size].reshape(len(block), size))
+            at = np.searchsorted(sample, block)
+            own = (at < size) & (sample[np.minimum(at, size - 1)] == block)
+            p[np.flatnonzero(own), at[own]] = -np.inf              # not the row itself
+            best = p.reshape(len(block), size // groups, groups).max(axis=1)
+            out[s:s + step] = np.partition(best, groups - q, axis=1)[:, groups - q]
+        return out - np.float32(self.margin)
+
+    def _scan_sparse(self, rows: np.ndarray) -> int:
+        """:meth:`_scan` for large sets.  All-zero rows take :meth:`_store_zero_rows`; when most
+        rows are scanned, :meth:`_scan_tiles` (the upper half of the Gram matrix), else
+        :meth:`_scan_rows`."""
+        zero = self._delta[rows] == 0
+        if zero.any():
+            self._store_zero_rows(rows[zero])
+            rows = rows[~zero]
+        if len(rows) == 0:
+            return 0
+        if 2 * len(rows) >= self._n:
+            return self._scan_tiles(rows)
+        return self._scan_rows(rows)
+
+    def _narrow(self, values: np.ndarray) -> np.ndarray:
+        """Per row of ``values`` (float32 [B, W], padded with -inf): the row's C-th best value minus
+        ``margin``, rounded down to float32 (entries at or above it are the row's candidates)."""
+        c, width = self.capacity, values.shape[1]
+        tc = np.partition(values, width - c, axis=1)[:, width - c].astype(np.float64) - self.margin
+        low = tc.astype(np.float32)
+        return np.where(low > tc, np.nextafter(low, np.float32(-np.inf)), low)
+
+    def _store_candidates(self, block: np.ndarray, row_of: np.ndarray, cols: np.ndarray,
+                          values: np.ndarray | None = None) -> int:
+        """Score the candidate columns ``cols`` of rows ``block[row_of]`` (grouped by row, columns
+        ascending) in float64, and store each row's best.  Returns the pairs scored.
+
+        For a one-shot index (``_lists_only``: its keys are never compared again), a candidate whose
+        float32 value ``values`` lies more than ``margin`` from every other candidate of its row
+        keeps ``value * scale_i`` as its key: its place in the order is the float32 one (see
+        :meth:`_isolated`); only the others are scored in float64 (and canonically where tied)."""
+        rows = block[row_of]
+        if values is None or not self._lists_only:
+            keys = self._fast_keys(rows, cols)
+            scored = len(keys)
+        else:
+            keys = values.astype(np.float64) * self._scale[rows]
+            tied = ~self._isolated(row_of, values, len(block))
+            keys[tied] = self._fast_keys(rows[tied], cols[tied])
+            scored = int(tied.sum())
+        k_pad, u_pad = _ragged_to_padded(row_of, len(block), (keys, -np.inf), (self._uid[cols], _PAD_UID))
+        self._store(block, k_pad, u_pad)
+        return scored
+
+    def _isolated(self, row_of: np.ndarray, values: np.ndarray, n_rows: int) -> np.ndarray:
+        """Entries (grouped by row, rows ``0..n_rows-1``) whose float32 value is more than ``margin``
+        from every other entry of their row.  Each value is within ``margin / 2`` of the exact
+        cosine, so such an entry's order against every other is the float32 order, and
+        ``value * scale_i`` (the key up to that error) sits on the right side of every other
+        entry's key: more than ``2 delta`` away, so :meth:`_resolve` leaves it alone."""
+        counts = np.bincount(row_of, minlength=n_rows)
+        slot = np.arange(len(row_of)) - np.concatenate([[0], np.cumsum(counts)[:-1]])[row_of]
+        v = np.full((n_rows, int(counts.max())), -np.inf)
+        v[row_of, slot] = values
+        order = np.argsort(-v, axis=1)
+        v = np.take_along_axis(v, order, axis=1)
+        with np.errstate(invalid="ignore"):
+            close = v[:, :-1] - v[:, 1:] <= self.margin            # -inf pads are never close
+        near = np.zeros(v.shape, bool)
+        near[:, :-1] |= close
+        near[:, 1:] |= close
+        isolated = np.empty(v.shape, bool)
+        np.put_along_axis(isolated, order, ~near, axis=1)
+        return isolated[row_of, slot]
+
+    def _finish_rows(self, block: np.ndarray, row_of: np.ndarray, cols: np.ndarray, values: np.ndarray) -> int:
+        """Rows ``block`` whose float32 entries ``(row_of, cols, values)`` (grouped by row, columns
+        ascending) include every column within ``margin`` of the row's C-th best value: keep those
+        columns and store the lists.  Returns the pairs scored."""
+        counts = np.bincount(row_of, minlength=len(block))
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        v = np.full((len(block), int(counts.max())), -np.inf, np.float32)
+        v[row_of, np.arange(len(row_of)) - starts[row_of]] = values
+        take = values >= self._narrow(v)[row_of]
+        return self._store_candidates(block, row_of[take], cols[take], values[take])
+
+    def _scan_rows(self, rows: np.ndarray) -> int:
+        """:meth:`_scan` for some rows of a large set, a block of rows against all columns at a time.
+
+        No partition of whole rows: the columns are cut into SCAN_SLABS slabs and the C-th best
+        of the slabs' elementwise maxima is a lower bound of the row's C-th best value (C slab
+        positions hold C distinct columns at or above it); the columns at or above that bound
+        minus ``margin`` are the row's entries."""
+        n, c = self._n, self.capacity
+        y = self._y32[:n]
+        slabs = max(1, min(SCAN_SLABS, n // (4 * c)))
+        width = -(-n // slabs)
+        pairs = 0
+        step = self._block_rows(n)
+        buf = np.empty(min(step, len(rows)) * n, np.float32)
+        for s in range(0, len(rows), step):
+            block = rows[s:s + step]
+            t = self._cosines(y[block], y, buf[:len(block) * n].reshape(len(block), n))
+            t[np.arange(len(block)), block] = -np.inf                   # not the row itself
+            best = t[:, :width].copy()
+            for a in range(width, n, width):
+                seg = t[:, a:a + width]
+                np.maximum(best[:, :seg.shape[1]], seg, out=best[:, :seg.shape[1]])
+            bound = np.partition(best, width - c, axis=1)[:, width - c].astype(np.float64) - self.margin
+            low = bound.astype(np.float32)
+            low = np.where(low > bound, np.nextafter(low, np.float32(-np.inf)), low)
+            f = np.flatnonzero(t >= low[:, None])
+            row_of, cols = np.divmod(f, n)
+            pairs += self._finish_rows(block, row_of, cols, t.reshape(-1)[f])
+        return pairs
+
+    def _scan_tiles(self, rows: np.ndarray) -> int:
+        """:meth:`_scan` for most rows of a large set: the float32 Gram matrix in tiles, its upper
+        half only (each tile serves its rows and, transposed, its columns), keeping the entries at
+        or above a per-row threshold ``theta`` from :meth:`_pilot_thresholds`.
+
+        Certificate: a row whose kept entries hold C values >= ``theta + margin`` has its C-th
+        best float32 value ``T >= theta + margin``, so every column within ``margin`` of ``T``
+        (every column that can belong to the exact top C) was kept.  Those rows continue from
+        their kept entries; the others, and rows that kept more than SCAN_ROW_CAP entries
+        (near-identical sets), are scanned again by :meth:`_scan_rows`."""
+        n, c = self._n, self.capacity
+        y = self._y32[:n]
+        cap = max(SCAN_ROW_CAP, c)
+        clock = time.perf_counter()
+        seconds = dict.fromkeys(("pilot", "gemm", "extract", "finish", "fallback"), 0.0)
+        theta = np.full(n, np.inf, np.float32)
+        theta[rows] = self._pilot_thresholds(rows)
+        seconds["pilot"] = time.perf_counter() - clock
+        vals = np.full((n, cap), -np.inf, np.float32)       # kept entries of each row, columns ascending
+        cols = np.zeros((n, cap), np.int32)
+        flat_vals, flat_cols = vals.reshape(-1), cols.reshape(-1)
+        counts = np.zeros(n, np.int64)
+        overflow = np.zeros(n, bool)
+
+        def keep(at_rows, at_cols, values):
+            # entries grouped by row, columns ascending within a row and above all earlier ones
+            if len(at_rows) == 0:
+                return
+            first = np.flatnonzero(np.concatenate([[True], at_rows[1:] != at_rows[:-1]]))
+            run = np.diff(np.append(first, len(at_rows)))
+            rows_hit = at_rows[first]
+            # flat position row * cap + slot, slot counting on from the row's earlier entries
+            at = np.arange(len(at_rows)) + np.repeat(rows_hit * cap + counts[rows_hit] - first, run)
+            counts[rows_hit] += run
+            full = rows_hit[counts[rows_hit] > cap]
+            if len(full):
+                overflow[full] = True
+                theta[full] = np.inf                          # nothing more for these rows
+                ok = at < (at_rows + 1) * cap
+                at, values, at_cols = at[ok], values[ok], at_cols[ok]
+            flat_vals[at] = values
+            flat_cols[at] = at_cols
+
+        def extract(t, r0, r1, c0, c1, a0, a1):
+            # rows a0:a1 of the tile t (rows r0:r1, columns c0:c1): their entries, row-major, and
+            # the transposed entries of the columns beyond r1 (for the rows c0 + off:c1, grouped by
+            # row, and within a row by column: a0 + r0 ... a1 + r0)
+            if a1 <= a0:
+                return None, None
+            part = t[a0:a1]
+            f = np.flatnonzero(part >= theta[r0 + a0:r0 + a1, None])
+            a, b = np.divmod(f, c1 - c0)
+            mine = (a + (r0 + a0), b + c0, part.reshape(-1)[f])
+            off = max(0, r1 - c0)
+            if off >= c1 - c0:
+                return mine, None
+            sub = part[:, off:]
+            a, b = np.divmod(np.flatnonzero(sub >= theta[c0 + off:c1]), c1 - c0 - off)
+            b, a = np.divmod(np.sort(b * (a1 - a0) + a), a1 - a0)
+            return mine, (b + (c0 + off), a + (r0 + a0), sub[a, b])
+
+        tile_rows, tile_cols = self._tile_shape()
+        buf = np.empty(tile_rows * tile_cols, np.float32)
+        # a second thread extracts the entries of half of each tile's rows while this one does the
+        # other half, and finishes half of the rows (numpy releases the GIL in the passes over arrays)
+        helper = ThreadPoolExecutor(1) if SCAN_THREADS > 1 else None
+        try:
+            for r0 in range(0, n, tile_rows):
+                r1 = min(n, r0 + tile_rows)
+                y_b = y[r0:r1]
+                for c0 in range(r0, n, tile_cols):
+                    c1 = min(n, c0 + tile_cols)
+                    clock = time.perf_counter()
+                    t = self._cosines(y_b, y[c0:c1], buf[:(r1 - r0) * (c1 - c0)].reshape(r1 - r0, c1 - c0))
+                    seconds["gemm"] += time.perf_counter() - clock
+                    clock = time.perf_counter()
+                    if c0 == r0:                                                  # not the row itself
+                        d = np.arange(min(r1, c1) - r0)
+                        t[d, d] = -np.inf
+                    half = (r1 - r0) // 2 if helper else r1 - r0               # the helper's rows: half:
+                    theirs = helper.submit(extract, t, r0, r1, c0, c1, half, r1 - r0) if helper else None
+                    rows_top, cols_top = extract(t, r0, r1, c0, c1, 0, half)
+                    rows_bottom, cols_bottom = theirs.result() if theirs else (None, None)
+                    for entries in (rows_top, rows_bottom, cols_top, cols_bottom):   # per row: columns ascending
+                        if entries is not None:
+                            keep(*entries)
+                    seconds["extract"] += time.perf_counter() - clock
+            del buf
+            clock = time.perf_counter()
+
+            def finish(block):
+                # rows in any order -> (pairs scored, rows to scan again)
+                cnt = counts[block]
+                width = int(cnt.max())
+                if width < c:
+                    return 0, block
+                v = vals[block, :width]
+                low = self._narrow(v)        # the C-th best kept value - margin, rounded down
+                # certified: the C-th best - margin >= theta, so no column within margin of it was missed
+                certified = (cnt >= c) & (low >= theta[block])
+                again = block[~certified]
+                block, v, low = block[certified], v[certified], low[certified]
+                if len(block) == 0:
+                    return 0, again
+                r, slot = np.nonzero(v >= low[:, None])
+                return self._store_candidates(block, r, cols[block[r], slot].astype(np.int64), v[r, slot]), again
+
+            done = rows[~overflow[rows]]
+            done = done[np.argsort(counts[done], kind="stable")]          # similar widths together
+            step = max(256, min(FINISH_ROWS, -(-len(done) // SCAN_THREADS)))
+            chunks = [done[s:s + step] for s in range(0, len(done), step)]
+            self._row_labels()                                # computed once, before the threads read it
+            theirs = [helper.submit(finish, ch) for ch in chunks[1::2]] if helper else []
+            results = [finish(ch) for ch in (chunks[0::2] if helper else chunks)] + [f.result() for f in theirs]
+        finally:
+            if helper:
+                helper.shutdown()
+        pairs = sum(p for p, _ in results)
+        redo = [rows[overflow[rows]]] + [again for _, again in results]
+        redo = np.sort(np.concatenate(redo))
+        seconds["finish"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        pairs += self._scan_rows(redo) if len(redo) else 0
+        seconds["fallback"] = time.perf_counter() - clock
+        self.last_scan = ScanStats(rows=len(rows), fallback_rows=len(redo), overflow_rows=int(overflow.sum()),
+                                   kept_entries=int(counts.sum()), seconds=seconds)
         return pairs
 
     def _merge_new_columns(self, n_old: int) -> tuple[int, int]:
@@ -508,7 +924,7 @@ class NeighborIndex:
             # a new column can enter a list only by ranking above its last entry (its uid is
             # larger, so an equal key ranks below); the float32 pass screens with a margin
             tail_cos = np.where(cnt > 0, tail / self._scale[block], np.inf)
-            cos = self._y32[block] @ y_new.T
+            cos = self._cosines(self._y32[block], y_new)
             mask = complete[:, None] | (cos >= (tail_cos - self.margin).astype(np.float32)[:, None])
             del cos
             row_of, col = np.divmod(np.flatnonzero(mask), len(new))

@@ -19,6 +19,7 @@ import numpy as np
 
 from export.contract.errors import InputError, NFormerError
 from export.contract.manifest import load_manifest, model_config
+from export.contract.variants import CPU_PRECISIONS, VARIANTS_KEY, variant_name
 
 from runtime.backends import Backend, OnnxRuntimeBackend
 from runtime.encoder import EncoderRunner
@@ -54,7 +55,13 @@ def choose_backend(model_dir: Path, manifest: dict, network: str, backend: str =
         raise InputError(f"backend must be one of {', '.join(BACKENDS)}, found {backend!r}")
     notes: list[str] = []
     reason = "backend='onnxruntime' was asked for"
-    if backend != "onnxruntime":
+    if precision in CPU_PRECISIONS:
+        # a file for ONNX Runtime on x86 CPUs (uint8 activations): TensorRT has no engine of it
+        if backend == "tensorrt":
+            raise InputError(f"precision {precision!r} is an ONNX Runtime file for x86 CPUs, which TensorRT cannot "
+                             "build; use backend='onnxruntime' (or 'auto'), or precision='int8' for TensorRT's INT8")
+        reason = f"precision {precision!r} was asked for (an ONNX Runtime file for x86 CPUs)"
+    elif backend != "onnxruntime":
         from runtime.tensorrt.backend import TensorRTBackend, find_engine, listed_engines
         from runtime.tensorrt.lib import EngineUnusable
 
@@ -84,7 +91,15 @@ def choose_backend(model_dir: Path, manifest: dict, network: str, backend: str =
     if network not in files:
         raise InputError(f"{model_dir} has no {network} file in its manifest: re-run the export with this "
                          "version of nformer-trt")
-    opened = OnnxRuntimeBackend(model_dir / files[network]["path"], providers, threads, dynamic_shapes=dynamic_shapes)
+    path, label = files[network]["path"], "fp32"
+    if precision in CPU_PRECISIONS:  # its variant file (TensorRT precisions choose engines above)
+        entry = manifest.get(VARIANTS_KEY, {}).get(variant_name(network, precision))
+        if entry is None:
+            raise InputError(f"{model_dir} lists no {variant_name(network, precision)} file (or it no longer matches "
+                             f"its checksum); write it with `runtime build {model_dir} --precision {precision} "
+                             "--calib-data DIR`")
+        path, label = entry["path"], precision
+    opened = OnnxRuntimeBackend(model_dir / path, providers, threads, precision=label, dynamic_shapes=dynamic_shapes)
     return opened, notes, {"backend": "onnxruntime", "engine": None, "reason": reason}
 
 
@@ -112,6 +127,8 @@ class Pipeline:
         self.backend_choice: dict[str, dict] = {}
         self.batcher = None                 # runtime.batching.DynamicBatcher when enabled
         self._layers = None
+        #: how refine() runs: "one-shot" (nformer.onnx) or "lists+layers" (set_refine_path)
+        self.refine_path = "one-shot"
 
     @classmethod
     def load(cls, model_dir: str | Path, batch_size: int = 32, providers: list[str] | None = None,
@@ -119,7 +136,9 @@ class Pipeline:
              max_batch: int | None = None, max_wait_ms: float = 2.0, precision: str | None = None) -> "Pipeline":
         """``backend``: "auto" (TensorRT engines from the manifest where usable, else ONNX Runtime),
         "onnxruntime" or "tensorrt" (an error when no engine is usable); ``precision`` picks the
-        encoder engine's precision (default: fp16, then fp32, then int8).  ``dynamic_batching``:
+        encoder engine's precision (default: fp16, then fp32, then int8), or ``"int8-cpu"`` the
+        encoder file for ONNX Runtime on x86 CPUs (never chosen unless asked for: INT8 moves
+        the embeddings).  ``dynamic_batching``:
         group concurrent ``embed`` calls into batches of up to ``max_batch`` (default
         ``batch_size``) rows, waiting at most ``max_wait_ms`` for a batch to fill."""
         model_dir = Path(model_dir)
@@ -137,6 +156,7 @@ class Pipeline:
             raise
         pipe.backend, pipe.providers, pipe.threads, pipe.notes = backend, providers, threads, notes + more
         pipe.backend_choice = {"encoder": enc_choice, "nformer": ref_choice}
+        pipe.set_refine_path("auto")
         if dynamic_batching:
             pipe.enable_dynamic_batching(max_batch or batch_size, max_wait_ms)
         return pipe
@@ -221,5 +241,32 @@ class Pipeline:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def set_refine_path(self, path: str = "auto") -> str:
+        """How :meth:`refine` runs: "one-shot" (``nformer.onnx``), "lists+layers" (the exact lists of
+        ``runtime.neighbors``, then ``nformer_layers.onnx``: identical lists, the same refined rows
+        within float32 rounding) or "auto", the faster of the two here (``runtime.refiner.
+        choose_refine_path``: "lists+layers" on ONNX Runtime's CPU provider).  The choice is logged
+        and kept in ``refine_path`` and ``backend_choice["refine"]``."""
+        from runtime.refiner import REFINE_PATHS, choose_refine_path
+
+        if path == "auto":
+            path, reason = choose_refine_path(self.refiner.backend, self.manifest)
+        elif path in REFINE_PATHS:
+            reason = f"refine path {path!r} was asked for"
+            if path == "lists+layers" and "nformer_layers" not in self.manifest["files"]:
+                raise InputError(f"{self.model_dir} has no nformer_layers file in its manifest: re-run the export "
+                                 "with this version of nformer-trt, or use the 'one-shot' path")
+        else:
+            raise InputError(f"refine path must be one of auto, {', '.join(REFINE_PATHS)}, found {path!r}")
+        self.refine_path = path
+        self.backend_choice["refine"] = {"path": path, "reason": reason}
+        log.info("refine: %s (%s)", path, reason)
+        return path
+
     def refine(self, embeddings, landmarks=None, seed: int = 0, normalize_output: bool = True) -> np.ndarray:
+        """Embeddings [N, D] -> refined [N, D] by :attr:`refine_path`."""
+        if self.refine_path == "lists+layers":
+            from runtime.refiner import ListsLayersRefiner
+
+            return ListsLayersRefiner(self.layers_refiner).refine(embeddings, landmarks, seed, normalize_output)
         return self.refiner.refine(embeddings, landmarks, seed, normalize_output)

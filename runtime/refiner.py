@@ -1,9 +1,11 @@
-"""The refinement at serving time: a set of embeddings -> refined embeddings, in two forms.
+"""The refinement at serving time: a set of embeddings -> refined embeddings, in three forms.
 
 * :class:`Refiner` runs ``nformer.onnx``, which computes the neighbour lists itself (the portable file).
 * :class:`LayersRefiner` runs ``nformer_layers.onnx``, which takes the lists as inputs, for runtimes
   that keep the lists themselves (``runtime.gallery`` maintains them exactly with
   ``runtime.neighbors``, identical to ``export.reference.reciprocal_neighbors``).
+* :class:`ListsLayersRefiner` is both steps for a whole set: ``runtime.neighbors``, then
+  ``nformer_layers.onnx`` -- the faster path on a CPU (``choose_refine_path``).
 
 
 Validates the set (width, rank, finite values, non-empty), L2-normalises it (the contract of
@@ -20,6 +22,7 @@ from export.contract.errors import InputError
 from export.contract.landmarks import sample_landmarks
 
 from runtime.backends import Backend
+from runtime.neighbors import reciprocal_neighbors
 
 
 
@@ -27,8 +30,20 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return (x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), NORM_EPS)).astype(np.float32)
 
 
+def feature_limit(width: int) -> float:
+    """The largest magnitude of an embedding value accepted: ``sqrt(float32 max / (4 * width))``.
+
+    Rows are L2-normalised in float32, and the sum of ``width`` squares must stay finite: with
+    every value at most this, it is at most a quarter of float32's largest value (room for the
+    rounding of the sum), so no norm overflows to inf (which would turn every row into zeros and
+    make all refined rows identical).  About 5.8e17 for 256-d, 8.1e17 for 128-d; real encoder
+    embeddings are many orders of magnitude smaller."""
+    return float(np.sqrt(np.finfo(np.float32).max / (4.0 * width)))
+
+
 def validate_features(features, width: int) -> np.ndarray:
-    """[N, width] (or [1, N, width]) finite floats -> float32 [N, width]."""
+    """[N, width] (or [1, N, width]) finite floats, each at most :func:`feature_limit` in
+    magnitude -> float32 [N, width]."""
     x = np.asarray(features)
     if x.ndim == 3 and x.shape[0] == 1:
         x = x[0]
@@ -46,6 +61,13 @@ def validate_features(features, width: int) -> np.ndarray:
         rows = np.flatnonzero(bad)
         raise InputError(f"embeddings contain NaN or infinite values in {len(rows)} row(s), first rows "
                          f"{rows[:5].tolist()}; drop or recompute them")
+    limit = feature_limit(width)
+    big = np.abs(x).max(axis=1) > limit
+    if big.any():
+        rows = np.flatnonzero(big)
+        raise InputError(f"embeddings hold values beyond +-{limit:.3g} in {len(rows)} row(s), first rows "
+                         f"{rows[:5].tolist()} (largest {float(np.abs(x).max()):.3g}): their float32 norm would "
+                         "overflow; these are not encoder embeddings (rescale them, or recompute them)")
     return x.astype(np.float32, copy=False)
 
 
@@ -123,3 +145,48 @@ class LayersRefiner:
         out = self.backend.run({"features": np.ascontiguousarray(x[None]), "landmarks": lm,
                                 "neighbor_index": idx[None], "neighbor_valid": valid[None]})["refined"][0]
         return l2_normalize(out) if normalize_output else out
+
+
+#: how ``Pipeline.refine`` computes the refinement: ``nformer.onnx`` in one call, or the exact lists
+#: from ``runtime.neighbors`` and then ``nformer_layers.onnx``
+REFINE_PATHS = ("one-shot", "lists+layers")
+
+
+class ListsLayersRefiner:
+    """The refinement in two steps: the exact lists of ``runtime.neighbors`` (the numpy form of the
+    contract, identical to the lists inside ``nformer.onnx``), then ``nformer_layers.onnx``.
+
+    Same interface and results as :class:`Refiner` on ``nformer.onnx``: identical lists, refined
+    rows within float32 rounding.  On ONNX Runtime's CPU provider it is the faster path (the
+    one-shot file ranks the pairs in float64 inside the graph; BENCHMARKS.md "CPU refinement")."""
+
+    def __init__(self, layers: LayersRefiner):
+        self.layers = layers
+        self.backend = layers.backend
+        self.config = layers.config
+
+    def landmarks_for(self, n: int, seed: int = 0) -> np.ndarray:
+        return self.layers.landmarks_for(n, seed)
+
+    def refine(self, features, landmarks=None, seed: int = 0, normalize_output: bool = True) -> np.ndarray:
+        """Encoder embeddings [N, D] -> refined embeddings [N, D] (L2-normalised unless told not to)."""
+        x = l2_normalize(validate_features(features, self.config.n_embd))
+        if landmarks is not None:
+            landmarks = validate_landmarks(landmarks, len(x), self.config.n_layer)
+        idx, valid = reciprocal_neighbors(x, self.config.topk)
+        return self.layers.refine(x, idx, valid, landmarks, seed, normalize_output, normalized_input=True)
+
+
+def choose_refine_path(nformer_backend, manifest: dict) -> tuple[str, str]:
+    """``(path, reason)`` for :data:`REFINE_PATHS`: "lists+layers" where ``nformer.onnx`` would run
+    on ONNX Runtime's CPU provider and the export wrote ``nformer_layers.onnx``, else "one-shot"
+    (TensorRT's plugin and CUDA rank on the GPU, faster than the numpy neighbour step)."""
+    providers = list(getattr(nformer_backend, "providers", None) or [])
+    if getattr(nformer_backend, "name", "") != "onnxruntime" or not providers:
+        return "one-shot", f"nformer.onnx runs on {getattr(nformer_backend, 'name', 'another backend')}"
+    if providers[0] != "CPUExecutionProvider":
+        return "one-shot", f"nformer.onnx runs on ONNX Runtime's {providers[0]}"
+    if "nformer_layers" not in manifest.get("files", {}):
+        return "one-shot", "the export has no nformer_layers.onnx (re-export to get the faster CPU path)"
+    return "lists+layers", ("ONNX Runtime on the CPU: runtime.neighbors' exact lists + nformer_layers.onnx are "
+                            "faster than nformer.onnx's float64 ranking, with identical lists")

@@ -146,7 +146,7 @@ def test_bad_crops(refiner_pipe, tmp_path):
         refiner_pipe.embed([np.zeros((10, 10, 4), np.uint8)])
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"definitely not a jpeg")
-    with pytest.raises(InputError, match="not a decodable image"):
+    with pytest.raises(InputError, match="not an image in a format PIL reads"):
         refiner_pipe.embed([bad])
 
 
@@ -198,3 +198,58 @@ def test_serving_path_imports_no_torch():
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+# ---- the refinement path: Pipeline picks runtime.neighbors + nformer_layers.onnx on a CPU ----
+
+def test_pipeline_refines_through_lists_and_layers_on_a_cpu(resnet50_export, caplog):
+    import logging
+
+    from export.onnx_functions import OUTPUTS as NEIGHBOR_OUTPUTS
+    from export.reference.testing import clustered_features
+    from export.to_onnx import _session
+    from runtime.neighbors import reciprocal_neighbors
+    from runtime.refiner import l2_normalize
+
+    out_dir, _ = resnet50_export
+    with caplog.at_level(logging.INFO, logger="runtime.pipeline"):
+        pipe = Pipeline.load(out_dir, providers=["CPUExecutionProvider"])
+    assert pipe.refine_path == "lists+layers"
+    assert pipe.backend_choice["refine"]["path"] == "lists+layers"
+    assert any(r.getMessage().startswith("refine: lists+layers") for r in caplog.records)
+    n = 2500                                     # the tiled neighbour pass (N >= SPARSE_SCAN_MIN_ROWS)
+    x = clustered_features(n, seed=4, duplicates=n // 10)
+    lm = sample_landmarks(n, 4, 5, seed=2)
+    for landmarks, normalize in ((None, True), (lm, False)):
+        fast = pipe.refine(x, landmarks=landmarks, seed=2, normalize_output=normalize)
+        one_shot = pipe.refiner.refine(x, landmarks=landmarks, seed=2, normalize_output=normalize)
+        assert relative_error(fast, one_shot) <= 1e-5
+    # the lists are the ones inside nformer.onnx, index for index
+    xn = l2_normalize(x)
+    _, idx, valid = _session(out_dir / "nformer.onnx", NEIGHBOR_OUTPUTS).run(
+        ["refined", *NEIGHBOR_OUTPUTS], {"features": xn[None], "landmarks": lm})
+    lists = reciprocal_neighbors(xn, 20)
+    np.testing.assert_array_equal(lists[0], idx[0])
+    np.testing.assert_array_equal(lists[1], valid[0])
+    # asked for explicitly
+    assert pipe.set_refine_path("one-shot") == "one-shot" and pipe.backend_choice["refine"]["path"] == "one-shot"
+    np.testing.assert_array_equal(pipe.refine(x, seed=2), pipe.refiner.refine(x, seed=2))
+    with pytest.raises(InputError, match="refine path must be one of"):
+        pipe.set_refine_path("fastest")
+    assert pipe.refine_path == "one-shot"
+    pipe.close()
+
+
+def test_refine_path_choice():
+    from types import SimpleNamespace
+
+    from runtime.refiner import choose_refine_path
+
+    files = {"files": {"nformer": {}, "nformer_layers": {}}}
+    cpu = SimpleNamespace(name="onnxruntime", providers=["CPUExecutionProvider"])
+    assert choose_refine_path(cpu, files)[0] == "lists+layers"
+    cuda = SimpleNamespace(name="onnxruntime", providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert choose_refine_path(cuda, files) == ("one-shot", "nformer.onnx runs on ONNX Runtime's CUDAExecutionProvider")
+    assert choose_refine_path(SimpleNamespace(name="tensorrt"), files)[0] == "one-shot"
+    path, reason = choose_refine_path(cpu, {"files": {"nformer": {}}})
+    assert path == "one-shot" and "no nformer_layers.onnx" in reason

@@ -7,6 +7,7 @@ MKL's AVX2 code path in a subprocess) and require the same lists, equal to brute
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -25,6 +26,7 @@ import export.reference.reciprocal_neighbors as rn
 from export.contract import neighbor_key as nk
 from export.reference.testing import clustered_features
 from neighbor_oracle import canonical_lists, fsum_lists
+import runtime.neighbors as neighbors_module
 from runtime.neighbors import KEY_VERSION, NeighborIndex
 from runtime.neighbors import reciprocal_neighbors as numpy_neighbors
 
@@ -340,3 +342,212 @@ def test_any_small_set_gives_the_oracles_lists(n, dim, k, seed, copies, small_va
     oracle = fsum_lists(x, k)
     assert_lists_equal(reference_lists(x, k), oracle, "torch reference")
     assert_lists_equal(numpy_neighbors(x, k), oracle, "numpy form")
+
+
+# ---- the numpy form's tiled, certified candidate pass (runtime.neighbors._scan_tiles / _scan_rows) ----
+
+@contextlib.contextmanager
+def tiled_pass(**constants):
+    """Every scan takes the tiled pass whatever N (by default only sets of SPARSE_SCAN_MIN_ROWS rows
+    do), with other module constants (pilot sample, row cap) set as given."""
+    saved = {name: getattr(neighbors_module, name) for name in ("SPARSE_SCAN_MIN_ROWS", *constants)}
+    try:
+        neighbors_module.SPARSE_SCAN_MIN_ROWS = 0
+        for name, value in constants.items():
+            setattr(neighbors_module, name, value)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(neighbors_module, name, value)
+
+
+@functools.lru_cache(maxsize=16)
+def _hard_case(n: int, seed: int, k: int):
+    """``hard_set(n, seed=seed)`` and its canonical lists (computed once per module run)."""
+    x = hard_set(n, seed=seed)
+    return x, canonical_lists(x, k)
+
+
+def tiled_lists(x, k=20, reserve=0, block_elements=1 << 22, lists_only=False, **constants):
+    """``lists_only``: as ``reciprocal_neighbors`` scores them (float64 keys only for candidates
+    within the float32 margin of another)."""
+    with tiled_pass(**constants):
+        index = NeighborIndex(k, reserve=reserve, block_elements=block_elements)
+        index._lists_only = lists_only
+        index.add(x)
+        return index.neighbors(), index.last_scan
+
+
+@pytest.mark.parametrize("n,k,reserve,block_elements", [
+    (30, 20, 0, 1 << 22), (64, 5, 3, 2000), (300, 20, 0, 5000), (300, 20, 16, 1 << 22),
+    (777, 20, 16, 20000), (1500, 20, 0, 1 << 22), (1500, 64, 0, 50000)])
+@pytest.mark.parametrize("lists_only", [False, True])
+def test_tiled_pass_equals_the_canonical_oracle(n, k, reserve, block_elements, lists_only):
+    """Tiles of many shapes (several row blocks and column chunks, partial last tiles), with exact
+    duplicates at scattered positions (a group larger than k), near-duplicates and zero rows."""
+    x, oracle = _hard_case(n, n + k, k)
+    (idx, valid), stats = tiled_lists(x, k, reserve, block_elements, lists_only)
+    assert stats.rows == n - int((~x.any(axis=1)).sum())          # zero rows are listed directly
+    assert_lists_equal((idx, valid), oracle, f"tiled pass, n={n}, k={k}, reserve={reserve}")
+
+
+@pytest.mark.parametrize("constants,what", [
+    ({"PILOT_SIGMAS": -3.0}, "fallback"),        # thresholds too high: most rows fail the certificate
+    ({"SCAN_ROW_CAP": 1}, "overflow"),           # every row keeps too many entries
+    ({"PILOT_MIN_SAMPLE": 8, "PILOT_SAMPLE_FRACTION": 1000, "PILOT_GROUPS": 4}, "tiny sample"),
+])
+@pytest.mark.parametrize("lists_only", [False, True])
+def test_rows_the_tiled_pass_cannot_certify_are_scanned_again(constants, what, lists_only):
+    x, oracle = _hard_case(600, 21, 20)
+    (idx, valid), stats = tiled_lists(x, 20, 16, 30000, lists_only, **constants)
+    if what == "fallback":
+        assert stats.fallback_rows > stats.rows // 2
+    if what == "overflow":
+        assert stats.overflow_rows > stats.rows // 2
+    assert_lists_equal((idx, valid), oracle, what)
+
+
+def test_sets_of_identical_rows_are_exact():
+    """Every row a copy of one of two (more copies than a row may keep in the tiled pass): each list
+    is the row's copies by position."""
+    base = hard_set(2, seed=3)
+    x = base[np.random.default_rng(0).integers(0, 2, 1000)]
+    (idx, valid), stats = tiled_lists(x, 20, 16, 50000)
+    assert stats.overflow_rows == 1000
+    assert_lists_equal((idx, valid), canonical_lists(x, 20), "two distinct rows")
+
+
+def _perturbed_cosines(how):
+    def cosines(self, a, b, out=None):
+        if how == "noise":     # any float32 evaluation within the dot-product error bound
+            exact = a.astype(np.float64) @ b.astype(np.float64).T
+            rng = np.random.default_rng(len(a) * 7919 + len(b))
+            value = exact + rng.uniform(-0.95, 0.95, exact.shape) * (self.dim + 4) * 2.0 ** -24
+        elif how == "reversed_d":
+            value = a[:, ::-1] @ b[:, ::-1].T
+        else:                  # columns permuted, then put back
+            perm = np.random.default_rng(len(b)).permutation(len(b))
+            value = np.empty((len(a), len(b)), np.float32)
+            value[:, perm] = np.ascontiguousarray(a) @ np.ascontiguousarray(b[perm]).T
+        if out is None:
+            return value.astype(np.float32)
+        out[...] = value
+        return out
+
+    return cosines
+
+
+@pytest.mark.parametrize("how", ["noise", "reversed_d", "permuted_columns"])
+@pytest.mark.parametrize("tiled", [False, True])
+def test_numpy_form_does_not_depend_on_its_float32_pass(how, tiled, monkeypatch):
+    """The float32 candidate pass (tiles, pilot thresholds, merges of added rows) evaluated in other
+    orders or with errors up to its bound: the same lists."""
+    x = hard_set(700, seed=22)
+    oracle = canonical_lists(x, 20)
+    monkeypatch.setattr(NeighborIndex, "_cosines", _perturbed_cosines(how))
+    with tiled_pass() if tiled else contextlib.nullcontext():
+        assert_lists_equal(numpy_neighbors(x, 20), oracle, f"one shot, {how}")
+        index = NeighborIndex(20, reserve=3, block_elements=1 << 14)
+        for part in np.array_split(x, 5):
+            index.add(part)
+        assert_lists_equal(index.neighbors(), oracle, f"incremental, {how}")
+
+
+@pytest.mark.parametrize("how", ["noise", "reversed"])
+def test_tiled_pass_does_not_depend_on_its_float64_scores(how, monkeypatch):
+    x = hard_set(500, seed=23)
+    real = NeighborIndex._fast_keys
+    rng = np.random.default_rng(1)
+
+    def perturbed(self, rows, cols):
+        if how == "reversed":
+            a = self._x[rows, :self.dim][:, ::-1].astype(np.float64)
+            b = self._x[cols, :self.dim][:, ::-1].astype(np.float64)
+            return np.einsum("ij,ij->i", a, b) / self._scale[cols]
+        keys = real(self, rows, cols)
+        return keys + rng.uniform(-0.95, 0.95, len(keys)) * self._delta[rows]
+
+    monkeypatch.setattr(NeighborIndex, "_fast_keys", perturbed)
+    oracle = canonical_lists(x, 20)
+    for lists_only in (False, True):
+        (idx, valid), _ = tiled_lists(x, 20, 16, 8000, lists_only)
+        assert_lists_equal((idx, valid), oracle, f"tiled pass with {how} scores, lists_only={lists_only}")
+
+
+def test_tiled_pass_through_adds_and_removals():
+    """Removals rescan rows that lost candidates and adds scan the new rows (both ``_scan_rows``),
+    with duplicates arriving in later batches."""
+    rng = np.random.default_rng(24)
+    base = hard_set(400, seed=24)
+    rows = np.zeros((0, base.shape[1]), np.float32)
+    with tiled_pass():
+        index = NeighborIndex(20, reserve=2, block_elements=6000)
+        for step in range(6):
+            new = base[rng.integers(0, len(base), int(rng.integers(40, 160)))].copy()
+            if len(rows):
+                new[:10] = rows[rng.integers(0, len(rows), 10)]
+            index.add(new)
+            rows = np.concatenate([rows, new])
+            assert_lists_equal(index.neighbors(), canonical_lists(rows, 20), f"after add {step}")
+            gone = rng.choice(len(rows), size=int(rng.integers(1, len(rows) // 3)), replace=False)
+            index.remove(gone)
+            rows = np.delete(rows, gone, axis=0)
+            assert_lists_equal(index.neighbors(), canonical_lists(rows, 20), f"after removal {step}")
+
+
+@pytest.mark.parametrize("n", [2100, 9000])
+def test_default_tiled_pass_at_larger_n(n):
+    """The default path for N >= SPARSE_SCAN_MIN_ROWS, against the torch reference (itself equal
+    to the oracles above): exact duplicates (N // 10, a group larger than k), near-duplicates and
+    zero rows; one shot and as a gallery index (float64 keys kept)."""
+    assert n >= neighbors_module.SPARSE_SCAN_MIN_ROWS
+    x = hard_set(n, seed=n)
+    x[-(n // 10):] = x[np.random.default_rng(n).integers(0, n - n // 10, n // 10)]
+    expected = reference_lists(x)
+    assert_lists_equal(numpy_neighbors(x, 20), expected, f"N={n}")
+    index = NeighborIndex(20)
+    index.add(x)
+    assert_lists_equal(index.neighbors(), expected, f"N={n}, index")
+
+
+_OPENBLAS_SCRIPT = """
+import json, sys, numpy as np
+import runtime.neighbors as rn
+rn.SPARSE_SCAN_MIN_ROWS = 0
+sets = np.load(sys.argv[1])
+out = []
+for x in sets:
+    index = rn.NeighborIndex(20, reserve=0, block_elements=40000)
+    index.add(x)
+    out.append(index.neighbors()[0].tolist())
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("env", [{"OPENBLAS_CORETYPE": "Haswell"}, {"OPENBLAS_CORETYPE": "Sandybridge"},
+                                 {"OPENBLAS_NUM_THREADS": "1"}, {"OPENBLAS_CORETYPE": "Prescott"}])
+def test_numpy_form_is_the_same_under_other_blas_kernels(env, tmp_path):
+    """numpy's BLAS with another SGEMM kernel (OpenBLAS's core types) or one thread: the float32
+    candidates change in the last bits, the lists do not.  (Where numpy uses another BLAS the
+    variables are ignored and the test repeats the default path.)"""
+    sets = np.stack([hard_set(500, seed=31), hard_set(500, seed=32)])
+    np.save(tmp_path / "sets.npy", sets)
+    run = subprocess.run([sys.executable, "-c", _OPENBLAS_SCRIPT, str(tmp_path / "sets.npy")], cwd=ROOT,
+                         capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
+    assert run.returncode == 0, run.stderr
+    for lists, x in zip(json.loads(run.stdout), sets):
+        assert np.array_equal(np.array(lists, dtype=np.int32), canonical_lists(x, 20)[0]), env
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(1, 60), dim=st.integers(1, 12), k=st.integers(1, 12), seed=st.integers(0, 2 ** 31 - 1),
+       copies=st.integers(0, 20), block_elements=st.sampled_from([64, 1000, 1 << 22]))
+def test_any_small_set_gives_the_oracles_lists_through_the_tiled_pass(n, dim, k, seed, copies, block_elements):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-2, 3, size=(n, dim)).astype(np.float32)     # exact and near ties everywhere
+    for _ in range(copies):
+        x[rng.integers(0, n)] = x[rng.integers(0, n)]
+    oracle = fsum_lists(x, k)
+    for lists_only in (False, True):
+        (idx, valid), _ = tiled_lists(x, k, 0, block_elements, lists_only)
+        assert_lists_equal((idx, valid), oracle, f"tiled pass, lists_only={lists_only}")
