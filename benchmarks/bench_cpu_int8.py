@@ -49,7 +49,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from isolated import run_in_subprocess  # noqa: E402  (benchmarks/, this script's folder)
+from isolated import cpu_name, run_in_subprocess  # noqa: E402  (benchmarks/, this script's folder)
 
 FILES = ("fp32", "int8", "int8-cpu")
 LABELS = {"fp32": "fp32", "int8": "int8 (TensorRT format, symmetric int8 activations)",
@@ -64,17 +64,16 @@ COUNTED = ("QLinearConv", "QLinearAdd", "QGemm", "Conv", "FusedConv", "Gemm", "Q
 
 
 def cpu_facts() -> dict:
-    model, flags = platform.processor() or platform.machine(), set()
+    flags = set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
-            if key.strip() == "model name" and model in ("", platform.machine(), platform.processor()):
-                model = value.strip()
-            elif key.strip() == "flags" and not flags:
+            if key.strip() == "flags":
                 flags = set(value.split())
+                break
     except OSError:
         pass
-    return {"model": model, "cpus": os.cpu_count(), "int8_flags": [f for f in FLAGS if f in flags]}
+    return {"model": cpu_name(), "cpus": os.cpu_count(), "int8_flags": [f for f in FLAGS if f in flags]}
 
 
 def amx_granted() -> bool | None:

@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench_cpu import PeakMemory  # noqa: E402  (benchmarks/, this script's folder)
-from isolated import run_in_subprocess  # noqa: E402
+from isolated import cpu_name, run_in_subprocess  # noqa: E402
 
 K, DIM, TILE = 20, 256, (512, 8192)
 
@@ -262,7 +262,7 @@ def main():
     import onnxruntime
 
     report = {
-        "machine": {"node": platform.node(), "processor": _cpu_name(), "cpus": os.cpu_count(),
+        "machine": {"node": platform.node(), "processor": cpu_name(), "cpus": os.cpu_count(),
                     "python": platform.python_version(), "platform": platform.platform()},
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -273,16 +273,6 @@ def main():
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=1, default=str) + "\n")
     print(f"wrote {args.json} ({report['wall_seconds']:.0f} s in all)")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

@@ -29,7 +29,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from isolated import cpu_name  # noqa: E402  (benchmarks/, this script's folder)
+from runtime.serving.process import infer  # noqa: E402
 from PIL import Image  # noqa: E402
 
 
@@ -125,18 +128,6 @@ class InProcessEmbed:
         self.pipe.embed([decode_image(self.crops[(c * 7 + r) % len(self.crops)])])
 
 
-def infer(client, model, inputs, outputs):
-    import tritonclient.http as httpclient
-
-    tensors = []
-    for name, (arr, dtype) in inputs.items():
-        t = httpclient.InferInput(name, list(arr.shape), dtype)
-        t.set_data_from_numpy(arr)
-        tensors.append(t)
-    res = client.infer(model, tensors)
-    return [res.as_numpy(o) for o in outputs]
-
-
 def add_rows(client, x, start):
     ids = np.array([f"id{start + i}".encode() for i in range(len(x))], dtype=object)
     return infer(client, "gallery_add", {"embeddings": (x, "FP32"), "ids": (ids, "BYTES"),
@@ -220,22 +211,12 @@ def main(argv=None):
     import onnxruntime
 
     report = {"command": " ".join(sys.argv), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-        timespec="seconds"), "machine": {"cpu": _cpu(), "cores": _cores(), "python": platform.python_version(),
+        timespec="seconds"), "machine": {"cpu": cpu_name(), "cores": _cores(), "python": platform.python_version(),
                                           "onnxruntime": onnxruntime.__version__},
               "model": str(model), "server_exit_code": code, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out}")
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def _cores() -> int:
