@@ -1,5 +1,5 @@
 """``runtime serve`` as a child process: start it on free loopback ports, wait until it is ready,
-stop it by its PID.  Used by the tests and ``benchmarks/bench_serve.py``; a supervisor of the
+stop it by its PID.  ``infer`` is one tritonclient request.  Used by the tests and ``benchmarks/bench_serve.py``; a supervisor of the
 user's own can do the same with the command line it shows.
 
 The server runs in its own process group, so ``kill()`` also ends the ``tritonserver`` and
@@ -16,6 +16,22 @@ import time
 from pathlib import Path
 
 from export.contract.errors import NFormerError
+
+
+def infer(client, model: str, inputs: dict, outputs: list[str]) -> list:
+    """One tritonclient request: ``inputs`` maps names to ``(array, Triton dtype)``; returns the
+    ``outputs`` as numpy arrays.  Works with an HTTP or a gRPC client."""
+    if type(client).__module__.startswith("tritonclient.grpc"):
+        import tritonclient.grpc as protocol
+    else:
+        import tritonclient.http as protocol
+    tensors = []
+    for name, (arr, dtype) in inputs.items():
+        tensor = protocol.InferInput(name, list(arr.shape), dtype)
+        tensor.set_data_from_numpy(arr)
+        tensors.append(tensor)
+    result = client.infer(model, tensors)
+    return [result.as_numpy(o) for o in outputs]
 
 
 class ServeFailed(NFormerError):

@@ -21,7 +21,7 @@ grpcclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from runtime.pipeline import Pipeline  # noqa: E402
-from runtime.serving.process import ServeFailed, ServeProcess  # noqa: E402
+from runtime.serving.process import ServeFailed, ServeProcess, infer as triton_infer  # noqa: E402
 
 START_TIMEOUT_S = 240
 MAX_BATCH = 16
@@ -50,14 +50,7 @@ def png(seed, size=(64, 32)):
 
 
 def infer(client, model, inputs, outputs, kind="http"):
-    mod = httpclient if kind == "http" else grpcclient
-    tensors = []
-    for name, (arr, dtype) in inputs.items():
-        t = mod.InferInput(name, list(arr.shape), dtype)
-        t.set_data_from_numpy(arr)
-        tensors.append(t)
-    result = client.infer(model, tensors)
-    return [result.as_numpy(o) for o in outputs]
+    return triton_infer(client, model, inputs, outputs)
 
 
 def embed(client, crops, kind="http"):
@@ -230,7 +223,6 @@ def test_eight_concurrent_clients_get_their_own_results(server, reference):
 
 
 def test_sigterm_flushes_the_gallery_and_exits(model_dir, tmp_path):
-    from runtime.gallery import Gallery  # noqa: F401  (the saved snapshot is read below)
     from runtime.serving.gallery_store import GalleryStore
 
     srv = Server(model_dir, tmp_path / "g", tmp_path / "serve.log")
