@@ -164,7 +164,8 @@ def main():
     parser.add_argument("--original-at", type=int, default=19281, help="N of the original's dense path (0: skip).")
     parser.add_argument("--no-original", action="store_true", help="Skip the original's dense path.")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--build", type=Path, help="Reuse an exported model directory (and its checkpoint.pth).")
+    parser.add_argument("--build", type=Path, help="Reuse an exported model directory (with its checkpoint.pth); "
+                        "the data sets are written there too.  Without it a temporary one is made and removed.")
     args = parser.parse_args()
     if args.case:
         print(json.dumps(run_case(json.loads(args.case))))
@@ -273,6 +274,10 @@ def main():
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=1, default=str) + "\n")
     print(f"wrote {args.json} ({report['wall_seconds']:.0f} s in all)")
+    if args.build is None:                # the export and data sets this run made (a few hundred MB)
+        import shutil
+
+        shutil.rmtree(build, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -114,13 +114,13 @@ def layers_model(state: dict, n_layer: int, n_embd: int, n_head: int, ln_eps: fl
         a_k, c_k = onto(wk, bk, per_head(q_l))
         proj = g.op("Concat", [g.const(wv), a_q, a_k], axis=1)                          # [C, C + 2 H l]
         bias = g.op("Concat", [g.const(bv), c_q, c_k], axis=0)
-        y = g.op("Add", [g.op("MatMul", [x, proj]), bias])                               # [N, C + 2 H l]
+        y = g.op("Add", [g.op("MatMul", [x, proj]), bias])                               # [Np, C + 2 H l]
         hl = g.op("Reshape", [g.op("Mul", [g.op("Gather", [g.op("Shape", [lm]), g.const(np.int64(0))], axis=0),
                                            g.const(np.int64(heads))]), g.ints(1)])
         v, q_hat, k_hat = g.op("Split", [y, g.op("Concat", [g.ints(c), hl, hl], axis=0)], outputs=3, axis=1)
-        # the softmax weights of every row over its k slots, [N, k, H]: small (no [N, k, C] tensor)
-        k_nb = g.op("Reshape", [g.op("Gather", [k_hat, idx], axis=0), g.ints(0, 0, heads, -1)])   # [N, k, H, l]
-        q4 = g.op("Reshape", [q_hat, g.ints(0, 1, heads, -1)])                            # [N, 1, H, l]
+        # the softmax weights of every row over its k slots, [Np, k, H]: small (no [N, k, C] tensor)
+        k_nb = g.op("Reshape", [g.op("Gather", [k_hat, idx], axis=0), g.ints(0, 0, heads, -1)])   # [Np, k, H, l]
+        q4 = g.op("Reshape", [q_hat, g.ints(0, 1, heads, -1)])                            # [Np, 1, H, l]
         logits = g.op("Div", [g.op("ReduceSum", [g.op("Mul", [q4, k_nb]), g.ints(-1)], keepdims=0), scale])
         weights = g.op("Softmax", [g.op("Add", [logits, mask])], axis=1)                 # [Np, k, H]
 

@@ -8,7 +8,9 @@ plugin library does not load, TensorRT refuses to deserialise it -- is logged (`
 ``runtime.pipeline``) and kept in ``pipe.backend_choice``, and that network runs on ONNX Runtime;
 ``backend="tensorrt"`` turns the same reasons into one error.  ``dynamic_batching=True`` routes
 ``embed`` through ``runtime.batching`` (many producer threads, batched encoder calls);
-``gallery()`` gives a ``runtime.gallery.Gallery`` bound to the refinement.
+``gallery()`` gives a ``runtime.gallery.Gallery`` bound to the refinement.  ``refine`` takes the
+faster exact path by itself (``set_refine_path``: on ONNX Runtime's CPU provider the lists of
+``runtime.neighbors`` and then ``nformer_layers.onnx``), logged and kept in ``refine_path``.
 """
 from __future__ import annotations
 

@@ -527,9 +527,10 @@ print(json.dumps(out))
 @pytest.mark.parametrize("env", [{"OPENBLAS_CORETYPE": "Haswell"}, {"OPENBLAS_CORETYPE": "Sandybridge"},
                                  {"OPENBLAS_NUM_THREADS": "1"}, {"OPENBLAS_CORETYPE": "Prescott"}])
 def test_numpy_form_is_the_same_under_other_blas_kernels(env, tmp_path):
-    """numpy's BLAS with another SGEMM kernel (OpenBLAS's core types) or one thread: the float32
-    candidates change in the last bits, the lists do not.  (Where numpy uses another BLAS the
-    variables are ignored and the test repeats the default path.)"""
+    """numpy's BLAS (the float64 scores' matrix-vector products) with another kernel (OpenBLAS's
+    core types) or one thread: the scores change in the last bits, the lists do not.  (The float32
+    pass runs in ONNX Runtime; its perturbations are the test above.  Where numpy uses another
+    BLAS the variables are ignored and the test repeats the default path.)"""
     sets = np.stack([hard_set(500, seed=31), hard_set(500, seed=32)])
     np.save(tmp_path / "sets.npy", sets)
     run = subprocess.run([sys.executable, "-c", _OPENBLAS_SCRIPT, str(tmp_path / "sets.npy")], cwd=ROOT,
