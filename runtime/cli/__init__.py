@@ -6,6 +6,10 @@ One click group; the subcommands live by area: ``runtime.cli.model`` (embed, ref
 """
 from __future__ import annotations
 
+import signal
+import sys
+import threading
+
 import click
 
 from runtime.cli import evaluation, model, service, serving
@@ -14,6 +18,16 @@ from runtime.cli import evaluation, model, service, serving
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main():
     """Run exported NFormer models: embed person crops, refine sets of embeddings."""
+    # SIGTERM (a timeout, a container stopping) unwinds like Ctrl-C: work folders and temporary
+    # files are removed by their own cleanup; ``serve`` installs its own handler (stop, then save)
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _exit_on_signal)
+        if previous is not None:          # restored when the command ends (CliRunner, embedding callers)
+            click.get_current_context().call_on_close(lambda: signal.signal(signal.SIGTERM, previous))
+
+
+def _exit_on_signal(signum, frame):
+    sys.exit(128 + signum)
 
 
 for _module in (model, evaluation, serving, service):

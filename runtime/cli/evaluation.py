@@ -7,12 +7,13 @@ from pathlib import Path
 import click
 
 from export.contract.cli import FiniteFloatRange, int_list_or_empty, user_errors
+from runtime.evaluation.synth import MAX_IDENTITIES, MIN_IDENTITIES
 from runtime.cli.options import batch_size_option, check_writable, model_dir_arg, threads_option, write_report
 
 
 @click.command()
 @click.argument("out_dir", type=click.Path(path_type=Path))
-@click.option("--identities", type=click.IntRange(4), default=600, show_default=True,
+@click.option("--identities", type=click.IntRange(MIN_IDENTITIES, MAX_IDENTITIES), default=600, show_default=True,
               help="Identities in all (half for training, half for query/gallery).")
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Same seed, same bytes.")
 @user_errors
@@ -35,7 +36,7 @@ def synth(out_dir, identities, seed):
               help="Where the synthetic data, the exported files and the figure go (reused by later runs).")
 @click.option("--figure", type=click.Path(path_type=Path), default=None,
               help="PNG with CMC curves and a 2-D projection (default: WORK_DIR/demo.png).")
-@click.option("--identities", type=click.IntRange(4), default=600, show_default=True,
+@click.option("--identities", type=click.IntRange(MIN_IDENTITIES, MAX_IDENTITIES), default=600, show_default=True,
               help="Size of the synthetic data set.")
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Seed of the data and the landmarks.")
 @user_errors

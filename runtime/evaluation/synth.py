@@ -25,6 +25,9 @@ from export.contract.market1501 import SPLITS
 HEIGHT, WIDTH = 128, 64          # Market-1501's crop size
 CANVAS = (88, 168)               # (w, h): room for crop jitter around the person
 CAMERAS = 6
+#: identities of a data set: two for training and two for testing at least; Market-1501's person
+#: ids 0001-1501 at most (file names carry four digits)
+MIN_IDENTITIES, MAX_IDENTITIES = 4, 1501
 VIEWS = ("front", "back", "side")
 JPEG_QUALITY = 90
 SKIN = [(241, 194, 167), (224, 172, 130), (198, 134, 94), (141, 85, 54), (92, 57, 35)]
@@ -228,10 +231,17 @@ def _name(pid: int, cam: int, seq: int, frame: int, box: int) -> str:
     return f"{pid_text}_c{cam + 1}s{seq}_{frame:06d}_{box:02d}.jpg"
 
 
+def check_identities(identities: int) -> None:
+    if not MIN_IDENTITIES <= identities <= MAX_IDENTITIES:
+        raise InputError(f"--identities must be {MIN_IDENTITIES}..{MAX_IDENTITIES} (2 for training, 2 for testing at "
+                         f"least; Market-1501's person ids 0001-{MAX_IDENTITIES} at most), got {identities}")
+
+
 def plan(identities: int, seed: int) -> dict[str, list[tuple[int, int, int, bool]]]:
     """What to draw: per split, (pid, camera, image number, occluded) tuples; deterministic."""
+    check_identities(identities)
     rng = np.random.default_rng([seed, 0])
-    pids = np.sort(rng.choice(np.arange(1, 1502), size=identities, replace=False))
+    pids = np.sort(rng.choice(np.arange(1, MAX_IDENTITIES + 1), size=identities, replace=False))
     train_ids, test_ids = pids[: identities // 2], pids[identities // 2:]
     out = {"train": [], "query": [], "gallery": []}
     for pid in train_ids:
@@ -256,8 +266,7 @@ def plan(identities: int, seed: int) -> dict[str, list[tuple[int, int, int, bool
 def generate(out_dir: str | Path, identities: int = 300, seed: int = 0, progress=None) -> dict:
     """Write the data set into ``out_dir`` (created; must not already hold one).  Returns counts."""
     out_dir = Path(out_dir)
-    if identities < 4:
-        raise InputError(f"--identities must be at least 4 (2 for training, 2 for testing), got {identities}")
+    check_identities(identities)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir} is a file; synth writes a directory (bounding_box_train/, query/, "
                          "bounding_box_test/): choose a new or empty directory")

@@ -674,6 +674,14 @@ def test_synth_into_an_existing_file_is_one_clear_error(tmp_path):
     one_error(cli("synth", tmp_path / "data", "--identities", 4), "is a file", "choose a new or empty directory")
     one_error(cli("synth", tmp_path / "data" / "sub", "--identities", 4), "cannot create")
     assert tree(tmp_path) == {"data": b"keep me"}
+    # more identities than Market-1501's four-digit person ids: one error, nothing written
+    one_error(cli("synth", tmp_path / "big", "--identities", 2000), "--identities", "1501")
+    one_error(cli("demo", "--work-dir", tmp_path / "demo", "--identities", 1502), "--identities", "1501")
+    from runtime.evaluation.synth import generate
+
+    with pytest.raises(InputError, match="1501"):
+        generate(tmp_path / "lib", identities=1502)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
 
 
 # ---- file modes: everything written follows the umask ----
@@ -732,3 +740,29 @@ def test_everything_written_follows_the_umask(tmp_path_factory, tmp_path):
             "triton_models/nformer_encoder/config.pbtxt", "out/sgie.encoder.onnx", "gal/CURRENT",
             "synth/query"} <= names
     assert not [n for n in names if ".tmp" in n or ".export-" in n], names
+
+
+def test_sigterm_during_a_runtime_command_removes_its_work_folder(tmp_path):
+    """``runtime synth`` (any runtime subcommand) stopped by SIGTERM exits 143 and leaves nothing
+    half-written: its work folder is removed like on Ctrl-C."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "data"
+    proc = subprocess.Popen([sys.executable, "-m", "runtime.cli", "synth", str(out), "--identities", "1500"],
+                            cwd=Path(__file__).resolve().parents[2], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and not any(out.glob(".synth-*/*/*.jpg")):
+            time.sleep(0.05)
+        assert any(out.glob(".synth-*/*/*.jpg")), "synth never started writing images"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err.decode(errors="replace")[-2000:]
+    assert list(out.iterdir()) == []
+    assert b"Traceback" not in err
