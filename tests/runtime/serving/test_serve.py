@@ -194,7 +194,11 @@ def test_eight_concurrent_clients_get_their_own_results(server, reference):
                 op = n % 3
                 if op == 0:
                     got = embed(client, crops[t][: 1 + n % 3], kind)
-                    if not np.array_equal(got, want[t][: 1 + n % 3]):
+                    # Triton merges requests into one batch: a conv kernel may sum a row in another
+                    # order at another batch size (bitwise equality held on one CPU, not by construction),
+                    # so rounding-level differences pass; another request's crops differ by far more
+                    ref = want[t][: 1 + n % 3]
+                    if got.shape != ref.shape or not np.allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max()):
                         raise AssertionError(f"client {t} request {n}: embeddings of another request")
                 elif op == 1:
                     x = rng.standard_normal((1, width)).astype(np.float32)
