@@ -7,7 +7,7 @@ import click
 
 from export.contract.cli import user_errors
 from runtime.cli.options import model_dir_arg
-from runtime.serving.exports import INT32_MAX, UINT64_MAX
+from runtime.serving.exports import INT32_MAX, TRITON_ENCODER_PRECISIONS, UINT64_MAX
 
 
 @click.command("triton-repo")
@@ -26,15 +26,19 @@ from runtime.serving.exports import INT32_MAX, UINT64_MAX
 @click.option("--tensorrt-version", default=None,
               help="With --engines: the Triton server's TensorRT version (major.minor.patch) the engines must match; "
                    "default: the TensorRT installed here.")
+@click.option("--encoder-precision", type=click.Choice(TRITON_ENCODER_PRECISIONS), default="fp32", show_default=True,
+              help="The encoder file to serve without --engines: int8-cpu is encoder.int8-cpu.onnx from `runtime build "
+                   "--precision int8-cpu` (CPU instances: ONNX Runtime's x86 integer kernels).")
 @user_errors
 def triton_repo(model_dir, out_dir, max_batch, max_queue_delay_us, instance_kind, instances, engines, overwrite,
-                tensorrt_version):
+                tensorrt_version, encoder_precision):
     """Write a Triton model repository to OUT_DIR: the encoder (dynamic batching) and the
     refinement (one request = one set) as two models with their config.pbtxt."""
     from runtime.serving.exports import write_triton_repository
 
     record = write_triton_repository(model_dir, out_dir, max_batch, max_queue_delay_us, instance_kind, instances,
-                                     engines, overwrite, tensorrt_version=tensorrt_version)
+                                     engines, overwrite, tensorrt_version=tensorrt_version,
+                                     encoder_precision=encoder_precision)
     for name, entry in record["models"].items():
         click.echo(f"{name}: {out_dir / entry['config']}, {out_dir / entry['file']}")
     click.echo(f"wrote {out_dir}")

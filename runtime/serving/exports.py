@@ -45,11 +45,14 @@ from export.contract.errors import InputError
 from export.contract.files import (copy_file_atomic, make_temp_dir, sha256_file, staged_files,
                                    write_text_atomic)
 from export.contract.manifest import load_manifest, model_config, refuse_model_file
+from export.contract.variants import CPU_PRECISIONS, VARIANTS_KEY, variant_name
 
 ENCODER_MODEL = "nformer_encoder"
 REFINE_MODEL = "nformer_refine"
 REPOSITORY_RECORD = "nformer_repository.json"
 INSTANCE_KINDS = {"auto": "KIND_AUTO", "gpu": "KIND_GPU", "cpu": "KIND_CPU"}
+#: encoder files a repository of ONNX models can serve (TensorRT precisions come as engines)
+TRITON_ENCODER_PRECISIONS = ("fp32", *CPU_PRECISIONS)
 #: Triton's model_config.proto: max_batch_size, preferred_batch_size and an instance group's count are
 #: int32, max_queue_delay_microseconds is uint64; nvinfer reads its integer keys as gint (int32)
 INT32_MAX = 2**31 - 1
@@ -239,15 +242,33 @@ def _triton_plugin_library(plan: dict, out_dir: Path) -> dict:
 def write_triton_repository(model_dir: str | Path, out_dir: str | Path, max_batch: int = 32,
                             max_queue_delay_us: int = 2000, instance_kind: str = "auto", instance_count: int = 1,
                             engines: bool = False, overwrite: bool = False,
-                            tensorrt_version: str | None = None) -> dict:
+                            tensorrt_version: str | None = None, encoder_precision: str = "fp32") -> dict:
     """Write the repository into ``out_dir`` (published only when complete).  Returns its record.
 
     ``engines``: serve TensorRT plans (:func:`choose_triton_engines`); ``tensorrt_version``: the
-    Triton server's TensorRT version (default: the one that imports here; required otherwise)."""
+    Triton server's TensorRT version (default: the one that imports here; required otherwise);
+    ``encoder_precision``: "fp32" (``encoder.onnx``) or "int8-cpu" (``encoder.int8-cpu.onnx`` from
+    ``runtime build --precision int8-cpu``, for CPU instances of Triton's ONNX Runtime backend)."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
+    if encoder_precision not in TRITON_ENCODER_PRECISIONS:
+        raise InputError(f"encoder precision must be one of {', '.join(TRITON_ENCODER_PRECISIONS)}, found "
+                         f"{encoder_precision!r} (TensorRT precisions come from engines: --engines)")
     manifest = load_manifest(model_dir)
     sources = {"encoder": model_dir / manifest["files"]["encoder"]["path"],
                "nformer": model_dir / manifest["files"]["nformer"]["path"]}
+    if encoder_precision in CPU_PRECISIONS:
+        if engines:
+            raise InputError(f"--encoder-precision {encoder_precision} is an ONNX Runtime file for x86 CPUs and "
+                             "--engines serves TensorRT plans: choose one")
+        if instance_kind == "gpu":
+            raise InputError(f"--encoder-precision {encoder_precision} is for CPU instances (ONNX Runtime's x86 "
+                             "integer kernels); use --instance-kind cpu, or the fp32 file or an INT8 engine on a GPU")
+        entry = manifest.get(VARIANTS_KEY, {}).get(variant_name("encoder", encoder_precision))
+        if entry is None:
+            raise InputError(f"{model_dir} lists no {variant_name('encoder', encoder_precision)} file (or it no longer "
+                             f"matches its checksum); write it with `runtime build {model_dir} --precision "
+                             f"{encoder_precision} --calib-data DIR`")
+        sources["encoder"] = model_dir / entry["path"]
     platforms = {}
     plans = {}
     if engines:
@@ -284,6 +305,8 @@ def write_triton_repository(model_dir: str | Path, out_dir: str | Path, max_batc
             write_text_atomic(work / name / "config.pbtxt", configs[name])
             record["models"][name] = {"config": f"{name}/config.pbtxt", "file": str(target.relative_to(work)),
                                       "from": sources[network].name}
+            if network == "encoder" and not plan:
+                record["models"][name]["precision"] = encoder_precision
             if plan:
                 chosen = plans[network]
                 record["models"][name]["engine"] = {
@@ -329,7 +352,10 @@ def _triton_readme(record: dict, platforms: dict, config) -> str:
                   "on this project's machines.\n")
     return (f"# NFormer model repository\n\nWritten by `runtime triton-repo` from `{record['source']}`.\n\n"
             f"- `{ENCODER_MODEL}`: `images` float32 [batch, 3, H, W] (normalised crops) -> `embeddings` float32 "
-            f"[batch, {config.feature_dim}]; dynamic batching.\n"
+            f"[batch, {config.feature_dim}]; dynamic batching"
+            + (f" (`{record['models'][ENCODER_MODEL]['from']}`: INT8 with uint8 activations, for CPU instances of "
+               "ONNX Runtime's backend; embeddings within the INT8 accuracy gate of the fp32 file, not equal to it)"
+               if record["models"][ENCODER_MODEL].get("precision", "fp32") != "fp32" else "") + ".\n"
             f"- `{REFINE_MODEL}`: `features` float32 [1, N, {config.n_embd}] (L2-normalised embeddings of the whole "
             f"set) and `landmarks` int64 [n_layer={config.n_layer}, l] -> `refined` float32 [1, N, {config.n_embd}].\n\n"
             + serve + plugin)

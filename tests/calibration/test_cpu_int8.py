@@ -189,3 +189,28 @@ def test_demo_evaluates_the_variant(tmp_path, tmp_path_factory):
     runners = demo_runners(build, synthetic_data(tmp_path_factory), log=lambda m: None)
     rows = [(r.backend, r.precision, r.refinement) for r in runners]
     assert ("onnxruntime", CPU, "fp32") in rows and ("onnxruntime", "int8", "fp16") in rows
+
+
+def test_triton_repository_serves_it_on_cpu_instances(cpu_dir, tmp_path):
+    """`triton-repo --encoder-precision int8-cpu`: the variant's bytes as the encoder model (CPU
+    instances), recorded as such; refused with engines, GPU instances, or without the file."""
+    import json
+
+    out = tmp_path / "repo"
+    r = _cli("triton-repo", cpu_dir, out, "--encoder-precision", CPU, "--instance-kind", "cpu")
+    assert r.exit_code == 0, r.output
+    assert (out / "nformer_encoder" / "1" / "model.onnx").read_bytes() == (cpu_dir / "encoder.int8-cpu.onnx").read_bytes()
+    assert (out / "nformer_refine" / "1" / "model.onnx").read_bytes() == (cpu_dir / "nformer.onnx").read_bytes()
+    record = json.loads((out / "nformer_repository.json").read_text())
+    assert record["models"]["nformer_encoder"]["precision"] == CPU
+    assert record["models"]["nformer_encoder"]["from"] == "encoder.int8-cpu.onnx"
+    assert "KIND_CPU" in (out / "nformer_encoder" / "config.pbtxt").read_text()
+    assert "uint8 activations" in (out / "README.md").read_text()
+    _one_line_error(_cli("triton-repo", cpu_dir, tmp_path / "g", "--encoder-precision", CPU, "--instance-kind", "gpu"),
+                    "--instance-kind cpu")
+    _one_line_error(_cli("triton-repo", cpu_dir, tmp_path / "e", "--encoder-precision", CPU, "--engines"),
+                    "choose one")
+    stale = fresh_copy(cpu_dir, tmp_path / "stale")
+    (stale / "encoder.int8-cpu.onnx").unlink()
+    _one_line_error(_cli("triton-repo", stale, tmp_path / "s", "--encoder-precision", CPU), "--precision int8-cpu")
+    assert not any(p.name in ("g", "e", "s") or p.name.startswith((".g", ".e", ".s")) for p in tmp_path.iterdir())
