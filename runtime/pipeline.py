@@ -85,9 +85,16 @@ def choose_backend(model_dir: Path, manifest: dict, network: str, backend: str =
             raise InputError(f"no usable TensorRT engine for {network} in {model_dir}: {why}")
         if notes:
             reason = "no listed TensorRT engine is usable here: " + "; ".join(notes)
-            log.warning("%s: using ONNX Runtime, %s", network, reason)
         else:
             reason = f"the manifest lists no TensorRT engine for {network}"
+        if precision not in (None, "fp32"):
+            # a precision was asked for and cannot be had: the fp32 file runs, and the log says so loudly
+            reason += (f"; precision {precision!r} needs a TensorRT engine, so the fp32 file runs"
+                       + (" (on a CPU, precision 'int8-cpu' is the INT8 file for ONNX Runtime)"
+                          if network == "encoder" and precision == "int8" else ""))
+        if notes or precision not in (None, "fp32"):
+            log.warning("%s: using ONNX Runtime, %s", network, reason)
+        else:
             log.info("%s: using ONNX Runtime, %s", network, reason)
     files = manifest["files"]
     if network not in files:

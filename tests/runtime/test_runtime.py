@@ -253,3 +253,26 @@ def test_refine_path_choice():
     assert choose_refine_path(SimpleNamespace(name="tensorrt"), files)[0] == "one-shot"
     path, reason = choose_refine_path(cpu, {"files": {"nformer": {}}})
     assert path == "one-shot" and "no nformer_layers.onnx" in reason
+
+
+def test_a_precision_without_an_engine_runs_fp32_and_says_so(resnet18_export, caplog):
+    """precision="int8"/"fp16" needs a TensorRT engine; without one the fp32 file runs, with a warning
+    and the reason kept in backend_choice (not silently)."""
+    import logging
+
+    out_dir = resnet18_export[0]
+    for precision in ("int8", "fp16"):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="runtime.pipeline"), \
+                Pipeline.load(out_dir, providers=["CPUExecutionProvider"], precision=precision) as pipe:
+            choice = pipe.backend_choice["encoder"]
+            assert choice["backend"] == "onnxruntime" and pipe.encoder.backend.path.name == "encoder.onnx"
+            assert f"precision {precision!r} needs a TensorRT engine" in choice["reason"]
+            assert ("int8-cpu" in choice["reason"]) == (precision == "int8")
+        warned = [r for r in caplog.records if r.levelno == logging.WARNING and r.getMessage().startswith("encoder:")]
+        assert len(warned) == 1 and precision in warned[0].getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="runtime.pipeline"), \
+            Pipeline.load(out_dir, providers=["CPUExecutionProvider"]):
+        pass
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
