@@ -40,6 +40,7 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -68,6 +69,10 @@ REQUIRED_ARRAYS = ARRAYS[:3]
 #: what the embeddings depend on: a gallery opened with a model that differs in one of them is refused
 IDENTITY_KEYS = ("encoder_sha256", "checkpoint_sha256", "input_size_hw", "pixel_mean", "pixel_std", "feature_dim",
                  "n_embd")
+#: recorded too, not refused: the precision of the encoder that made the embeddings (fp32, fp16, int8,
+#: int8-cpu); a gallery opened by a pipeline at another precision is logged (same model, slightly
+#: shifted embeddings: a GPU-built gallery stays usable on a CPU box)
+PRECISION_KEY = "encoder_precision"
 #: lock files a gallery directory may hold besides its versions: ``.lock`` (saves and loads where
 #: directories cannot be locked), ``.serve.lock`` (the one server that journals into it)
 SERVE_LOCK = ".serve.lock"
@@ -75,6 +80,8 @@ LOCK_FILES = (".lock", SERVE_LOCK)
 _VERSION_DIR = re.compile(r"v\d+")
 _TEMP_DIR = re.compile(r"\.v\d+\.tmp-.*")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -90,9 +97,10 @@ class Hit:
         return asdict(self)
 
 
-def model_identity(manifest: dict | None, config: ModelConfig) -> dict:
+def model_identity(manifest: dict | None, config: ModelConfig, encoder_precision: str | None = None) -> dict:
     """What a gallery records about the model its embeddings came from: the encoder file and the
-    checkpoint (sha256, from the manifest), and the configuration that shapes the embedding space."""
+    checkpoint (sha256, from the manifest), the configuration that shapes the embedding space, and
+    the precision the encoder ran at (``encoder_precision``, when known)."""
     ident = {"n_embd": config.n_embd, "topk": config.topk, "n_layer": config.n_layer, "landmarks": config.landmarks,
              "feature_dim": config.feature_dim, "input_size_hw": [int(v) for v in config.input_size_hw],
              "pixel_mean": [float(v) for v in config.pixel_mean], "pixel_std": [float(v) for v in config.pixel_std]}
@@ -104,6 +112,8 @@ def model_identity(manifest: dict | None, config: ModelConfig) -> dict:
             ident["encoder_sha256"] = encoder["sha256"]
         if source.get("sha256"):
             ident["checkpoint_sha256"] = source["sha256"]
+    if encoder_precision:
+        ident[PRECISION_KEY] = str(encoder_precision)
     return ident
 
 
@@ -488,6 +498,7 @@ class Gallery:
                     raise InputError(f"{folder / ITEMS}: its model identity does not match its checksum "
                                      "(model_sha256): the file was edited or is damaged; restore the gallery from a "
                                      "backup or rebuild it")
+            _note_precision(path, saved_model, model or {})
             for name, digest in items["sha256"].items():
                 if not (folder / name).is_file() or sha256_file(folder / name) != digest:
                     raise InputError(f"{folder / name} is missing or does not match its checksum in {ITEMS}; the "
@@ -543,6 +554,16 @@ def _check_identity(path: Path, saved: dict, current: dict) -> None:
         raise InputError(f"gallery {path} does not record the {', '.join(unrecorded)} of the model that made it, so "
                          "it cannot be shown to fit this model; re-embed it with this model (Pipeline.gallery), or "
                          "pass allow_model_mismatch=True if it is known to come from this model")
+
+
+def _note_precision(path: Path, saved: dict, current: dict) -> None:
+    """Log when the gallery's embeddings came from the encoder at another precision than the one
+    that embeds the queries now (accepted: the same model, embeddings within its precision gate)."""
+    a, b = saved.get(PRECISION_KEY), current.get(PRECISION_KEY)
+    if a and b and a != b:
+        log.warning("gallery %s holds embeddings of the %s encoder; this pipeline embeds at %s: query-to-gallery "
+                    "distances carry both precisions' error (re-embed the gallery at %s for like-for-like results)",
+                    path, a, b, b)
 
 
 def _short(value) -> str:

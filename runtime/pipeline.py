@@ -228,7 +228,8 @@ class Pipeline:
         from runtime.gallery import Gallery, model_identity
         from runtime.neighbors import DEFAULT_RESERVE
 
-        ident = model_identity(self.manifest, self.config)
+        ident = model_identity(self.manifest, self.config,
+                               encoder_precision=getattr(self.encoder.backend, "precision", None) or "fp32")
         if path is None:
             return Gallery(self.config, self.layers_refiner, seed=seed,
                            reserve=DEFAULT_RESERVE if reserve is None else reserve, model=ident)

@@ -157,6 +157,27 @@ def test_a_gallery_opens_only_with_the_model_that_made_it(tmp_path, change):
     assert len(Gallery.load(tmp_path / "gal", SMALL, model=model_identity(MANIFEST, SMALL))) == 12
 
 
+def test_a_gallery_of_another_precision_opens_with_a_warning(tmp_path, caplog):
+    """The encoder's precision is recorded; another precision of the same model is accepted (a
+    GPU-built INT8 gallery stays usable on a CPU box) and logged, the same precision is silent."""
+    import logging
+
+    small_gallery(model=model_identity(MANIFEST, SMALL, encoder_precision="int8")).save(tmp_path / "gal")
+    for precision, warns in (("int8-cpu", True), ("int8", False), (None, False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="runtime.gallery"):
+            g = Gallery.load(tmp_path / "gal", SMALL, model=model_identity(MANIFEST, SMALL, encoder_precision=precision))
+        assert len(g) == 12 and g.model["encoder_precision"] == "int8"
+        said = [r.getMessage() for r in caplog.records]
+        assert bool(said) == warns, said
+        if warns:
+            assert "int8 encoder" in said[0] and "int8-cpu" in said[0]
+
+
+def test_the_pipeline_records_its_encoder_precision(pipe):
+    assert pipe.gallery().model["encoder_precision"] == "fp32"
+
+
 def test_a_gallery_of_another_input_size_is_refused_by_the_pipeline(pipe, resnet18_export, tmp_path):
     """End to end: the same checkpoint exported at another input size (its manifest says 128x64)."""
     g = pipe.gallery()
