@@ -21,7 +21,7 @@ names; nothing here needs TensorRT, Triton or DeepStream to be installed.
   resize, which is not PIL's).
 
 Files are written with ``export.contract.files`` (atomic, umask-following; the Triton repository is
-assembled in a ``make_temp_dir`` folder and published by one rename); the plugin library is found by
+assembled in a flocked ``work_dir`` folder, whose leftovers a later run sweeps, and published by one rename); the plugin library is found by
 ``plugins.plugin_library_path()``.  Triton and DeepStream only dlopen plugin libraries, so what they load
 is ``plugins.autoreg_library_path()`` (``libnformer_plugins_autoreg.so``, which registers the plugin's
 creator when it is loaded): the repository holds a copy and its README gives the ``tritonserver`` command
@@ -32,6 +32,7 @@ the configs (Triton's model_config protobuf; the key-file syntax) and check the 
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import shlex
@@ -42,8 +43,7 @@ import numpy as np
 
 import plugins
 from export.contract.errors import InputError
-from export.contract.files import (copy_file_atomic, make_temp_dir, sha256_file, staged_files,
-                                   write_text_atomic)
+from export.contract.files import copy_file_atomic, sha256_file, staged_files, work_dir, write_text_atomic
 from export.contract.manifest import load_manifest, model_config, refuse_model_file
 from export.contract.variants import CPU_PRECISIONS, VARIANTS_KEY, variant_name
 
@@ -287,12 +287,14 @@ def write_triton_repository(model_dir: str | Path, out_dir: str | Path, max_batc
         if not (out_dir / REPOSITORY_RECORD).is_file():
             raise InputError(f"{out_dir} is not empty and was not written by `runtime triton-repo` (no "
                              f"{REPOSITORY_RECORD}); refusing to overwrite it")
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        work = make_temp_dir(out_dir.parent, prefix=f".{out_dir.name}.tmp-")
-    except OSError as err:
-        raise InputError(f"cannot write next to {out_dir}: {err.strerror or err}") from None
-    try:
+    with contextlib.ExitStack() as stack:
+        try:
+            out_dir.parent.mkdir(parents=True, exist_ok=True)
+            # a flocked work folder: a later run sweeps the leftovers of a killed one (SIGKILL), never a running one's
+            work = stack.enter_context(work_dir(out_dir.parent, f".{out_dir.name}.tmp-")) / "repository"
+            work.mkdir()
+        except OSError as err:
+            raise InputError(f"cannot write next to {out_dir}: {err.strerror or err}") from None
         record = {"source": str(model_dir.resolve()), "manifest_sha256": sha256_file(model_dir / "manifest.json"),
                   "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   "models": {}}
@@ -321,9 +323,6 @@ def write_triton_repository(model_dir: str | Path, out_dir: str | Path, max_batc
         if out_dir.exists():
             shutil.rmtree(out_dir)
         work.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return {**record, "path": str(out_dir)}
 
 

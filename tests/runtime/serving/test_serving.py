@@ -343,3 +343,26 @@ def test_cli_help_of_new_commands():
     for cmd in ("evaluate", "bench", "triton-repo", "deepstream-config"):
         r = CliRunner().invoke(runtime_cli, [cmd, "--help"])
         assert r.exit_code == 0 and "Usage" in r.output, cmd
+
+
+def test_triton_repository_sweeps_a_killed_runs_folder_but_not_a_running_ones(resnet18_export, tmp_path):
+    """A SIGKILLed triton-repo leaves its work folder; the next run removes it (nobody holds its
+    lock), while a folder another running triton-repo holds stays."""
+    import os
+    import time
+
+    from export.contract.files import STALE_GRACE_S, work_dir
+
+    model_dir = resnet18_export[0]
+    killed = tmp_path / ".repo.tmp-killed"
+    (killed / "repository" / "nformer_encoder" / "1").mkdir(parents=True)
+    (killed / "repository" / "nformer_encoder" / "1" / "model.onnx").write_bytes(b"half")
+    old = time.time() - 10 * STALE_GRACE_S
+    os.utime(killed, (old, old))
+    with work_dir(tmp_path, ".repo.tmp-") as running:
+        os.utime(running, (old, old))
+        write_triton_repository(model_dir, tmp_path / "repo")
+        assert running.is_dir() and not killed.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
+    assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == [
+        "README.md", "nformer_encoder", "nformer_refine", "nformer_repository.json"]
