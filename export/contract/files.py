@@ -86,6 +86,9 @@ def make_temp_dir(parent: str | Path, prefix: str) -> Path:
     return path
 
 
+#: a file every :func:`work_dir` folder holds: only folders with it are ever swept (a user's own
+#: folder that happens to match a prefix is not)
+WORK_MARKER = ".nformer-work-dir"
 #: a work directory younger than this is never taken for a dead process's leftover: it may have
 #: been created a moment ago by a process that has not locked it yet
 STALE_GRACE_S = 10.0
@@ -110,13 +113,27 @@ def _try_lock(path: Path, blocking: bool = False) -> int | None:
     return fd
 
 
+@contextlib.contextmanager
+def dir_lock(path: str | Path):
+    """Hold an exclusive ``flock`` on directory ``path`` for the block (waits for another holder;
+    nothing is held where locks are not available).  For a check-then-publish step that two
+    processes must not interleave (two writers of one output directory)."""
+    fd = _try_lock(Path(path), blocking=True)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
 def remove_stale_work_dirs(parent: str | Path, prefix: str) -> list[Path]:
-    """Remove the :func:`work_dir` folders named ``prefix*`` in ``parent`` that no process holds
-    any more (their process was killed: SIGKILL, power loss).  Folders a running process holds,
-    and folders younger than :data:`STALE_GRACE_S`, are left alone.  Returns what was removed."""
+    """Remove the :func:`work_dir` folders named ``prefix*`` in ``parent`` (those holding
+    :data:`WORK_MARKER`) that no process holds any more (their process was killed: SIGKILL, power
+    loss).  Folders a running process holds, folders younger than :data:`STALE_GRACE_S`, and
+    folders without the marker (not made by :func:`work_dir`) are left alone.  Returns what was removed."""
     removed = []
     try:
-        entries = [p for p in Path(parent).iterdir() if p.name.startswith(prefix)]
+        entries = [p for p in Path(parent).iterdir() if p.name.startswith(prefix) and (p / WORK_MARKER).is_file()]
     except OSError:
         return removed
     now = time.time()
@@ -148,6 +165,7 @@ def work_dir(parent: str | Path, prefix: str):
     path = make_temp_dir(parent, prefix)
     fd = _try_lock(path, blocking=True)
     try:
+        (path / WORK_MARKER).touch()
         yield path
     finally:
         try:

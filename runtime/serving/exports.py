@@ -36,14 +36,14 @@ import contextlib
 import datetime
 import json
 import shlex
-import shutil
 from pathlib import Path
 
 import numpy as np
 
 import plugins
 from export.contract.errors import InputError
-from export.contract.files import copy_file_atomic, sha256_file, staged_files, work_dir, write_text_atomic
+from export.contract.files import (copy_file_atomic, dir_lock, sha256_file, staged_files, work_dir,
+                                   write_text_atomic)
 from export.contract.manifest import load_manifest, model_config, refuse_model_file
 from export.contract.variants import CPU_PRECISIONS, VARIANTS_KEY, variant_name
 
@@ -260,9 +260,10 @@ def write_triton_repository(model_dir: str | Path, out_dir: str | Path, max_batc
         if engines:
             raise InputError(f"--encoder-precision {encoder_precision} is an ONNX Runtime file for x86 CPUs and "
                              "--engines serves TensorRT plans: choose one")
-        if instance_kind == "gpu":
+        if instance_kind != "cpu":   # "auto" lets a server with a GPU place it there
             raise InputError(f"--encoder-precision {encoder_precision} is for CPU instances (ONNX Runtime's x86 "
-                             "integer kernels); use --instance-kind cpu, or the fp32 file or an INT8 engine on a GPU")
+                             f"integer kernels), found --instance-kind {instance_kind}: pass --instance-kind cpu, or "
+                             "serve the fp32 file or an INT8 engine on a GPU")
         entry = manifest.get(VARIANTS_KEY, {}).get(variant_name("encoder", encoder_precision))
         if entry is None:
             raise InputError(f"{model_dir} lists no {variant_name('encoder', encoder_precision)} file (or it no longer "
@@ -279,14 +280,7 @@ def write_triton_repository(model_dir: str | Path, out_dir: str | Path, max_batc
     # the refinement plan holds the plugin: Triton must load the library that registers it when dlopen'ed
     autoreg = _triton_plugin_library(plans["nformer"], out_dir) if "nformer" in plans else None
     configs = triton_configs(manifest, max_batch, max_queue_delay_us, instance_kind, instance_count, platforms)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"{out_dir} is a file; choose a directory for the model repository")
-    if out_dir.is_dir() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise InputError(f"{out_dir} is not empty; choose a new directory or pass --overwrite")
-        if not (out_dir / REPOSITORY_RECORD).is_file():
-            raise InputError(f"{out_dir} is not empty and was not written by `runtime triton-repo` (no "
-                             f"{REPOSITORY_RECORD}); refusing to overwrite it")
+    _check_repository_target(out_dir, overwrite)
     with contextlib.ExitStack() as stack:
         try:
             out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -320,10 +314,33 @@ def write_triton_repository(model_dir: str | Path, out_dir: str | Path, max_batc
             record["plugin_library"] = autoreg
         write_text_atomic(work / "README.md", _triton_readme(record, platforms, model_config(manifest)))
         write_text_atomic(work / REPOSITORY_RECORD, json.dumps(record, indent=1) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        work.rename(out_dir)
+        # publish under a lock on the parent: a concurrent run into the same OUT_DIR waits, then finds it
+        # taken (or, with --overwrite, replaces it whole); the old repository moves into the work folder
+        # first (one rename), so nothing is half-deleted whatever its permissions
+        with dir_lock(out_dir.parent):
+            _check_repository_target(out_dir, overwrite)
+            try:
+                if out_dir.exists():
+                    out_dir.rename(work.parent / "previous")
+                work.rename(out_dir)
+            except OSError as err:
+                raise InputError(f"cannot publish the repository at {out_dir}: {err.strerror or err}; the previous "
+                                 "one, if any, is unchanged") from None
     return {**record, "path": str(out_dir)}
+
+
+def _check_repository_target(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.is_symlink():
+        raise InputError(f"{out_dir} is a symbolic link; give the directory it points to (the repository is published "
+                         "by renaming a folder into place, which would replace the link, not its target)")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir} is a file; choose a directory for the model repository")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise InputError(f"{out_dir} is not empty; choose a new directory or pass --overwrite")
+        if not (out_dir / REPOSITORY_RECORD).is_file():
+            raise InputError(f"{out_dir} is not empty and was not written by `runtime triton-repo` (no "
+                             f"{REPOSITORY_RECORD}); refusing to overwrite it")
 
 
 def _triton_readme(record: dict, platforms: dict, config) -> str:

@@ -249,7 +249,7 @@ def test_an_interrupted_export_leaves_no_temporary_folder_and_a_killed_ones_is_r
     import time
 
     import export.to_onnx as to_onnx
-    from export.contract.files import STALE_GRACE_S
+    from export.contract.files import STALE_GRACE_S, WORK_MARKER
 
     ckpt = _small_checkpoint(tmp_path / "small.pth")
     out = tmp_path / "build"
@@ -257,8 +257,10 @@ def test_an_interrupted_export_leaves_no_temporary_folder_and_a_killed_ones_is_r
     killed = out / ".export-killed1"        # what a SIGKILLed export leaves
     killed.mkdir()
     (killed / "encoder.onnx").write_bytes(b"half")
+    (killed / WORK_MARKER).touch()
     running = out / ".export-running"       # another export, still running (holds its folder's lock)
     running.mkdir()
+    (running / WORK_MARKER).touch()
     for d in (killed, running):
         os.utime(d, (time.time() - STALE_GRACE_S - 60,) * 2)
     fd = os.open(running, os.O_RDONLY)

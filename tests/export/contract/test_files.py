@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from export.contract.files import STALE_GRACE_S, remove_stale_work_dirs, staged_files, work_dir
+from export.contract.files import STALE_GRACE_S, WORK_MARKER, remove_stale_work_dirs, staged_files, work_dir
 
 
 def _aged(path, seconds=STALE_GRACE_S + 60):
@@ -46,15 +46,21 @@ def test_a_killed_builds_folder_is_removed_by_the_next_build_but_a_running_one_i
     stale = tmp_path / ".build-killed"
     stale.mkdir()
     (stale / "encoder.onnx").write_bytes(b"half")
+    (stale / WORK_MARKER).touch()
     _aged(stale)
     fresh = tmp_path / ".build-just-made"    # could be a build that has not locked it yet
     fresh.mkdir()
+    (fresh / WORK_MARKER).touch()
     other = tmp_path / "keep-me"
     other.mkdir()
     _aged(other)
+    users = tmp_path / ".build-my-backup"     # the user's own folder that happens to match the prefix
+    users.mkdir()
+    (users / "precious.txt").write_text("keep")
+    _aged(users)
     with work_dir(tmp_path, ".build-") as running:
         _aged(running)
         # another build into the same folder meanwhile: the running one's folder stays
         assert remove_stale_work_dirs(tmp_path, ".build-") == []
         assert running.is_dir()
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".build-just-made", "keep-me"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".build-just-made", ".build-my-backup", "keep-me"]

@@ -351,11 +351,12 @@ def test_triton_repository_sweeps_a_killed_runs_folder_but_not_a_running_ones(re
     import os
     import time
 
-    from export.contract.files import STALE_GRACE_S, work_dir
+    from export.contract.files import STALE_GRACE_S, WORK_MARKER, work_dir
 
     model_dir = resnet18_export[0]
     killed = tmp_path / ".repo.tmp-killed"
     (killed / "repository" / "nformer_encoder" / "1").mkdir(parents=True)
+    (killed / WORK_MARKER).touch()
     (killed / "repository" / "nformer_encoder" / "1" / "model.onnx").write_bytes(b"half")
     old = time.time() - 10 * STALE_GRACE_S
     os.utime(killed, (old, old))
@@ -366,3 +367,52 @@ def test_triton_repository_sweeps_a_killed_runs_folder_but_not_a_running_ones(re
     assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
     assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == [
         "README.md", "nformer_encoder", "nformer_refine", "nformer_repository.json"]
+
+
+def test_triton_repository_publishing_is_serialised_and_whole(resnet18_export, tmp_path, monkeypatch):
+    """Two runs into one OUT_DIR: the second finds it taken (no --overwrite) instead of replacing it;
+    --overwrite swaps the whole folder (the old one moves aside first), a symlinked OUT_DIR is refused."""
+    import threading
+
+    import runtime.serving.exports as exports
+
+    model_dir = resnet18_export[0]
+    out = tmp_path / "repo"
+    started, release = threading.Event(), threading.Event()
+    real_readme = exports._triton_readme
+
+    def slow_readme(*a, **k):          # the first run stops before publishing until the second has built
+        started.set()
+        release.wait(60)
+        return real_readme(*a, **k)
+
+    monkeypatch.setattr(exports, "_triton_readme", slow_readme)
+    first_error = []
+
+    def first_run():
+        try:
+            write_triton_repository(model_dir, out, max_batch=4)
+        except InputError as err:
+            first_error.append(str(err))
+
+    first = threading.Thread(target=first_run)
+    first.start()
+    assert started.wait(60)
+    monkeypatch.setattr(exports, "_triton_readme", real_readme)
+    write_triton_repository(model_dir, out, max_batch=8)       # the second run publishes first
+    release.set()
+    first.join(60)
+    assert not first.is_alive()
+    # the first run, publishing second, was refused: the second run's repository is intact
+    assert len(first_error) == 1 and "is not empty" in first_error[0], first_error
+    assert parse_triton_config(out / "nformer_encoder" / "config.pbtxt").max_batch_size == 8
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
+    # --overwrite replaces it whole
+    write_triton_repository(model_dir, out, max_batch=16, overwrite=True)
+    assert parse_triton_config(out / "nformer_encoder" / "config.pbtxt").max_batch_size == 16
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
+    link = tmp_path / "link"
+    link.symlink_to(out)
+    with pytest.raises(InputError, match="symbolic link"):
+        write_triton_repository(model_dir, link, overwrite=True)
+    assert link.is_symlink() and (out / "nformer_repository.json").is_file()
