@@ -21,7 +21,7 @@ import numpy as np
 
 from export.contract.errors import InputError, NFormerError
 from export.contract.manifest import load_manifest, model_config
-from export.contract.variants import CPU_PRECISIONS, VARIANTS_KEY, variant_name
+from export.contract.variants import CPU_PRECISIONS, PRECISIONS, VARIANTS_KEY, variant_name
 
 from runtime.backends import Backend, OnnxRuntimeBackend
 from runtime.encoder import EncoderRunner
@@ -55,6 +55,9 @@ def choose_backend(model_dir: Path, manifest: dict, network: str, backend: str =
     """
     if backend not in BACKENDS:
         raise InputError(f"backend must be one of {', '.join(BACKENDS)}, found {backend!r}")
+    if precision is not None and precision not in PRECISIONS:
+        raise InputError(f"precision must be one of {', '.join(PRECISIONS)} (or None: the best available), found "
+                         f"{precision!r}")
     notes: list[str] = []
     reason = "backend='onnxruntime' was asked for"
     if precision in CPU_PRECISIONS:
@@ -87,15 +90,16 @@ def choose_backend(model_dir: Path, manifest: dict, network: str, backend: str =
             reason = "no listed TensorRT engine is usable here: " + "; ".join(notes)
         else:
             reason = f"the manifest lists no TensorRT engine for {network}"
-        if precision not in (None, "fp32"):
-            # a precision was asked for and cannot be had: the fp32 file runs, and the log says so loudly
-            reason += (f"; precision {precision!r} needs a TensorRT engine, so the fp32 file runs"
-                       + (" (on a CPU, precision 'int8-cpu' is the INT8 file for ONNX Runtime)"
-                          if network == "encoder" and precision == "int8" else ""))
-        if notes or precision not in (None, "fp32"):
-            log.warning("%s: using ONNX Runtime, %s", network, reason)
-        else:
-            log.info("%s: using ONNX Runtime, %s", network, reason)
+    engine_precision = precision not in (None, "fp32") and precision not in CPU_PRECISIONS
+    if engine_precision:
+        # a precision was asked for that only an engine gives: the fp32 file runs, and the log says so loudly
+        reason += (f"; precision {precision!r} needs a TensorRT engine, so the fp32 file runs"
+                   + (" (on a CPU, precision 'int8-cpu' is the INT8 file for ONNX Runtime)"
+                      if network == "encoder" and precision == "int8" else ""))
+    if engine_precision or notes:
+        log.warning("%s: using ONNX Runtime, %s", network, reason)
+    elif backend == "auto" and precision not in CPU_PRECISIONS:
+        log.info("%s: using ONNX Runtime, %s", network, reason)
     files = manifest["files"]
     if network not in files:
         raise InputError(f"{model_dir} has no {network} file in its manifest: re-run the export with this "

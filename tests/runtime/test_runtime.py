@@ -276,3 +276,13 @@ def test_a_precision_without_an_engine_runs_fp32_and_says_so(resnet18_export, ca
             Pipeline.load(out_dir, providers=["CPUExecutionProvider"]):
         pass
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    # backend="onnxruntime" asked for too: the same warning, the reason says both
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="runtime.pipeline"), \
+            Pipeline.load(out_dir, backend="onnxruntime", precision="fp16") as pipe:
+        reason = pipe.backend_choice["encoder"]["reason"]
+        assert "backend='onnxruntime' was asked for" in reason and "'fp16' needs a TensorRT engine" in reason
+    assert [r for r in caplog.records if r.levelno == logging.WARNING and r.getMessage().startswith("encoder:")]
+    for bad in ("bogus", 8, "FP16"):
+        with pytest.raises(InputError, match="precision must be one of fp32, fp16, int8, int8-cpu"):
+            Pipeline.load(out_dir, precision=bad)
