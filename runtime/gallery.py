@@ -54,6 +54,7 @@ import numpy as np
 from export.contract.config import ModelConfig
 from export.contract.errors import InputError
 from export.contract.files import make_temp_dir, sha256_file, write_bytes_atomic
+from export.contract.variants import PRECISIONS
 
 from runtime.refiner import LayersRefiner
 from runtime.evaluation.metrics import euclidean_distances
@@ -73,6 +74,9 @@ IDENTITY_KEYS = ("encoder_sha256", "checkpoint_sha256", "input_size_hw", "pixel_
 #: int8-cpu); a gallery opened by a pipeline at another precision is logged (same model, slightly
 #: shifted embeddings: a GPU-built gallery stays usable on a CPU box)
 PRECISION_KEY = "encoder_precision"
+#: its values: the variants' precisions, or "mixed" once rows of another precision were added
+MIXED = "mixed"
+RECORDED_PRECISIONS = (*PRECISIONS, MIXED)
 #: lock files a gallery directory may hold besides its versions: ``.lock`` (saves and loads where
 #: directories cannot be locked), ``.serve.lock`` (the one server that journals into it)
 SERVE_LOCK = ".serve.lock"
@@ -113,7 +117,9 @@ def model_identity(manifest: dict | None, config: ModelConfig, encoder_precision
         if source.get("sha256"):
             ident["checkpoint_sha256"] = source["sha256"]
     if encoder_precision:
-        ident[PRECISION_KEY] = str(encoder_precision)
+        if encoder_precision not in PRECISIONS:
+            raise InputError(f"encoder precision must be one of {', '.join(PRECISIONS)}, found {encoder_precision!r}")
+        ident[PRECISION_KEY] = encoder_precision
     return ident
 
 
@@ -198,6 +204,7 @@ class Gallery:
         self.refiner = refiner
         self.seed = int(seed)
         self.model = model or model_identity(None, config)
+        self._adding_precision: str | None = None   # set by load: the pipeline embeds at another precision
         self._lock = threading.RLock()
         self._index = NeighborIndex(config.topk, config.n_embd, reserve)
         self._raw = np.zeros((0, config.n_embd), np.float32)
@@ -306,6 +313,9 @@ class Gallery:
                 return []
             x, ids, cams, metas = batch
             self._index.add(l2_normalize(x))
+            if self._adding_precision and self._adding_precision != self.model.get(PRECISION_KEY):
+                # rows of another precision than the recorded one: the record says so from now on
+                self.model = {**self.model, PRECISION_KEY: MIXED if len(self._ids) else self._adding_precision}
             n = len(self._ids)
             self._raw = np.concatenate([self._raw, x])
             self._camids = np.concatenate([self._camids, cams])
@@ -498,7 +508,7 @@ class Gallery:
                     raise InputError(f"{folder / ITEMS}: its model identity does not match its checksum "
                                      "(model_sha256): the file was edited or is damaged; restore the gallery from a "
                                      "backup or rebuild it")
-            _note_precision(path, saved_model, model or {})
+            adding = _note_precision(path, saved_model, model or {})
             for name, digest in items["sha256"].items():
                 if not (folder / name).is_file() or sha256_file(folder / name) != digest:
                     raise InputError(f"{folder / name} is missing or does not match its checksum in {ITEMS}; the "
@@ -520,6 +530,7 @@ class Gallery:
                 raise InputError(f"gallery {folder} is inconsistent: {n} items of width {config.n_embd} but "
                                  f"{name} holds {arr.dtype} {arr.shape}; rebuild it")
         gallery = cls(config, refiner, seed=items["seed"], reserve=items["reserve"], model=saved_model)
+        gallery._adding_precision = adding
         try:
             gallery._index = NeighborIndex.from_state(features, state)
         except (KeyError, ValueError, TypeError, IndexError) as err:
@@ -556,14 +567,18 @@ def _check_identity(path: Path, saved: dict, current: dict) -> None:
                          "pass allow_model_mismatch=True if it is known to come from this model")
 
 
-def _note_precision(path: Path, saved: dict, current: dict) -> None:
+def _note_precision(path: Path, saved: dict, current: dict) -> str | None:
     """Log when the gallery's embeddings came from the encoder at another precision than the one
-    that embeds the queries now (accepted: the same model, embeddings within its precision gate)."""
+    that embeds the queries now (accepted: the same model, embeddings within its precision gate).
+    Returns that other precision (rows added from now on are of it), else None."""
     a, b = saved.get(PRECISION_KEY), current.get(PRECISION_KEY)
     if a and b and a != b:
-        log.warning("gallery %s holds embeddings of the %s encoder; this pipeline embeds at %s: query-to-gallery "
-                    "distances carry both precisions' error (re-embed the gallery at %s for like-for-like results)",
-                    path, a, b, b)
+        made = "at mixed precisions" if a == MIXED else f"by the {a} encoder"
+        log.warning("gallery %s holds embeddings made %s; this pipeline embeds at %s: query-to-gallery distances "
+                    "carry both precisions' error (re-embed the gallery at %s for like-for-like results)",
+                    path, made, b, b)
+        return b
+    return None
 
 
 def _short(value) -> str:
@@ -603,6 +618,8 @@ def _read_items(where: Path) -> dict:
             raise bad(key, "an integer >= 0", items.get(key))
     if not isinstance(items.get("model"), dict):
         raise bad("model", "an object (the model identity)", items.get("model"))
+    if PRECISION_KEY in items["model"] and items["model"][PRECISION_KEY] not in RECORDED_PRECISIONS:
+        raise bad(f"model.{PRECISION_KEY}", f"one of {', '.join(RECORDED_PRECISIONS)}", items["model"][PRECISION_KEY])
     ids = items.get("ids")
     if not (isinstance(ids, list) and len(ids) == n and all(is_int(i) or isinstance(i, str) for i in ids)):
         raise bad("ids", f"a list of {n} strings or integers", ids)

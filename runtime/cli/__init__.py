@@ -20,7 +20,8 @@ def main():
     """Run exported NFormer models: embed person crops, refine sets of embeddings."""
     # SIGTERM (a timeout, a container stopping) unwinds like Ctrl-C: work folders and temporary
     # files are removed by their own cleanup; ``serve`` installs its own handler (stop, then save)
-    if threading.current_thread() is threading.main_thread():
+    # (not where SIGTERM is ignored: a caller that set SIG_IGN, e.g. ``nohup``-style wrappers, keeps it)
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:
         previous = signal.signal(signal.SIGTERM, _exit_on_signal)
         if previous is not None:          # restored when the command ends (CliRunner, embedding callers)
             click.get_current_context().call_on_close(lambda: signal.signal(signal.SIGTERM, previous))

@@ -10,8 +10,10 @@ seeded generator.  Pure numpy + Pillow (no torch).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
+from numbers import Integral
 from pathlib import Path
 
 import numpy as np
@@ -232,7 +234,8 @@ def _name(pid: int, cam: int, seq: int, frame: int, box: int) -> str:
 
 
 def check_identities(identities: int) -> None:
-    if not MIN_IDENTITIES <= identities <= MAX_IDENTITIES:
+    if isinstance(identities, bool) or not isinstance(identities, Integral) or not (
+            MIN_IDENTITIES <= identities <= MAX_IDENTITIES):
         raise InputError(f"--identities must be {MIN_IDENTITIES}..{MAX_IDENTITIES} (2 for training, 2 for testing at "
                          f"least; Market-1501's person ids 0001-{MAX_IDENTITIES} at most), got {identities}")
 
@@ -272,10 +275,21 @@ def generate(out_dir: str | Path, identities: int = 300, seed: int = 0, progress
                          "bounding_box_test/): choose a new or empty directory")
     if any((out_dir / d).exists() for d in SPLITS.values()):
         raise InputError(f"{out_dir} already holds a data set; choose an empty directory")
+    created = not out_dir.exists()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise InputError(f"cannot create {out_dir}: {err.strerror or err}; choose a writable directory") from None
+    try:
+        return _generate(out_dir, identities, seed, progress)
+    except BaseException:
+        if created:                  # interrupted (Ctrl-C, SIGTERM) or failed: no empty folder left behind
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()
+        raise
+
+
+def _generate(out_dir: Path, identities: int, seed: int, progress) -> dict:
     cams = [Camera.draw(seed, c) for c in range(CAMERAS)]
     counts = {}
     with work_dir(out_dir, ".synth-") as work:

@@ -174,6 +174,40 @@ def test_a_gallery_of_another_precision_opens_with_a_warning(tmp_path, caplog):
             assert "int8 encoder" in said[0] and "int8-cpu" in said[0]
 
 
+def test_a_gallery_records_mixed_precisions_and_refuses_unknown_ones(tmp_path, caplog):
+    import logging
+
+    from runtime.gallery import ITEMS, _canonical_sha256, _content_sha256, _read_pointer
+
+    small_gallery(model=model_identity(MANIFEST, SMALL, encoder_precision="fp32")).save(tmp_path / "gal")
+    g = Gallery.load(tmp_path / "gal", SMALL, model=model_identity(MANIFEST, SMALL, encoder_precision="int8-cpu"))
+    g.add(np.ones((1, SMALL.n_embd), np.float32), ids=["new"])
+    assert g.model["encoder_precision"] == "mixed"
+    g.save(tmp_path / "gal")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="runtime.gallery"):   # an fp32 pipeline is told, too
+        Gallery.load(tmp_path / "gal", SMALL, model=model_identity(MANIFEST, SMALL, encoder_precision="fp32"))
+    assert len(caplog.records) == 1 and "mixed precisions" in caplog.records[0].getMessage()
+    # an empty gallery takes the precision of its first rows
+    small_gallery(n=0, model=model_identity(MANIFEST, SMALL, encoder_precision="fp32")).save(tmp_path / "empty")
+    e = Gallery.load(tmp_path / "empty", SMALL, model=model_identity(MANIFEST, SMALL, encoder_precision="int8"))
+    e.add(np.ones((2, SMALL.n_embd), np.float32), ids=["a", "b"])
+    assert e.model["encoder_precision"] == "int8"
+    with pytest.raises(InputError, match="encoder precision must be one of"):
+        model_identity(MANIFEST, SMALL, encoder_precision="fp8")
+    # an edited value (checksums made to match) is one clear error, shown short
+    folder = tmp_path / "gal" / _read_pointer(tmp_path / "gal")["version"]
+    for value in (8, ["fp32"], "bogus", "x" * 5_000_000, "fp32\n\x1b[31mINFO fake"):
+        items = json.loads((folder / ITEMS).read_text())
+        items["model"]["encoder_precision"] = value
+        items["content_sha256"] = _content_sha256(items)
+        items["model_sha256"] = _canonical_sha256(items["model"])
+        (folder / ITEMS).write_text(json.dumps(items))
+        with pytest.raises(InputError, match="model.encoder_precision must be one of") as err:
+            Gallery.load(tmp_path / "gal", SMALL, model=model_identity(MANIFEST, SMALL, encoder_precision="fp32"))
+        assert len(str(err.value)) < 400 and "\n" not in str(err.value)
+
+
 def test_the_pipeline_records_its_encoder_precision(pipe):
     assert pipe.gallery().model["encoder_precision"] == "fp32"
 
@@ -702,7 +736,12 @@ def test_synth_into_an_existing_file_is_one_clear_error(tmp_path):
 
     with pytest.raises(InputError, match="1501"):
         generate(tmp_path / "lib", identities=1502)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+    for bad in (4.5, 10.0, "10", None, True):         # one error before anything is written
+        with pytest.raises(InputError, match="--identities must be 4..1501"):
+            generate(tmp_path / "lib", identities=bad)
+    assert generate(tmp_path / "lib", identities=np.int64(4))["query"] > 0
+    (tmp_path / "lib").rename(tmp_path / "lib4")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "lib4"]
 
 
 # ---- file modes: everything written follows the umask ----
@@ -785,5 +824,5 @@ def test_sigterm_during_a_runtime_command_removes_its_work_folder(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM, err.decode(errors="replace")[-2000:]
-    assert list(out.iterdir()) == []
+    assert not out.exists()                   # its work folder, and the folder it created for the data set
     assert b"Traceback" not in err

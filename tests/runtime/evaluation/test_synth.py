@@ -51,7 +51,7 @@ def test_refuses_an_existing_data_set_and_tiny_sizes(tmp_path):
     generate(tmp_path, identities=4, seed=0)
     with pytest.raises(InputError, match="already holds"):
         generate(tmp_path, identities=4, seed=0)
-    with pytest.raises(InputError, match="at least 4"):
+    with pytest.raises(InputError, match="must be 4..1501"):
         generate(tmp_path / "x", identities=3)
 
 
