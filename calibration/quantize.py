@@ -42,14 +42,13 @@ import contextlib
 import io
 import logging
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import onnx
 
 from export.contract.errors import InputError
-from export.contract.files import sha256_file
+from export.contract.files import sha256_file, work_dir
 from export.contract.variants import CALIBRATED_PRECISIONS
 
 from calibration import cache as calib_cache
@@ -161,8 +160,8 @@ def quantize_encoder(src: str | Path, dst: str | Path, calib_data: str | Path, *
     # the TensorRT file's entries keep their name ("encoder.<method>.<digest>"): caches stay valid
     path = calib_cache.cache_path(cache_dir or dst.parent, "encoder" if precision == "int8" else "encoder.cpu", key)
     entry = calib_cache.load(path, key)
-    work = Path(tempfile.mkdtemp(prefix=".quantize-", dir=dst.parent))
-    try:
+    # a flocked work folder: removed whatever ends the block; a SIGKILLed run's is swept by the next one
+    with work_dir(dst.parent, ".quantize-") as work:
         if entry is not None:
             log(f"calibration: ranges from cache {path} (no image read)")
             reader, ranges = None, calib_cache.ranges_file(entry, work)
@@ -185,8 +184,6 @@ def quantize_encoder(src: str | Path, dst: str | Path, calib_data: str | Path, *
         check_qdq_encoder(model) if precision == "int8" else check_cpu_encoder(model)
         onnx.checker.check_model(model, full_check=True)
         shutil.move(str(work / "model.onnx"), dst)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return {"method": method, "options": options, "images": len(used), "seed": seed,
             "source": str(candidates.root), "layout": candidates.layout, "skipped": len(skipped),
             "cache": str(path), "cache_hit": entry is not None}

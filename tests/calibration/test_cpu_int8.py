@@ -212,5 +212,9 @@ def test_triton_repository_serves_it_on_cpu_instances(cpu_dir, tmp_path):
                     "choose one")
     stale = fresh_copy(cpu_dir, tmp_path / "stale")
     (stale / "encoder.int8-cpu.onnx").unlink()
-    _one_line_error(_cli("triton-repo", stale, tmp_path / "s", "--encoder-precision", CPU), "--precision int8-cpu")
-    assert not any(p.name in ("g", "e", "s") or p.name.startswith((".g", ".e", ".s")) for p in tmp_path.iterdir())
+    _one_line_error(_cli("triton-repo", stale, tmp_path / "s", "--encoder-precision", CPU, "--instance-kind", "cpu"),
+                    "--precision int8-cpu")
+    # the default instance kind (auto) would let a server with a GPU place it there
+    _one_line_error(_cli("triton-repo", cpu_dir, tmp_path / "a", "--encoder-precision", CPU), "--instance-kind auto")
+    refused = ("g", "e", "s", "a")
+    assert not any(p.name in refused or p.name.startswith(tuple("." + r for r in refused)) for p in tmp_path.iterdir())
