@@ -11,6 +11,7 @@ from export.contract.cli import user_errors
 from export.contract.errors import InputError
 from export.contract.files import staged_files
 from export.contract.manifest import refuse_model_file
+from export.contract.variants import PRECISIONS
 from runtime.cli.options import batch_size_option, check_writable, load_npy, model_dir_arg, save_npy_atomic, threads_option
 
 #: what str.splitlines() ends a line at: a name holding one would not be one line of the names file
@@ -39,10 +40,14 @@ def names_file_bytes(files: list[Path]) -> bytes:
 @click.option("--names-out", type=click.Path(path_type=Path), default=None,
               help="Also write the crop file names, one per line in row order, byte for byte as the file system "
                    "holds them (a name with a line break is refused); written together with --out.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None,
+              help="The encoder's precision: int8-cpu runs encoder.int8-cpu.onnx (from `runtime build --precision "
+                   "int8-cpu`) on ONNX Runtime; fp16/int8 a TensorRT engine of it where one is usable (else fp32, with "
+                   "a warning). Default: the best engine available, else fp32.")
 @batch_size_option
 @threads_option
 @user_errors
-def embed(model_dir, crops, out, names_out, batch_size, threads):
+def embed(model_dir, crops, out, names_out, precision, batch_size, threads):
     """Embed every image in the folder CROPS with MODEL_DIR's encoder."""
     from tqdm import tqdm
 
@@ -61,7 +66,7 @@ def embed(model_dir, crops, out, names_out, batch_size, threads):
     names = names_file_bytes(files) if names_out else None
     for f in files:  # decode everything first: a bad crop fails before any output is written
         load_image(f)
-    pipe = Pipeline.load(model_dir, batch_size=batch_size, threads=threads)
+    pipe = Pipeline.load(model_dir, batch_size=batch_size, threads=threads, precision=precision)
     with tqdm(total=len(files), unit="crop", disable=len(files) < 2 * batch_size) as bar:
         emb = pipe.embed(files, progress=bar.update)
     if names_out:
@@ -102,7 +107,7 @@ def refine(model_dir, embeddings, out, seed, landmarks_file, raw, threads):
 
 @click.command()
 @model_dir_arg
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "int8-cpu"]), required=True,
+@click.option("--precision", type=click.Choice(PRECISIONS), required=True,
               help="fp16: FP16 tensors in the ONNX files; int8: Q/DQ encoder calibrated on --calib-data, "
                    "TensorRT's format (symmetric int8 activations); int8-cpu: Q/DQ encoder for ONNX Runtime on "
                    "x86 CPUs (uint8 activations, no engine), same calibration (the refinement is never int8).")

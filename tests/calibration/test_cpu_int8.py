@@ -218,3 +218,25 @@ def test_triton_repository_serves_it_on_cpu_instances(cpu_dir, tmp_path):
     _one_line_error(_cli("triton-repo", cpu_dir, tmp_path / "a", "--encoder-precision", CPU), "--instance-kind auto")
     refused = ("g", "e", "s", "a")
     assert not any(p.name in refused or p.name.startswith(tuple("." + r for r in refused)) for p in tmp_path.iterdir())
+
+
+def test_cli_embed_runs_it_when_asked_for(cpu_dir, tmp_path, tmp_path_factory):
+    import shutil
+
+    data = read_market1501(synthetic_data(tmp_path_factory), splits=("query",))
+    crops = tmp_path / "crops"
+    crops.mkdir()
+    for item in data.query[:6]:
+        shutil.copy(item.path, crops / item.path.name)
+    r = _cli("embed", cpu_dir, crops, "--out", tmp_path / "int8.npy", "--precision", CPU)
+    assert r.exit_code == 0, r.output
+    with Pipeline.load(cpu_dir, precision=CPU) as pipe:
+        want = pipe.embed(sorted(crops.iterdir()))
+    np.testing.assert_array_equal(np.load(tmp_path / "int8.npy"), want)
+    r = _cli("embed", cpu_dir, crops, "--out", tmp_path / "fp32.npy")
+    assert r.exit_code == 0, r.output
+    assert not np.array_equal(np.load(tmp_path / "fp32.npy"), want)
+    stale = fresh_copy(cpu_dir, tmp_path / "stale")
+    (stale / "encoder.int8-cpu.onnx").unlink()
+    _one_line_error(_cli("embed", stale, crops, "--out", tmp_path / "x.npy", "--precision", CPU), "--precision int8-cpu")
+    assert not (tmp_path / "x.npy").exists()
