@@ -319,11 +319,16 @@ def write_triton_repository(model_dir: str | Path, out_dir: str | Path, max_batc
         # first (one rename), so nothing is half-deleted whatever its permissions
         with dir_lock(out_dir.parent):
             _check_repository_target(out_dir, overwrite)
+            previous, moved = work.parent / "previous", False
             try:
                 if out_dir.exists():
-                    out_dir.rename(work.parent / "previous")
+                    out_dir.rename(previous)
+                    moved = True
                 work.rename(out_dir)
             except OSError as err:
+                if moved:                      # put the old one back before the work folder is removed
+                    with contextlib.suppress(OSError):
+                        previous.rename(out_dir)
                 raise InputError(f"cannot publish the repository at {out_dir}: {err.strerror or err}; the previous "
                                  "one, if any, is unchanged") from None
     return {**record, "path": str(out_dir)}

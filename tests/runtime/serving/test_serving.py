@@ -411,6 +411,21 @@ def test_triton_repository_publishing_is_serialised_and_whole(resnet18_export, t
     write_triton_repository(model_dir, out, max_batch=16, overwrite=True)
     assert parse_triton_config(out / "nformer_encoder" / "config.pbtxt").max_batch_size == 16
     assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
+    # the new folder cannot be renamed into place: the old repository is put back, unchanged
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    real_rename = Path.rename
+
+    def failing_rename(self, target):
+        if Path(target) == out and self.name == "repository":
+            raise OSError(5, "Input/output error")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", failing_rename)
+    with pytest.raises(InputError, match="cannot publish the repository .* the previous one, if any, is unchanged"):
+        write_triton_repository(model_dir, out, max_batch=2, overwrite=True)
+    monkeypatch.setattr(Path, "rename", real_rename)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
     link = tmp_path / "link"
     link.symlink_to(out)
     with pytest.raises(InputError, match="symbolic link"):
