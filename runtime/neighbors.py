@@ -19,7 +19,7 @@ rule allows):
    at most ``(d + 4) * 2^-24`` (the dot-product error bound of any summation order), so every
    column within ``margin`` (twice that, with slack) of a row's C-th best float32 value is a
    candidate, C = ``k - 1 + reserve``.  Large sets (``_scan_tiles``) compute the Gram matrix with
-   float32 BLAS GEMMs in tiles of its upper half only (each tile serves its rows and, transposed,
+   float32 GEMMs (ONNX Runtime's Gemm, ``_gram``) in tiles of its upper half only (each tile serves its rows and, transposed,
    its columns), keeping the entries at or above a per-row threshold taken from a random sample
    of columns (``_pilot_thresholds``); no row is ever partitioned in full.  A row is *certified*
    when its C-th best kept value minus ``margin`` is still at or above its threshold: then
@@ -79,7 +79,7 @@ _U32 = 2.0 ** -24
 SPARSE_SCAN_MIN_ROWS = 2048
 #: rows of a tile of the candidate pass (columns: ``block_elements`` / rows)
 SCAN_TILE_ROWS = 512
-#: threads of the tiled pass's extraction (the GEMMs use numpy's BLAS threads)
+#: threads of the tiled pass's extraction (the GEMMs use ONNX Runtime's own thread pool, ``_gram``)
 SCAN_THREADS = min(2, os.cpu_count() or 1)
 #: entries a row may keep in the tiled pass before it is scanned again by itself (near-identical sets)
 SCAN_ROW_CAP = 384
