@@ -270,14 +270,11 @@ def test_reference_is_the_same_under_other_blas_code_paths(env, tmp_path):
         assert np.array_equal(np.array(lists, dtype=np.int32), oracle), env
 
 
-@pytest.mark.parametrize("how", ["noise", "reversed"])
-def test_numpy_form_does_not_depend_on_its_float64_scores(how, monkeypatch):
-    """Any float64 score within the bound must give the same lists: near-ties and duplicates are
-    decided by the canonical key."""
-    x = hard_set(400, seed=14)
-    oracle = canonical_lists(x, 20)
+def _perturbed_fast_keys(how, seed):
+    """``NeighborIndex._fast_keys`` evaluated otherwise: summed in reversed order ("reversed"), or
+    moved by noise up to 0.95 of the stated bound ``delta`` ("noise")."""
     real = NeighborIndex._fast_keys
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
 
     def perturbed(self, rows, cols):
         if how == "reversed":
@@ -287,7 +284,16 @@ def test_numpy_form_does_not_depend_on_its_float64_scores(how, monkeypatch):
         keys = real(self, rows, cols)
         return keys + rng.uniform(-0.95, 0.95, len(keys)) * self._delta[rows]
 
-    monkeypatch.setattr(NeighborIndex, "_fast_keys", perturbed)
+    return perturbed
+
+
+@pytest.mark.parametrize("how", ["noise", "reversed"])
+def test_numpy_form_does_not_depend_on_its_float64_scores(how, monkeypatch):
+    """Any float64 score within the bound must give the same lists: near-ties and duplicates are
+    decided by the canonical key."""
+    x = hard_set(400, seed=14)
+    oracle = canonical_lists(x, 20)
+    monkeypatch.setattr(NeighborIndex, "_fast_keys", _perturbed_fast_keys(how, seed=0))
     assert_lists_equal(numpy_neighbors(x, 20), oracle, f"numpy form with {how} scores")
     index = NeighborIndex(20, reserve=3, block_elements=1 << 12)
     for part in np.array_split(x, 7):
@@ -456,18 +462,7 @@ def test_numpy_form_does_not_depend_on_its_float32_pass(how, tiled, monkeypatch)
 @pytest.mark.parametrize("how", ["noise", "reversed"])
 def test_tiled_pass_does_not_depend_on_its_float64_scores(how, monkeypatch):
     x = hard_set(500, seed=23)
-    real = NeighborIndex._fast_keys
-    rng = np.random.default_rng(1)
-
-    def perturbed(self, rows, cols):
-        if how == "reversed":
-            a = self._x[rows, :self.dim][:, ::-1].astype(np.float64)
-            b = self._x[cols, :self.dim][:, ::-1].astype(np.float64)
-            return np.einsum("ij,ij->i", a, b) / self._scale[cols]
-        keys = real(self, rows, cols)
-        return keys + rng.uniform(-0.95, 0.95, len(keys)) * self._delta[rows]
-
-    monkeypatch.setattr(NeighborIndex, "_fast_keys", perturbed)
+    monkeypatch.setattr(NeighborIndex, "_fast_keys", _perturbed_fast_keys(how, seed=1))
     oracle = canonical_lists(x, 20)
     for lists_only in (False, True):
         (idx, valid), _ = tiled_lists(x, 20, 16, 8000, lists_only)
