@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -38,7 +39,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     not_a_checkpoint = (f"{path} is not a PyTorch checkpoint ({{}}); expected a file written by "
                         "torch.save(model.state_dict())")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():   # torch warns about the odd "protocol" of bytes that are no pickle
+            warnings.simplefilter("ignore", UserWarning)
+            data = torch.load(path, map_location="cpu", weights_only=True)
     except PermissionError as err:
         raise CheckpointError(f"cannot read checkpoint {path}: {err.strerror}; check its permissions") from None
     except pickle.UnpicklingError as err:
@@ -54,8 +57,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                 "Re-save it as torch.save(model.state_dict()) from a trusted environment") from None
         raise CheckpointError(f"{path} is not a PyTorch checkpoint ({text.splitlines()[0]}); expected a "
                               "file written by torch.save(model.state_dict())") from None
-    except (RuntimeError, EOFError, ValueError, OSError, KeyError, IndexError, TypeError, AttributeError) as err:
+    except Exception as err:  # noqa: BLE001
         # what the weights-only unpickler and the zip reader raise on bytes that are not a checkpoint
+        # (RuntimeError, EOFError, ValueError, KeyError, struct.error, ... : the list is torch's, not ours)
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CheckpointError(f"{path} is not a PyTorch checkpoint ({first}); expected a file written "
                               "by torch.save(model.state_dict())") from None
@@ -63,11 +67,14 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _not_a_pickle(path: Path) -> str | None:
-    """Why ``path`` cannot be a checkpoint when it is neither a zip archive nor a parseable pickle
-    stream, else None.  ``pickletools.genops`` only reads opcodes: nothing is run."""
+    """Why ``path`` cannot be a checkpoint when it is neither a zip archive nor a well-formed pickle
+    stream, else None.  ``pickletools.genops`` only reads opcodes: nothing is run.  Beyond what
+    genops checks: the protocol must be one Python writes (2..5), and a frame must fit in the file
+    (random bytes behind a 0x80 otherwise parse as a short "pickle" now and then)."""
     import pickletools
 
     try:
+        size = path.stat().st_size
         with open(path, "rb") as f:
             head = f.read(4)
             if head.startswith(CHECKPOINT_MAGIC[0]):
@@ -75,8 +82,11 @@ def _not_a_pickle(path: Path) -> str | None:
             if not head.startswith(CHECKPOINT_MAGIC[1]):
                 return f"it starts with bytes {head.hex(' ')}, neither a zip archive nor a pickle"
             f.seek(0)
-            for _ in pickletools.genops(f):
-                pass
+            for opcode, arg, pos in pickletools.genops(f):
+                if opcode.name == "PROTO" and not 2 <= arg <= pickle.HIGHEST_PROTOCOL:
+                    return f"pickle protocol {arg} at byte {pos}: Python writes 2..{pickle.HIGHEST_PROTOCOL}"
+                if opcode.name == "FRAME" and arg > size - pos:
+                    return f"a frame of {arg} bytes at byte {pos} runs past the end of the file ({size} bytes)"
     except OSError:
         return None
     except Exception as err:  # noqa: BLE001 - any parse failure: the bytes are not a pickle

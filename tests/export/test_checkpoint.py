@@ -213,6 +213,24 @@ def test_random_bytes_are_not_a_checkpoint_rather_than_refused_code(tmp_path, se
     assert "pickled objects or code" not in str(info.value)
 
 
+def test_short_random_streams_behind_a_pickle_byte_are_one_clear_error(tmp_path, recwarn):
+    """Short random streams after 0x80: torch raises struct.error, UnicodeDecodeError, ... on some
+    (was a traceback), and some parse as a pickle with an impossible protocol or a frame past the
+    end of the file (were called "pickled code").  Each is one "not a PyTorch checkpoint" error,
+    without torch's protocol warnings."""
+    rng = np.random.default_rng(20261202)
+    path = tmp_path / "short.pth"
+    regressions = [bytes.fromhex("80e172e1b4b7"),                      # struct.error in torch.load
+                   bytes.fromhex("80a84affff0000950526a3cb0000002e")]   # PROTO 168, FRAME past the end, STOP
+    streams = regressions + [b"\x80" + rng.bytes(int(rng.integers(1, 200))) for _ in range(3000)]
+    for data in streams:
+        path.write_bytes(data)
+        with pytest.raises(CheckpointError, match="is not a PyTorch checkpoint") as info:
+            load_checkpoint(path)
+        assert "pickled objects or code" not in str(info.value), data.hex()
+    assert not [w for w in recwarn if "protocol" in str(w.message)]
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_nan_or_inf_weights_are_bad_input_naming_the_tensor(tmp_path, small_model, bad):
     state = original_state_dict(small_model)
