@@ -175,6 +175,12 @@ class Pipeline:
         return pipe
 
     @property
+    def encoder_precision(self) -> str:
+        """The precision the encoder runs at ("fp32", "fp16", "int8" or "int8-cpu"): what galleries
+        and open-set thresholds record, since each precision moves the embeddings a little."""
+        return getattr(self.encoder.backend, "precision", None) or "fp32"
+
+    @property
     def backend_names(self) -> dict[str, str]:
         names = {"encoder": self.encoder.backend.name, "nformer": self.refiner.backend.name}
         if self._layers is not None:
@@ -232,8 +238,7 @@ class Pipeline:
         from runtime.gallery import Gallery, model_identity
         from runtime.neighbors import DEFAULT_RESERVE
 
-        ident = model_identity(self.manifest, self.config,
-                               encoder_precision=getattr(self.encoder.backend, "precision", None) or "fp32")
+        ident = model_identity(self.manifest, self.config, encoder_precision=self.encoder_precision)
         if path is None:
             return Gallery(self.config, self.layers_refiner, seed=seed,
                            reserve=DEFAULT_RESERVE if reserve is None else reserve, model=ident)

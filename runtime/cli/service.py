@@ -7,6 +7,7 @@ import click
 
 from export.contract.cli import user_errors
 from runtime.cli.options import model_dir_arg, threads_option
+from export.contract.variants import PRECISIONS
 from runtime.serving.exports import INT32_MAX
 
 
@@ -35,9 +36,13 @@ def _port(name: str, default: int):
 @click.option("--unknown-distance", type=click.FloatRange(0, 2), default=None,
               help="Distance beyond which a query is 'unknown' (overrides the threshold stored by `runtime threshold`).")
 @click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None,
+              help="The encoder's precision, as for `runtime embed`: int8-cpu runs encoder.int8-cpu.onnx (from "
+                   "`runtime build --precision int8-cpu`); fp16/int8 a TensorRT engine where usable (else fp32, "
+                   "with a warning). Default: the best engine available, else fp32. Fit the open-set threshold at the same precision (`runtime threshold --precision`).")
 @user_errors
 def serve(model_dir, gallery_dir, host, http_port, grpc_port, metrics_port, max_batch, max_queue_delay_us, max_items,
-          ttl_seconds, unknown_distance, backend):
+          ttl_seconds, unknown_distance, backend, precision):
     """Serve MODEL_DIR through a Triton Inference Server (PyTriton): embed, encoder, gallery_add,
     gallery_remove, gallery_search.  Blocks until SIGINT/SIGTERM, then saves the gallery."""
     import math
@@ -52,7 +57,7 @@ def serve(model_dir, gallery_dir, host, http_port, grpc_port, metrics_port, max_
         raise InputError(f"--http-port, --grpc-port and --metrics-port must differ, found {ports}")
     run(model_dir, gallery_dir, host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
         max_batch=max_batch, max_queue_delay_us=max_queue_delay_us, max_items=max_items, ttl_seconds=ttl_seconds,
-        unknown_distance=unknown_distance, backend=backend)
+        unknown_distance=unknown_distance, backend=backend, precision=precision)
 
 
 @click.command("threshold")
@@ -70,8 +75,13 @@ def serve(model_dir, gallery_dir, host, http_port, grpc_port, metrics_port, max_
                    "whole gallery.")
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Seed of the query sample.")
 @click.option("--dry-run", is_flag=True, help="Print the table without storing the threshold.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None,
+              help="The encoder's precision, as for `runtime embed`: int8-cpu runs encoder.int8-cpu.onnx (from "
+                   "`runtime build --precision int8-cpu`); fp16/int8 a TensorRT engine where usable (else fp32, "
+                   "with a warning). Default: the best engine available, else fp32. Use the precision `runtime serve` will run at: the file records it.")
 @user_errors
-def threshold(dataset_dir, model_dir, far, backend, batch_size, threads, request_size, max_queries, seed, dry_run):
+def threshold(dataset_dir, model_dir, far, backend, batch_size, threads, request_size, max_queries, seed, dry_run,
+              precision):
     """Fit the distance beyond which a query is 'unknown' from labelled data (a Market-1501-layout
     DATASET_DIR), print TAR@FAR for refined and encoder-only ranking, and store it with the model
     (open_set.json) for `runtime serve`."""
@@ -79,7 +89,7 @@ def threshold(dataset_dir, model_dir, far, backend, batch_size, threads, request
 
     record = fit_thresholds(dataset_dir, model_dir, far, backend=backend, batch_size=batch_size, threads=threads,
                             store=not dry_run, request_size=request_size, max_queries=max_queries, seed=seed,
-                            log=click.echo)
+                            log=click.echo, precision=precision)
     click.echo(format_table(record))
     if not dry_run:
         click.echo(f"stored thresholds {record['thresholds']} (FAR {far:g}) in {record['path']}")

@@ -80,8 +80,9 @@ def pair_distances(pipe, data, request_size: int = 1, max_queries: int | None = 
 
 def fit_thresholds(dataset_dir: str | Path, model_dir: str | Path, far: float = 0.01, backend: str = "auto",
                    batch_size: int = 32, threads: int | None = None, store: bool = True, request_size: int = 1,
-                   max_queries: int | None = 300, seed: int = 0, log=None) -> dict:
-    """Fit the thresholds at ``far``; returns the record (and stores it with the model when ``store``)."""
+                   max_queries: int | None = 300, seed: int = 0, log=None, precision: str | None = None) -> dict:
+    """Fit the thresholds at ``far``; returns the record (and stores it with the model when ``store``).
+    ``precision``: the encoder's, as ``Pipeline.load`` takes it (fit at the precision you serve at)."""
     if request_size < 1:
         raise InputError(f"request_size must be >= 1, found {request_size}")
     if max_queries is not None and max_queries < 1:
@@ -90,9 +91,10 @@ def fit_thresholds(dataset_dir: str | Path, model_dir: str | Path, far: float = 
 
     threshold_at_far(np.zeros(1), far)                      # validates far before any work
     data = read_market1501(dataset_dir, splits=("query", "gallery"))
-    with Pipeline.load(model_dir, batch_size=batch_size, threads=threads, backend=backend) as pipe:
+    with Pipeline.load(model_dir, batch_size=batch_size, threads=threads, backend=backend,
+                       precision=precision) as pipe:
         pairs = pair_distances(pipe, data, request_size, max_queries, seed, log)
-        manifest = pipe.manifest
+        manifest, encoder_precision = pipe.manifest, pipe.encoder_precision
     pos_n, neg_n = len(pairs["refined"][0]), len(pairs["refined"][1])
     if pos_n == 0:
         raise InputError(f"{dataset_dir}: no query identity appears in the gallery under another camera; the data "
@@ -116,6 +118,7 @@ def fit_thresholds(dataset_dir: str | Path, model_dir: str | Path, far: float = 
         "table": table,
         "pairs": {"same_identity": pos_n, "different_identity": neg_n},
         "request_size": request_size,
+        "encoder_precision": encoder_precision,
         "queries": min(len(data.query), max_queries or len(data.query)),
         "dataset": str(data.root),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -134,4 +137,6 @@ def format_table(record: dict) -> str:
                      f"{row['encoder']['threshold']:>19.4f}  {row['encoder']['tar']:>13.4f}{mark}")
     lines.append(f"pairs across cameras: {record['pairs']['same_identity']} same identity, "
                  f"{record['pairs']['different_identity']} different identity")
+    if record.get("encoder_precision"):
+        lines.append(f"encoder precision: {record['encoder_precision']}")
     return "\n".join(lines)

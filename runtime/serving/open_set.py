@@ -3,13 +3,15 @@
 Place in the flow: written by ``runtime threshold`` (``runtime.evaluation.threshold`` fits them on
 labelled data), read by ``runtime serve``.  A query whose nearest gallery item lies farther than
 the threshold of its ranking mode is "unknown".  The file records the sha256 of the encoder it was
-fitted with, so a threshold never silently applies to another model's embedding space, and a
-checksum of its own contents.
+fitted with, so a threshold never silently applies to another model's embedding space, the
+precision that encoder ran at (``encoder_precision``: serving at another one is said, not refused,
+as for galleries), and a checksum of its own contents.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -20,6 +22,8 @@ MODES = ("refined", "encoder")
 OPEN_SET_FILE = "open_set.json"
 OPEN_SET_FORMAT = "nformer-trt/open-set"
 OPEN_SET_VERSION = 1
+
+log = logging.getLogger(__name__)
 
 
 def open_set_path(model_dir: str | Path) -> Path:
@@ -42,9 +46,13 @@ def save_thresholds(model_dir: str | Path, manifest: dict, record: dict) -> Path
     return path
 
 
-def load_thresholds(model_dir: str | Path, manifest: dict) -> dict | None:
+def load_thresholds(model_dir: str | Path, manifest: dict, encoder_precision: str | None = None,
+                    warn=None) -> dict | None:
     """``{"refined": distance, "encoder": distance}`` stored for this model, or None when it has
-    none.  InputError when the file is damaged, edited, or was fitted with another encoder."""
+    none.  InputError when the file is damaged, edited, or was fitted with another encoder.
+    ``encoder_precision``: the precision the embeddings will come from; a threshold fitted at
+    another one is used with a warning (``warn``, default the module's logger): INT8 or FP16
+    embeddings sit a little apart from fp32 ones, so the false-accept rate drifts from the fitted one."""
     path = open_set_path(model_dir)
     if not path.is_file():
         return None
@@ -69,4 +77,9 @@ def load_thresholds(model_dir: str | Path, manifest: dict) -> dict | None:
                     for v in thresholds.values())):
         raise InputError(f"{path}: thresholds must map {' and '.join(MODES)} to finite distances; re-run "
                          "`runtime threshold`")
+    fitted = data.get("encoder_precision")
+    if encoder_precision and fitted and fitted != encoder_precision:
+        (warn or log.warning)(f"{path} was fitted with the {fitted} encoder; the embeddings now come from the "
+                              f"{encoder_precision} one, so its false-accept rate ({data.get('far')}) may drift: "
+                              f"re-run `runtime threshold --precision {encoder_precision}` for an exact fit")
     return {m: float(thresholds[m]) for m in MODES}

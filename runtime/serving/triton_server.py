@@ -231,7 +231,7 @@ def open_service(model_dir, gallery_dir, *, max_batch: int = 32, max_queue_delay
                 raise InputError(f"--unknown-distance must be a distance >= 0, found {unknown_distance}")
             thresholds = {m: float(unknown_distance) for m in MODES}
         else:
-            thresholds = load_thresholds(model_dir, pipe.manifest)
+            thresholds = load_thresholds(model_dir, pipe.manifest, encoder_precision=pipe.encoder_precision)
         store = GalleryStore(gallery_dir, pipe, max_items=max_items, ttl_seconds=ttl_seconds)
     except BaseException:
         pipe.close()
@@ -242,7 +242,8 @@ def open_service(model_dir, gallery_dir, *, max_batch: int = 32, max_queue_delay
 def serve(model_dir, gallery_dir=None, *, host: str = "127.0.0.1", http_port: int = 8000, grpc_port: int = 8001,
           metrics_port: int = 8002, max_batch: int = 32, max_queue_delay_us: int = 2000,
           max_items: int | None = None, ttl_seconds: float | None = None, unknown_distance: float | None = None,
-          backend: str = "auto", log_fn=None, stop_event: threading.Event | None = None) -> None:
+          backend: str = "auto", precision: str | None = None, log_fn=None,
+          stop_event: threading.Event | None = None) -> None:
     """Serve until SIGINT/SIGTERM (or ``stop_event``), then stop Triton and fold the gallery's journal
     into a snapshot.  ``gallery_dir`` None: a gallery in ``model_dir/gallery``."""
     Triton, TritonConfig, _, _, _ = import_pytriton()
@@ -252,7 +253,7 @@ def serve(model_dir, gallery_dir=None, *, host: str = "127.0.0.1", http_port: in
     check_ports(host, {"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port})
     service = open_service(model_dir, gallery_dir, max_batch=max_batch, max_queue_delay_us=max_queue_delay_us,
                            max_items=max_items, ttl_seconds=ttl_seconds, unknown_distance=unknown_distance,
-                           backend=backend)
+                           backend=backend, precision=precision)
     stop = stop_event or threading.Event()
     previous = {}
     if threading.current_thread() is threading.main_thread():
@@ -269,7 +270,7 @@ def serve(model_dir, gallery_dir=None, *, host: str = "127.0.0.1", http_port: in
         choice = ", ".join(f"{k}: {v.get('backend') or v.get('path')}" for k, v in service.pipe.backend_choice.items())
         t = service.thresholds
         log_fn(f"serving {Path(model_dir)} on {host}: http {http_port}, grpc {grpc_port}, metrics {metrics_port} "
-               f"({choice}); gallery {gallery_dir} with {len(service.store)} items"
+               f"({choice}; encoder precision {service.pipe.encoder_precision}); gallery {gallery_dir} with {len(service.store)} items"
                + (f", {service.store.replayed} journal records replayed" if service.store.replayed else ""))
         log_fn("open set: " + (f"unknown beyond distance {t['refined']:.4f} (refined), {t['encoder']:.4f} "
                                "(encoder)" if t["refined"] is not None else

@@ -240,3 +240,57 @@ def test_cli_embed_runs_it_when_asked_for(cpu_dir, tmp_path, tmp_path_factory):
     (stale / "encoder.int8-cpu.onnx").unlink()
     _one_line_error(_cli("embed", stale, crops, "--out", tmp_path / "x.npy", "--precision", CPU), "--precision int8-cpu")
     assert not (tmp_path / "x.npy").exists()
+
+
+def _small_split(src, dst, identities: int = 12):
+    """The first ``identities`` identities of a Market-layout set (query + gallery): a quick threshold fit."""
+    import shutil
+
+    for folder in ("query", "bounding_box_test", "bounding_box_train"):
+        (dst / folder).mkdir(parents=True)
+        files = sorted((src / folder).glob("*.jpg"))
+        pids = sorted({f.name.split("_")[0] for f in files if not f.name.startswith("-")})[:identities]
+        for f in files:
+            if f.name.split("_")[0] in pids:
+                shutil.copy(f, dst / folder / f.name)
+    return dst
+
+
+def test_threshold_and_serve_at_the_int8_cpu_precision(cpu_dir, tmp_path, tmp_path_factory, caplog):
+    """`runtime threshold --precision int8-cpu` fits on the variant's embeddings and records it;
+    `runtime serve --precision int8-cpu` serves them and uses that threshold silently, while a
+    service at another precision says the threshold was fitted elsewhere (and still uses it)."""
+    import logging
+
+    from runtime.evaluation.threshold import fit_thresholds
+    from runtime.serving.open_set import OPEN_SET_FILE
+    from runtime.serving.triton_server import open_service
+
+    model = fresh_copy(cpu_dir, tmp_path / "model")
+    data = _small_split(synthetic_data(tmp_path_factory), tmp_path / "market")
+    r = _cli("threshold", data, "--model-dir", model, "--far", "0.1", "--backend", "onnxruntime", "--max-queries", "8",
+             "--precision", CPU)
+    assert r.exit_code == 0, r.output
+    assert f"encoder precision: {CPU}" in r.output
+    stored = json.loads((model / OPEN_SET_FILE).read_text())
+    assert stored["encoder_precision"] == CPU
+    fp32 = fit_thresholds(data, model, far=0.1, backend="onnxruntime", max_queries=8, store=False)
+    assert fp32["encoder_precision"] == "fp32" and fp32["thresholds"] != stored["thresholds"]
+    for precision, warned in ((CPU, False), (None, True)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="runtime.serving.open_set"):
+            service = open_service(model, tmp_path / f"g{precision}", backend="onnxruntime", precision=precision)
+        try:
+            assert service.pipe.encoder_precision == (precision or "fp32")
+            assert service.thresholds == stored["thresholds"]
+            said = [rec.getMessage() for rec in caplog.records if rec.name == "runtime.serving.open_set"]
+            assert bool(said) == warned, said
+            if warned:
+                assert f"fitted with the {CPU} encoder" in said[0] and "--precision fp32" in said[0]
+        finally:
+            service.close()
+    assert "--precision" in _cli("serve", "--help").output
+    stale = fresh_copy(cpu_dir, tmp_path / "stale")
+    (stale / "encoder.int8-cpu.onnx").unlink()
+    _one_line_error(_cli("threshold", data, "--model-dir", stale, "--precision", CPU), "--precision int8-cpu")
+    assert not (stale / OPEN_SET_FILE).exists()
