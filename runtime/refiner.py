@@ -139,11 +139,13 @@ class LayersRefiner:
         x = validate_features(features, self.config.n_embd)
         if not normalized_input:
             x = l2_normalize(x)
-        return self._run(x, neighbor_index, neighbor_valid, landmarks, seed, normalize_output)
+        return self.run_prepared(x, neighbor_index, neighbor_valid, landmarks, seed, normalize_output)
 
-    def _run(self, x: np.ndarray, neighbor_index, neighbor_valid, landmarks, seed: int,
-             normalize_output: bool) -> np.ndarray:
-        """:meth:`refine` of rows already validated and L2-normalised (float32 [N, D])."""
+    def run_prepared(self, x: np.ndarray, neighbor_index, neighbor_valid, landmarks, seed: int,
+                     normalize_output: bool) -> np.ndarray:
+        """:meth:`refine` of rows already validated and L2-normalised (float32 [N, D]), for callers
+        that computed the lists from exactly these rows (:class:`ListsLayersRefiner`); the lists and
+        landmarks are still checked."""
         n = len(x)
         idx, valid = validate_neighbor_lists(neighbor_index, neighbor_valid, n, self.config.topk)
         lm = self.landmarks_for(n, seed) if landmarks is None else validate_landmarks(landmarks, n, self.config.n_layer)
@@ -179,7 +181,7 @@ class ListsLayersRefiner:
         if landmarks is not None:
             landmarks = validate_landmarks(landmarks, len(x), self.config.n_layer)
         idx, valid = reciprocal_neighbors(x, self.config.topk)
-        return self.layers._run(x, idx, valid, landmarks, seed, normalize_output)
+        return self.layers.run_prepared(x, idx, valid, landmarks, seed, normalize_output)
 
 
 def choose_refine_path(nformer_backend, manifest: dict) -> tuple[str, str]:
