@@ -6,8 +6,8 @@ from pathlib import Path
 import click
 
 from export.contract.cli import user_errors
-from runtime.cli.options import model_dir_arg, threads_option
 from export.contract.variants import PRECISIONS
+from runtime.cli.options import model_dir_arg, threads_option
 from runtime.serving.exports import INT32_MAX
 
 
@@ -39,7 +39,8 @@ def _port(name: str, default: int):
 @click.option("--precision", type=click.Choice(PRECISIONS), default=None,
               help="The encoder's precision, as for `runtime embed`: int8-cpu runs encoder.int8-cpu.onnx (from "
                    "`runtime build --precision int8-cpu`); fp16/int8 a TensorRT engine where usable (else fp32, "
-                   "with a warning). Default: the best engine available, else fp32. Fit the open-set threshold at the same precision (`runtime threshold --precision`).")
+                   "with a warning). Default: the best engine available, else fp32. Fit the open-set threshold at "
+                   "the same precision (`runtime threshold --precision`).")
 @user_errors
 def serve(model_dir, gallery_dir, host, http_port, grpc_port, metrics_port, max_batch, max_queue_delay_us, max_items,
           ttl_seconds, unknown_distance, backend, precision):
@@ -78,7 +79,8 @@ def serve(model_dir, gallery_dir, host, http_port, grpc_port, metrics_port, max_
 @click.option("--precision", type=click.Choice(PRECISIONS), default=None,
               help="The encoder's precision, as for `runtime embed`: int8-cpu runs encoder.int8-cpu.onnx (from "
                    "`runtime build --precision int8-cpu`); fp16/int8 a TensorRT engine where usable (else fp32, "
-                   "with a warning). Default: the best engine available, else fp32. Use the precision `runtime serve` will run at: the file records it.")
+                   "with a warning). Default: the best engine available, else fp32. Use the precision `runtime "
+                   "serve` will run at: the file records it.")
 @user_errors
 def threshold(dataset_dir, model_dir, far, backend, batch_size, threads, request_size, max_queries, seed, dry_run,
               precision):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from export.contract.errors import InputError
 from export.contract.files import write_json_atomic
+from export.contract.variants import PRECISIONS
 
 MODES = ("refined", "encoder")
 OPEN_SET_FILE = "open_set.json"
@@ -46,12 +47,11 @@ def save_thresholds(model_dir: str | Path, manifest: dict, record: dict) -> Path
     return path
 
 
-def load_thresholds(model_dir: str | Path, manifest: dict, encoder_precision: str | None = None,
-                    warn=None) -> dict | None:
+def load_thresholds(model_dir: str | Path, manifest: dict, encoder_precision: str | None = None) -> dict | None:
     """``{"refined": distance, "encoder": distance}`` stored for this model, or None when it has
     none.  InputError when the file is damaged, edited, or was fitted with another encoder.
     ``encoder_precision``: the precision the embeddings will come from; a threshold fitted at
-    another one is used with a warning (``warn``, default the module's logger): INT8 or FP16
+    another one is used with a warning (logged): INT8 or FP16
     embeddings sit a little apart from fp32 ones, so the false-accept rate drifts from the fitted one."""
     path = open_set_path(model_dir)
     if not path.is_file():
@@ -77,9 +77,12 @@ def load_thresholds(model_dir: str | Path, manifest: dict, encoder_precision: st
                     for v in thresholds.values())):
         raise InputError(f"{path}: thresholds must map {' and '.join(MODES)} to finite distances; re-run "
                          "`runtime threshold`")
-    fitted = data.get("encoder_precision")
+    fitted = data.get("encoder_precision")              # absent in files written before it was recorded
+    if fitted is not None and fitted not in PRECISIONS:
+        raise InputError(f"{path}: encoder_precision must be one of {', '.join(PRECISIONS)}, found {fitted!r}; "
+                         "re-run `runtime threshold`")
     if encoder_precision and fitted and fitted != encoder_precision:
-        (warn or log.warning)(f"{path} was fitted with the {fitted} encoder; the embeddings now come from the "
-                              f"{encoder_precision} one, so its false-accept rate ({data.get('far')}) may drift: "
-                              f"re-run `runtime threshold --precision {encoder_precision}` for an exact fit")
+        log.warning("%s was fitted with the %s encoder; the embeddings now come from the %s one, so its "
+                    "false-accept rate (%s) may drift: re-run `runtime threshold --precision %s` for an exact fit",
+                    path, fitted, encoder_precision, data.get("far"), encoder_precision)
     return {m: float(thresholds[m]) for m in MODES}

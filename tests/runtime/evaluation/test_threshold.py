@@ -101,6 +101,19 @@ def test_a_stored_threshold_is_checked(market, model_dir):
     other["files"]["encoder"]["sha256"] = "0" * 64
     with pytest.raises(InputError, match="another encoder"):
         load_thresholds(model_dir, other)
+    from runtime.serving.open_set import _digest
+
+    data = json.loads(path.read_text())
+    assert data["encoder_precision"] == "fp32"
+    data["encoder_precision"] = "int9"                   # consistent checksum, impossible precision
+    data["content_sha256"] = _digest(data)
+    path.write_text(json.dumps(data))
+    with pytest.raises(InputError, match="encoder_precision must be one of"):
+        load_thresholds(model_dir, manifest)
+    del data["encoder_precision"]                        # a file from before the precision was recorded
+    data["content_sha256"] = _digest(data)
+    path.write_text(json.dumps(data))
+    assert set(load_thresholds(model_dir, manifest, encoder_precision="int8-cpu")) == {"refined", "encoder"}
     path.write_text("{not json")
     with pytest.raises(InputError, match="cannot read"):
         load_thresholds(model_dir, manifest)
