@@ -11,10 +11,24 @@ import click
 from export.contract.errors import NFormerError
 
 
+def _tolerant_streams() -> None:
+    """Paths are printed as the file system holds them: a name that is not valid in the terminal's
+    encoding (bytes that are not UTF-8, kept by Python as surrogates) is shown escaped instead of
+    failing the command after its work is done."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None and getattr(stream, "errors", None) == "strict":
+            try:
+                reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):   # a stream that cannot change now: leave it
+                pass
+
+
 def user_errors(fn):
     """Turn the project's errors into one line on stderr and exit status 2 (no traceback)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        _tolerant_streams()
         try:
             return fn(*args, **kwargs)
         except NFormerError as err:

@@ -14,9 +14,63 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 import time
 from pathlib import Path
+
+from export.contract.errors import InputError
+
+
+class WriteError(InputError, OSError):
+    """A file could not be written (full disk, no permission, a name the file system refuses...):
+    one message for the user, and still an ``OSError`` for code that handles those."""
+
+
+#: a temporary file's name is the target's plus about 14 characters; longer names than this get a
+#: short generic prefix instead, so a target name the file system accepts never fails for its temp file
+_NAME_ROOM = 200
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}." if len(os.fsencode(path.name)) <= _NAME_ROOM else ".nformer-out."
+
+
+def check_target(path: str | Path) -> None:
+    """Refuse a target that exists and is not a regular file: renaming a new file over a device,
+    FIFO or socket would replace it (with root's rights, /dev/null itself), and over a directory fails."""
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        raise WriteError(f"cannot write {path}: {err.strerror}") from None
+    if stat.S_ISREG(mode):
+        return
+    kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else
+            "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else
+            "not a regular file")
+    raise InputError(f"cannot write {path}: it is {kind}, not a regular file (outputs are written to a new file "
+                     "and renamed into place); give the path of a file")
+
+
+@contextlib.contextmanager
+def _as_write_error(path: Path):
+    """OSError while writing ``path`` -> :class:`WriteError` saying which file and why."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except OSError as err:
+        reason = err.strerror or str(err)
+        if err.filename and Path(os.fsdecode(err.filename)).name != path.name \
+                and not Path(os.fsdecode(err.filename)).name.startswith(_temp_prefix(path)):
+            reason += f" ({os.fsdecode(err.filename)})"         # another file than the one being written
+        hint = {28: "free some space or write elsewhere", 36: "choose a shorter name",
+                13: "check the folder's permissions or write elsewhere", 30: "write to a writable file system",
+                122: "free some space (quota) or write elsewhere"}.get(err.errno, "check the path and the disk")
+        raise WriteError(f"cannot write {path}: {reason}; {hint}") from None
 
 
 def current_umask() -> int:
@@ -44,17 +98,19 @@ def _publish(path: str | Path, fill) -> None:
     """``fill(f)`` writes a temporary file beside ``path``; it is fsynced, given the umask's mode and
     renamed over ``path`` (removed on any failure)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~current_umask())
-        with os.fdopen(fd, "wb") as f:
-            fill(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    check_target(path)
+    with _as_write_error(path):
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp")
+        try:
+            os.fchmod(fd, 0o666 & ~current_umask())
+            with os.fdopen(fd, "wb") as f:
+                fill(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
@@ -180,15 +236,18 @@ def staged_file(path: str | Path):
     """Yield a temporary path beside ``path`` for a library that writes a file by name (onnx.save,
     np.save ...); on success it is fsynced and renamed over ``path``, on failure removed."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    check_target(path)
+    with _as_write_error(path):
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp")
+        os.close(fd)
     tmp = Path(tmp)
     try:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~current_umask())
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with _as_write_error(path):      # the caller's own writes into tmp (np.save, onnx.save ...) too
+            yield tmp
+            os.chmod(tmp, 0o666 & ~current_umask())
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from export.contract.errors import InputError
 
-NAME_PATTERN = re.compile(r"^([-\d]+)_c(\d+)")
+NAME_PATTERN = re.compile(r"^(-1|\d+)_c(\d+)")   # -1: junk; "12-3_c1..." is no Market name
 SPLITS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
 JUNK_PID = -1
 DISTRACTOR_PID = 0

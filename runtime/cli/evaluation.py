@@ -80,7 +80,7 @@ def parity(model_dir, data_dir, report, checkpoint, seed, threads, min_cosine_me
     from runtime.evaluation.parity import COLUMNS, run_parity
 
     if report:
-        check_writable(report)
+        check_writable(report, model_dir, what="--report")
     tolerances = {"min_cosine_mean": min_cosine_mean, "min_cosine_min": min_cosine_min,
                   "max_map_drop_points": max_map_drop}
     result = run_parity(model_dir, data_dir, checkpoint=checkpoint, seed=seed, threads=threads,
@@ -121,7 +121,7 @@ def evaluate(dataset_dir, model_dir, backends, batch_size, seed, max_rank, threa
     from runtime.evaluation.evaluate import check_backends, evaluate as run_evaluation
 
     if report:
-        check_writable(report)
+        check_writable(report, model_dir, what="--report")
     result = run_evaluation(dataset_dir, model_dir, check_backends(backends, model_dir), batch_size, seed, threads,
                             max_rank, progress=True)
     d = result["dataset"]
@@ -156,7 +156,7 @@ def bench(model_dir, producers, requests, request_size, max_batch, max_wait_ms, 
     from runtime.pipeline import Pipeline
 
     if json_out:
-        check_writable(json_out)
+        check_writable(json_out, model_dir, what="--json")
     with Pipeline.load(model_dir, threads=threads, backend=backend) as pipe:
         rows = bench_pipeline(pipe, producers, requests, request_size, max_batch, max_wait_ms, refine_sizes,
                               progress=lambda msg: click.echo(f"  {msg}", err=True))

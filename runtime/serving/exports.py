@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import os
 import shlex
 from pathlib import Path
 
@@ -249,7 +250,8 @@ def write_triton_repository(model_dir: str | Path, out_dir: str | Path, max_batc
     Triton server's TensorRT version (default: the one that imports here; required otherwise);
     ``encoder_precision``: "fp32" (``encoder.onnx``) or "int8-cpu" (``encoder.int8-cpu.onnx`` from
     ``runtime build --precision int8-cpu``, for CPU instances of Triton's ONNX Runtime backend)."""
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    # absolute, without following links ("." has no parent to work in; a symlinked OUT is refused below)
+    model_dir, out_dir = Path(model_dir), Path(os.path.abspath(out_dir))
     if encoder_precision not in TRITON_ENCODER_PRECISIONS:
         raise InputError(f"encoder precision must be one of {', '.join(TRITON_ENCODER_PRECISIONS)}, found "
                          f"{encoder_precision!r} (TensorRT precisions come from engines: --engines)")
@@ -335,6 +337,11 @@ def write_triton_repository(model_dir: str | Path, out_dir: str | Path, max_batc
 
 
 def _check_repository_target(out_dir: Path, overwrite: bool) -> None:
+    here = Path(os.path.abspath(os.getcwd()))
+    if out_dir == here or out_dir in here.parents:
+        raise InputError(f"{out_dir} is the current directory (or holds it): the repository is published by renaming "
+                         "a new folder into place, which would leave this shell in a removed folder; give a new "
+                         "directory such as ./triton_models")
     if out_dir.is_symlink():
         raise InputError(f"{out_dir} is a symbolic link; give the directory it points to (the repository is published "
                          "by renaming a folder into place, which would replace the link, not its target)")

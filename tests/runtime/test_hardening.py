@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -826,3 +827,103 @@ def test_sigterm_during_a_runtime_command_removes_its_work_folder(tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, err.decode(errors="replace")[-2000:]
     assert not out.exists()                   # its work folder, and the folder it created for the data set
     assert b"Traceback" not in err
+
+
+# ---- outputs: special files, the model's files, write errors, names (a hostile review, session 6) ----
+
+
+def test_an_output_over_a_fifo_or_socket_is_refused_and_left_alone(small_export, tmp_path):
+    """Outputs are renamed into place: over a FIFO (or, as root, /dev/null) that replaced the node."""
+    import socket
+
+    np.save(tmp_path / "x.npy", np.ones((3, 128), np.float32))
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    sock_path = tmp_path / "sock"
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(sock_path))
+    try:
+        for target, kind in ((fifo, "a FIFO"), (sock_path, "a socket")):
+            one_error(cli("refine", small_export, tmp_path / "x.npy", "--out", target), kind, "not a regular file")
+        one_error(cli("deepstream-config", small_export, fifo), "a FIFO")
+        import stat
+
+        assert stat.S_ISFIFO(os.stat(fifo).st_mode) and stat.S_ISSOCK(os.stat(sock_path).st_mode)
+    finally:
+        sock.close()
+    from export.contract.files import WriteError, write_bytes_atomic
+
+    with pytest.raises(InputError, match="a FIFO"):        # the library writers refuse it too
+        write_bytes_atomic(fifo, b"x")
+    assert issubclass(WriteError, OSError) and issubclass(WriteError, InputError)
+
+
+def test_reports_never_replace_a_file_of_the_model(small_export, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(small_export, model)
+    before = tree(model)
+    one_error(cli("bench", model, "--json", model / "manifest.json", "--requests", "1", "--producers", "1",
+                  "--refine-sizes", ""), "--json", "would replace manifest.json")
+    data = tmp_path / "data"
+    one_error(cli("evaluate", data, "--model-dir", model, "--report", model / "encoder.onnx"),
+              "--report", "would replace encoder.onnx")
+    one_error(cli("parity", model, "--data", data, "--report", model / "manifest.json"), "would replace manifest.json")
+    assert tree(model) == before
+
+
+def test_a_long_output_name_and_a_full_disk_are_one_clear_error(small_export, tmp_path, monkeypatch):
+    np.save(tmp_path / "x.npy", np.ones((3, 128), np.float32))
+    name = "e" * 246 + ".npy"                               # 250 bytes: the file system takes it, name + 14 it did not
+    r = cli("refine", small_export, tmp_path / "x.npy", "--out", tmp_path / name)
+    assert r.exit_code == 0, r.output
+    assert np.load(tmp_path / name).shape == (3, 128)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+    import errno
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(np, "save", full)
+    one_error(cli("refine", small_export, tmp_path / "x.npy", "--out", tmp_path / "y.npy"),
+              "cannot write", "No space left on device", "free some space")
+    assert not (tmp_path / "y.npy").exists() and not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_npy_inputs_that_are_no_single_array_are_one_clear_error(small_export, tmp_path):
+    from numpy.lib import format as npy
+
+    with open(tmp_path / "huge.npy", "wb") as f:           # 93 TiB promised, 1 KiB there
+        npy.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (10 ** 11, 256)})
+        f.write(b"\0" * 1024)
+    np.savez(tmp_path / "a.npz", x=np.zeros((3, 128), np.float32))
+    one_error(cli("refine", small_export, tmp_path / "huge.npy", "--out", tmp_path / "o.npy"),
+              "header promises shape (100000000000, 256)", "holds 1,024")
+    np.save(tmp_path / "x.npy", np.ones((3, 128), np.float32))
+    one_error(cli("refine", small_export, tmp_path / "x.npy", "--landmarks", tmp_path / "huge.npy", "--out",
+                  tmp_path / "o.npy"), "header promises")
+    one_error(cli("refine", small_export, tmp_path / "a.npz", "--out", tmp_path / "o.npy"), "an .npz archive")
+    assert not (tmp_path / "o.npy").exists()
+
+
+def test_an_output_name_that_is_not_utf8_is_reported_not_a_crash(small_export, tmp_path):
+    """The "wrote ..." line of a name with bytes that are not UTF-8 (was a UnicodeEncodeError after the
+    work, exit 1, with PYTHONIOENCODING=utf-8)."""
+    np.save(tmp_path / "x.npy", np.ones((3, 128), np.float32))
+    out = tmp_path / os.fsdecode(b"bad\xff.npy")
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    r = subprocess.run([sys.executable, "-m", "runtime", "refine", str(small_export), str(tmp_path / "x.npy"),
+                        "--out", str(out)], capture_output=True, cwd=REPO, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr.decode(errors="replace")
+    assert b"wrote" in r.stdout and b"\\udcff" in r.stdout
+    assert np.load(out).shape == (3, 128)
+
+
+def test_triton_repo_into_the_current_directory_is_one_clear_error(small_export, tmp_path, monkeypatch):
+    here = tmp_path / "empty"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    one_error(cli("triton-repo", small_export, "."), "is the current directory", "./triton_models")
+    assert list(here.iterdir()) == []
+    r = cli("triton-repo", small_export, "triton_models")   # a relative OUT below it works
+    assert r.exit_code == 0, r.output
+    assert (here / "triton_models" / "nformer_repository.json").is_file()

@@ -56,6 +56,8 @@ def test_parse_name():
     assert parse_name("-1_c3s2_000000_00.jpg") == (-1, 2)
     assert parse_name("0000_c6s1_000001_01.jpg") == (0, 5)
     assert parse_name("Thumbs.db") is None
+    for odd in ("12-3_c1s1_000000_01.jpg", "--1_c1s1_000000_01.jpg", "-_c1s1_000000_01.jpg", "-2_c1s1_000000_01.jpg"):
+        assert parse_name(odd) is None, odd          # were int("12-3") ValueErrors in every reader
 
 
 def test_reader_skips_junk_and_keeps_distractors(tmp_path):
