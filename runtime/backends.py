@@ -14,6 +14,10 @@ import numpy as np
 from export.contract.errors import InputError
 
 
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
+              "tensor(int32)": "int32", "tensor(uint8)": "uint8", "tensor(int8)": "int8"}
+
+
 class Backend(ABC):
     """Runs one network: named numpy inputs in, named numpy outputs out."""
 
@@ -52,10 +56,26 @@ class OnnxRuntimeBackend(Backend):
             opts.intra_op_num_threads = int(threads or os.environ["NFORMER_ORT_THREADS"])
         available = ort.get_available_providers()
         wanted = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-        self.session = ort.InferenceSession(str(path), opts, providers=wanted)
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=wanted)
+        except Exception as err:  # noqa: BLE001 - ONNX Runtime's own exception types (InvalidProtobuf, Fail ...)
+            text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            if providers and any(p not in available for p in providers):
+                raise InputError(f"ONNX Runtime here offers {available}, asked for {providers}: {text}") from None
+            raise InputError(f"ONNX Runtime cannot open {path} as a model ({text[:300]}); it is not an ONNX file "
+                             "this runtime can run: re-export the model directory") from None
         self.providers = self.session.get_providers()
         self.precision = precision
         self.path = path
+
+    def interface(self) -> dict[str, dict[str, tuple[str, list]]]:
+        """``{"inputs"|"outputs": {name: (dtype, shape)}}`` as the session sees the file (symbolic
+        dimensions as strings), comparable with ``export.contract.manifest.network_interface``."""
+        def spec(arg):
+            dtype = _ORT_TYPES.get(arg.type, arg.type)
+            return dtype, [d if isinstance(d, int) else str(d) for d in (arg.shape or [])]
+        return {"inputs": {a.name: spec(a) for a in self.session.get_inputs()},
+                "outputs": {a.name: spec(a) for a in self.session.get_outputs()}}
 
     @property
     def input_names(self) -> list[str]:

@@ -21,6 +21,7 @@ import numpy as np
 
 from export.contract.errors import InputError, NFormerError
 from export.contract.manifest import load_manifest, model_config
+from export.contract.ops import OP_TYPE
 from export.contract.variants import CPU_PRECISIONS, PRECISIONS, VARIANTS_KEY, variant_name
 
 from runtime.backends import Backend, OnnxRuntimeBackend
@@ -113,7 +114,45 @@ def choose_backend(model_dir: Path, manifest: dict, network: str, backend: str =
                              "--calib-data DIR`")
         path, label = entry["path"], precision
     opened = OnnxRuntimeBackend(model_dir / path, providers, threads, precision=label, dynamic_shapes=dynamic_shapes)
+    try:
+        _check_file_interface(opened, manifest, network, model_dir / path)
+    except BaseException:
+        _close_backend(opened)
+        raise
     return opened, notes, {"backend": "onnxruntime", "engine": None, "reason": reason}
+
+
+def _check_file_interface(opened, manifest: dict, network: str, path: Path) -> None:
+    """The file the manifest names must be the network the model section describes: its inputs and
+    outputs (an entry swapped with another network's, or a model section edited after the export,
+    would otherwise fail deep inside ONNX Runtime or, for topk, compute other lists than the file);
+    for ``nformer``, the k of its neighbour node too."""
+    from export.contract.manifest import interface_mismatch, network_interface
+
+    want = network_interface(manifest["model"], network)
+    if want is None:
+        return
+    problem = interface_mismatch(want, opened.interface())
+    if problem is None and network == "nformer":
+        found = _custom_op_k(path)
+        if found is not None and found != manifest["model"]["topk"]:
+            problem = f"its {OP_TYPE} node has k = {found}, the manifest's topk is {manifest['model']['topk']}"
+    if problem:
+        raise InputError(f"{path} is not the {network} network that the manifest beside it describes: {problem}; "
+                         "the manifest or the file was changed after the export: re-export it")
+
+
+def _custom_op_k(path: Path) -> int | None:
+    """The ``k`` attribute of the file's reciprocal-neighbour node (None when it has none)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    for node in model.graph.node:
+        if node.op_type == OP_TYPE:
+            for attr in node.attribute:
+                if attr.name == "k":
+                    return int(attr.i)
+    return None
 
 
 def _close_backend(backend) -> None:

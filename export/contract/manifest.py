@@ -205,7 +205,62 @@ def validate_manifest(manifest, where: str | Path = MANIFEST_NAME) -> dict:
     if "engines" in manifest:
         for key, entry in _engine_entries(manifest["engines"], where):
             _check_entry(entry, where, key, need_sha=False)
+    _check_interfaces(manifest, where)
     return manifest
+
+
+def network_interface(model: dict, network: str) -> dict[str, dict[str, tuple[str, list]]] | None:
+    """What ``network``'s file must take and give for the model configuration ``model``:
+    ``{"inputs"|"outputs": {name: (dtype, shape)}}``, a dimension None where it is dynamic; None for
+    a network this contract does not describe."""
+    h, w = model["input_size_hw"]
+    c, n_layer = model["n_embd"], model["n_layer"]
+    refine_in = {"features": ("float32", [1, None, c]), "landmarks": ("int64", [n_layer, None])}
+    refine_out = {"refined": ("float32", [1, None, c])}
+    return {
+        "encoder": {"inputs": {"images": ("float32", [None, 3, h, w])},
+                    "outputs": {"embeddings": ("float32", [None, model["feature_dim"]])}},
+        "nformer": {"inputs": refine_in, "outputs": refine_out},
+        "nformer_layers": {"inputs": {**refine_in, "neighbor_index": ("int32", [1, None, None]),
+                                      "neighbor_valid": ("int32", [1, None, None])}, "outputs": refine_out},
+    }.get(network)
+
+
+def interface_mismatch(want: dict, found: dict) -> str | None:
+    """How ``found`` (``{"inputs"|"outputs": {name: (dtype, shape)}}``, dims int or a symbol) differs
+    from :func:`network_interface`'s ``want``, or None."""
+    for side in ("inputs", "outputs"):
+        if set(found[side]) != set(want[side]):
+            return f"{side} {sorted(found[side])}, expected {sorted(want[side])}"
+        for name, (dtype, shape) in want[side].items():
+            got_dtype, got_shape = found[side][name]
+            if got_dtype != dtype or len(got_shape) != len(shape) or any(
+                    d is not None and g != d for g, d in zip(got_shape, shape)):
+                return (f"{side[:-1]} {name} is {got_dtype} [{', '.join(map(str, got_shape))}], expected {dtype} "
+                        f"[{', '.join('*' if d is None else str(d) for d in shape)}]")
+    return None
+
+
+def _check_interfaces(manifest: dict, where: Path) -> None:
+    """The files' recorded inputs and outputs, and the custom op's k, must be those the model
+    configuration implies (an edited ``model`` section otherwise feeds the files shapes they were
+    not made for, or -- topk -- silently computes other lists on one path than on the other)."""
+    model = manifest["model"]
+    for name, entry in manifest["files"].items():
+        want = network_interface(model, name)
+        if want is None:
+            continue
+        found = {side: {s["name"]: (s["dtype"], s["shape"]) for s in entry[side]} for side in ("inputs", "outputs")}
+        problem = interface_mismatch(want, found)
+        if problem:
+            raise InputError(f"{where}: files.{name} records {problem} for the model section's configuration "
+                             f"(input_size_hw {model['input_size_hw']}, feature_dim {model['feature_dim']}, n_embd "
+                             f"{model['n_embd']}, n_layer {model['n_layer']}): the manifest was edited; {_REEXPORT}")
+    for op in manifest.get("custom_ops") or []:
+        k = op.get("attributes", {}).get("k") if isinstance(op, dict) and isinstance(op.get("attributes"), dict) else None
+        if k is not None and k != model["topk"]:
+            raise InputError(f"{where}: the custom op {op.get('op_type')} was exported with k = {k!r} but the model "
+                             f"section says topk = {model['topk']}: the manifest was edited; {_REEXPORT}")
 
 
 def _engine_entries(engines, where: Path) -> list[tuple[str, dict]]:

@@ -927,3 +927,57 @@ def test_triton_repo_into_the_current_directory_is_one_clear_error(small_export,
     r = cli("triton-repo", small_export, "triton_models")   # a relative OUT below it works
     assert r.exit_code == 0, r.output
     assert (here / "triton_models" / "nformer_repository.json").is_file()
+
+
+def _edited(src: Path, dst: Path, edit) -> Path:
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    edit(manifest)
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    return dst
+
+
+def _swap_paths(m):
+    enc, ref = m["files"]["encoder"], m["files"]["nformer"]
+    enc["path"], ref["path"], enc["sha256"], ref["sha256"] = ref["path"], enc["path"], ref["sha256"], enc["sha256"]
+
+
+def _topk_and_op(m):
+    m["model"]["topk"] = 5
+    for op in m["custom_ops"]:
+        op["attributes"]["k"] = 5
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda m: m["model"].update(feature_dim=64), ["files.encoder records output embeddings", "[*, 64]"]),
+    (lambda m: m["model"].update(n_layer=2), ["files.nformer records input landmarks", "[2, *]"]),
+    (lambda m: m["model"].update(input_size_hw=[96, 48]), ["input images", "[*, 3, 96, 48]"]),
+    (lambda m: m["model"].update(input_size_hw=[100000, 100000]), ["input images"]),
+    (lambda m: m["model"].update(topk=5), ["exported with k = ", "topk = 5"]),
+    (_topk_and_op, ["node has k = 20", "topk is 5"]),                  # consistent edit: the file itself says 20
+    (_swap_paths, ["is not the encoder network", "inputs"]),            # checksums moved with the paths
+    (lambda m: m["files"]["encoder"].update(path="nformer_layers.onnx",
+                                             sha256=m["files"]["nformer_layers"]["sha256"]), ["not the encoder"]),
+])
+def test_a_manifest_that_no_longer_describes_its_files_is_one_clear_error(small_export, tmp_path, edit, words):
+    """A model section edited after the export fed the files shapes they were not made for
+    (tracebacks, a 100000 x 100000 resize) or, for topk, computed k = 5 lists on the CPU path and
+    k = 20 inside nformer.onnx: refused when the model is opened."""
+    model = _edited(small_export, tmp_path / "m", edit)
+    np.save(tmp_path / "x.npy", np.ones((3, 128), np.float32))
+    line = one_error(cli("refine", model, tmp_path / "x.npy", "--out", tmp_path / "o.npy"))
+    for w in words:
+        assert w in line, line
+    assert not (tmp_path / "o.npy").exists()
+
+
+def test_a_manifest_naming_a_file_that_is_no_onnx_model_is_one_clear_error(small_export, tmp_path):
+    model = tmp_path / "m"
+    shutil.copytree(small_export, model)
+    (model / "notes.bin").write_bytes(b"\x80\x02not a protobuf" * 100)
+    from export.contract.files import sha256_file
+
+    _edited(model, tmp_path / "m2", lambda m: m["files"]["encoder"].update(path="notes.bin",
+                                                                          sha256=sha256_file(model / "notes.bin")))
+    with pytest.raises(InputError, match="cannot open .*notes.bin as a model"):
+        Pipeline.load(tmp_path / "m2")

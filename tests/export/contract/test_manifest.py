@@ -16,25 +16,31 @@ from export.contract.errors import InputError
 from export.contract.files import sha256_file, write_bytes_atomic, write_json_atomic
 from export.contract.manifest import MANIFEST_NAME, load_manifest
 
-IO = {"inputs": [{"name": "x", "dtype": "float32", "shape": ["batch", 3]}],
-      "outputs": [{"name": "y", "dtype": "float32", "shape": ["batch", 2]}]}
+def io_records(model: dict, network: str) -> dict:
+    """The inputs/outputs the export records for ``network`` under the configuration ``model``."""
+    want = manifest_module.network_interface(model, network)
+    return {side: [{"name": name, "dtype": dtype, "shape": ["N" if d is None else d for d in shape]}
+                   for name, (dtype, shape) in want[side].items()] for side in ("inputs", "outputs")}
 
 
 def make_model_dir(folder: Path) -> Path:
     """A model directory with small stand-in files and a manifest as the export writes it."""
     folder.mkdir(parents=True, exist_ok=True)
     files = {}
+    model = json.loads(json.dumps(ModelConfig(arch="resnet18").to_json()))
     for name in ("encoder", "nformer", "nformer_layers"):
         write_bytes_atomic(folder / f"{name}.onnx", f"{name} {folder.name}".encode() * 50)
-        files[name] = {"path": f"{name}.onnx", "sha256": sha256_file(folder / f"{name}.onnx"), **IO}
+        files[name] = {"path": f"{name}.onnx", "sha256": sha256_file(folder / f"{name}.onnx"),
+                       **io_records(model, name)}
     write_bytes_atomic(folder / "encoder.fp16.onnx", b"fp16 encoder" * 30)
     manifest = {
         "format": "nformer-trt/manifest", "format_version": 1,
-        "model": json.loads(json.dumps(ModelConfig(arch="resnet18").to_json())), "opset": 20, "files": files,
+        "model": model, "opset": 20, "files": files,
         "source": {"checkpoint": "x.pth", "sha256": "c" * 64},
         "variants": {"encoder.fp16": {"network": "encoder", "precision": "fp16", "path": "encoder.fp16.onnx",
                                       "sha256": sha256_file(folder / "encoder.fp16.onnx"),
-                                      "source": {"path": "encoder.onnx", "sha256": files["encoder"]["sha256"]}, **IO}},
+                                      "source": {"path": "encoder.onnx", "sha256": files["encoder"]["sha256"]},
+                                      **io_records(model, "encoder")}},
         "engines": {"encoder.fp16": {"network": "encoder", "precision": "fp16", "path": "encoder.fp16.engine",
                                      "record": "encoder.fp16.engine.json", "sha256": "d" * 64}},
     }
