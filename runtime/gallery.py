@@ -200,6 +200,8 @@ class Gallery:
 
     def __init__(self, config: ModelConfig, refiner: LayersRefiner | None = None, seed: int = 0,
                  reserve: int = DEFAULT_RESERVE, model: dict | None = None):
+        if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, Integral) or not 0 <= seed < 2 ** 63:
+            raise InputError(f"the landmark seed must be an integer in 0..2**63-1, found {seed!r}")
         self.config = config
         self.refiner = refiner
         self.seed = int(seed)
@@ -329,10 +331,10 @@ class Gallery:
         """Remove the items with these ids; an unknown id removes nothing and raises InputError."""
         with self._lock:
             if isinstance(ids, np.ndarray):
-                ids = ids.tolist()
-            elif isinstance(ids, (str, Integral)):
+                ids = ids.reshape(-1).tolist()
+            elif isinstance(ids, (str, bytes, Integral, float, np.generic)) or not hasattr(ids, "__iter__"):
                 ids = [ids]
-            ids = list(ids)
+            ids = [_json_scalar_id(i, "remove") for i in ids]   # True or 1.0 must not stand for id 1
             unknown = [i for i in ids if i not in self._position]
             if unknown:
                 raise InputError(f"remove: {len(unknown)} unknown id(s), first {unknown[:5]}; nothing was removed")
@@ -391,8 +393,8 @@ class Gallery:
         of that query's hits (cross-camera re-identification); a negative camera id (unknown
         camera) leaves nothing out.  Ties keep gallery order.
         """
-        if topn < 1:
-            raise InputError(f"topn must be >= 1, found {topn}")
+        if isinstance(topn, (bool, np.bool_)) or not isinstance(topn, Integral) or topn < 1:
+            raise InputError(f"topn must be an integer >= 1, found {topn!r}")
         with self._lock:   # one acquisition: positions must not move between ranking and lookup
             dist = self.distances(query_embeddings, refined)
             cams = None
@@ -557,7 +559,8 @@ def _check_identity(path: Path, saved: dict, current: dict) -> None:
         if a is None:
             unrecorded.append(key)
         elif a != b:
-            differ.append(f"{key} {_short(a)} (this model: {_short(b)})")
+            kinds = f" as {type(a).__name__}, not {type(b).__name__}" if type(a) is not type(b) else ""
+            differ.append(f"{key} {_short(a)}{kinds} (this model: {_short(b)})")
     if differ:
         raise InputError(f"gallery {path} holds embeddings of another model: {'; '.join(differ)}; re-embed it with "
                          "this model, or pass allow_model_mismatch=True if the encoders are known to agree")

@@ -268,6 +268,7 @@ class NeighborIndex:
         self.last_update = UpdateStats()
         self.last_scan = ScanStats()
         self._lists_only = False
+        self._extended_depth = 0           # inside `with extended(...)`: removals would break its restore
         if dim is not None:
             self._init_dim(int(dim))
 
@@ -320,7 +321,14 @@ class NeighborIndex:
     def remove(self, positions) -> None:
         """Drop the rows at ``positions`` (current 0-based order); the others keep their order."""
         t0 = time.perf_counter()
-        pos = np.unique(np.asarray(positions, dtype=np.int64).reshape(-1))
+        if getattr(self, "_extended_depth", 0):
+            raise InputError("rows cannot be removed while the index is temporarily extended (inside `with "
+                             "index.extended(...)`): its exit restores the saved lists; remove after the block")
+        given = np.asarray(positions)
+        if given.size and not np.issubdtype(given.dtype, np.integer):
+            raise InputError(f"row positions must be integers, found {given.dtype} (a boolean mask or floats would "
+                             "be read as other rows); pass np.flatnonzero(mask) for a mask")
+        pos = np.unique(given.astype(np.int64).reshape(-1))
         if len(pos) == 0:
             return
         if pos[0] < 0 or pos[-1] >= self._n:
@@ -390,10 +398,12 @@ class NeighborIndex:
         if self.dim is not None:
             saved = (self._cand_key[:n].copy(), self._cand_uid[:n].copy(), self._count[:n].copy())
         next_uid = self._next_uid
+        self._extended_depth = getattr(self, "_extended_depth", 0) + 1
         try:
             self.add(rows)
             yield self
         finally:
+            self._extended_depth -= 1
             self._n, self._next_uid = n, next_uid
             self._labels = None
             if saved is not None:
@@ -430,6 +440,17 @@ class NeighborIndex:
         if (np.any(np.diff(uids) <= 0) or not np.isin(cand_uid[present], uids).all()
                 or np.any(present.sum(axis=1) != count) or np.any(count < min(index.k - 1, n - 1))):
             raise InputError("the saved neighbour lists refer to rows that are not in the saved set")
+        keys = np.asarray(state["cand_key"])
+        if not np.issubdtype(keys.dtype, np.floating) or not np.isfinite(keys[present]).all() \
+                or not (keys[~present] == -np.inf).all():
+            raise InputError("the saved neighbour keys are not finite numbers where a neighbour is listed (and -inf "
+                             "where none is): the saved lists are damaged")
+        pad = np.iinfo(np.int64).max
+        ordered = np.sort(np.where(present, cand_uid, pad), axis=1)
+        if ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] != pad)).any() \
+                or (cand_uid == uids[:, None]).any():
+            raise InputError("the saved neighbour lists name a row twice, or a row as its own neighbour: the saved "
+                             "lists are damaged")
         index._append(x, uids=uids)
         index._next_uid = max(int(state["next_uid"]), index._next_uid)
         if int(state.get("key_version", 1)) != KEY_VERSION:

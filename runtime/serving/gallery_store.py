@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import struct
@@ -186,6 +187,7 @@ class GalleryStore:
         records, good, size = read_records(journal)
         for n, (header, rows) in enumerate(records):
             try:
+                _check_record(header, rows, self.gallery.config.n_embd)
                 self._apply(header, rows)
             except InputError as err:
                 raise InputError(f"{journal}: record {n} cannot be replayed onto snapshot {self.version} ({err}); "
@@ -407,6 +409,38 @@ class GalleryStore:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _check_record(header, rows, dim: int) -> None:
+    """A journal record read back from disk has the fields :meth:`GalleryStore._commit` writes, with
+    their types (a checksum only shows the bytes are the ones written, not that our code wrote them)."""
+    if not isinstance(header, dict) or header.get("op") not in ("add", "remove"):
+        found = header.get("op") if isinstance(header, dict) else header
+        raise InputError(f"not a journal record of this program (op {found!r:.40})")
+
+    def id_list(key, required=True):
+        value = header.get(key)
+        if value is None and not required:
+            return []
+        if not isinstance(value, list):
+            raise InputError(f"its {key} must be a list of ids, found {type(value).__name__}")
+        return [_as_id(v) for v in value]
+    ids = id_list("ids")
+    if header["op"] == "remove":
+        return
+    id_list("evict", required=False)
+    m = len(ids)
+    if header.get("dim") != dim or isinstance(header.get("dim"), bool):
+        raise InputError(f"its rows are {header.get('dim')!r} wide, the gallery's {dim}")
+    if rows is None or rows.size != m * dim:
+        raise InputError(f"it carries {0 if rows is None else rows.size} values for {m} rows of {dim}")
+    cams, stamps = header.get("camids"), header.get("timestamps")
+    if not (isinstance(cams, list) and len(cams) == m and all(isinstance(c, int) and not isinstance(c, bool)
+                                                               for c in cams)):
+        raise InputError(f"its camids must be {m} integers")
+    if not (isinstance(stamps, list) and len(stamps) == m and all(
+            isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) for t in stamps)):
+        raise InputError(f"its timestamps must be {m} finite numbers")
 
 
 def _as_id(value) -> str:

@@ -237,3 +237,28 @@ def test_empty_gallery_and_unbound_gallery(pipe, features):
     assert [h.id for h in unbound.search(features[:1], topn=1, refined=False)[0]] == [0]
     with pytest.raises(InputError, match="not bound"):
         unbound.refine()
+
+
+def test_api_values_that_are_not_what_they_look_like_are_refused(tmp_path):
+    """seed -1 saved a gallery that could not be searched or loaded; remove(True) / remove([1.0])
+    removed id 1; topn 2.5 or nan was a TypeError deep in the search."""
+    from export.contract.config import ModelConfig
+    from export.contract.errors import InputError
+    from runtime.gallery import Gallery
+
+    config = ModelConfig(arch="resnet18", n_embd=16, feature_dim=16, topk=3)
+    for seed in (-1, 1.5, True, 2 ** 63):
+        with pytest.raises(InputError, match="seed"):
+            Gallery(config, seed=seed)
+    g = Gallery(config)
+    g.add(np.random.default_rng(0).standard_normal((5, 16)).astype(np.float32))
+    for ids in (True, [1.0], np.float64(2.0), np.array([True]), [None]):
+        with pytest.raises(InputError, match="ids must be strings or integers"):
+            g.remove(ids)
+    assert g.ids == [0, 1, 2, 3, 4]
+    g.remove(np.int64(1))
+    g.remove(np.array([2, 3]))
+    assert g.ids == [0, 4]
+    for topn in (2.5, float("nan"), True, 0):
+        with pytest.raises(InputError, match="topn must be an integer"):
+            g.search(np.ones((1, 16), np.float32), topn=topn, refined=False)

@@ -161,3 +161,49 @@ def test_bad_input_changes_nothing():
     np.testing.assert_array_equal(after[1], before[1])
     with pytest.raises(InputError, match="k"):
         NeighborIndex(0)
+
+
+def test_removal_inside_a_temporary_extension_and_positions_that_are_no_integers_are_refused():
+    """``remove`` inside ``with extended(...)`` left the index corrupted after the block (the exit
+    restores lists saved for other rows); a boolean mask or floats removed other rows."""
+    from export.contract.errors import InputError
+
+    x = np.random.default_rng(3).standard_normal((12, 8)).astype(np.float32)
+    index = NeighborIndex(4, reserve=2)
+    index.add(x[:8])
+    before = index.neighbors()
+    with pytest.raises(InputError, match="temporarily extended"):
+        with index.extended(x[8:]) as both:
+            both.remove([0])
+    after = index.neighbors()
+    np.testing.assert_array_equal(after[0], before[0])
+    np.testing.assert_array_equal(index.rows(), x[:8])
+    for positions in (np.array([True, False]), [1.7], np.array([0.0])):
+        with pytest.raises(InputError, match="must be integers"):
+            index.remove(positions)
+    assert len(index) == 8
+    index.remove([])                                   # nothing to remove is fine
+    index.remove(np.array([1], np.int32))
+    assert len(index) == 7
+
+
+def test_saved_lists_with_bad_keys_or_repeated_rows_are_refused():
+    from export.contract.errors import InputError
+
+    x = np.random.default_rng(4).standard_normal((10, 8)).astype(np.float32)
+    index = NeighborIndex(4, reserve=2)
+    index.add(x)
+    state = index.state()
+    NeighborIndex.from_state(x, state)                 # as saved: fine
+    for damage in ("nan", "inf", "twice", "self"):
+        s = {k: np.array(v, copy=True) for k, v in state.items()}
+        if damage == "nan":
+            s["cand_key"][0, 0] = np.nan
+        elif damage == "inf":
+            s["cand_key"][1, 0] = np.inf
+        elif damage == "twice":
+            s["cand_uid"][3, 1] = s["cand_uid"][3, 0]
+        else:
+            s["cand_uid"][4, 0] = s["uid"][4]
+        with pytest.raises(InputError, match="damaged"):
+            NeighborIndex.from_state(x, s)

@@ -259,3 +259,33 @@ def test_a_gallery_with_integer_ids_is_refused_with_a_clear_error(pipe, tmp_path
     g.save(tmp_path / "g")
     with pytest.raises(InputError, match="not text"):
         GalleryStore(tmp_path / "g", pipe)
+
+
+@pytest.mark.parametrize("header, words", [
+    ({"op": "add", "camids": [0], "timestamps": [0.0], "evict": [], "dim": None}, "ids must be a list"),
+    ({"op": "add", "ids": [7], "camids": [0], "timestamps": [0.0], "evict": [], "dim": None}, "ids must be"),
+    ({"op": "add", "ids": ["g"], "camids": [0], "timestamps": [0.0], "evict": [], "dim": 3}, "wide"),
+    ({"op": "add", "ids": ["g"], "camids": ["0"], "timestamps": [0.0], "evict": [], "dim": None}, "camids"),
+    ({"op": "add", "ids": ["g"], "camids": [0], "timestamps": None, "evict": [], "dim": None}, "timestamps"),
+    ({"op": "add", "ids": ["g", "h"], "camids": [0, 0], "timestamps": [0.0, 0.0], "evict": [], "dim": None}, "values for 2"),
+    ({"op": "add", "ids": ["g"], "camids": [0], "timestamps": [0.0], "evict": "a", "dim": None}, "evict must be"),
+    ({"op": "remove", "ids": "a"}, "ids must be a list"),
+    ({"op": "drop"}, "not a journal record"),
+    ([1, 2], "not a journal record"),
+])
+def test_a_record_with_a_valid_checksum_but_bad_fields_is_one_clear_error(pipe, tmp_path, header, words):
+    """Records are checksummed, but a checksum only proves the bytes: a record another program wrote
+    (or an edit with the checksum recomputed) was a KeyError/AttributeError/reshape traceback."""
+    d = pipe.config.n_embd
+    s = GalleryStore(tmp_path / "g", pipe)
+    s.add(rows(2, d), ["a", "b"], np.zeros(2, np.int64))
+    crash(s)
+    if isinstance(header, dict) and header.get("dim", 0) is None:
+        header = {**header, "dim": d}
+    journal = tmp_path / "g" / "journal.v000001.log"
+    good = journal.read_bytes()
+    journal.write_bytes(good + encode_record(header, rows(1, d, seed=5) if isinstance(header, dict)
+                                             and header.get("op") == "add" else None))
+    with pytest.raises(InputError, match="record 1 cannot be replayed") as info:
+        GalleryStore(tmp_path / "g", pipe)
+    assert words in str(info.value)
