@@ -66,18 +66,30 @@ class _Request:
 
 
 _STOP = object()
+#: the longest a batch may wait to fill (a minute): inf overflowed the worker's timer, nan never waited
+MAX_WAIT_MS = 60_000.0
 _POLL = 0.5   # seconds between checks that the worker is alive, for callers without a timeout
 
 
 class DynamicBatcher:
     """Groups concurrent requests into batches for ``run_batch`` ([B, ...] -> [B, ...])."""
 
+    @staticmethod
+    def check_options(max_batch, max_wait_ms) -> None:
+        """InputError unless ``max_batch`` is an integer >= 1 and ``max_wait_ms`` a number of
+        milliseconds in 0..MAX_WAIT_MS."""
+        from numbers import Integral, Real
+
+        if isinstance(max_batch, bool) or not isinstance(max_batch, Integral) or max_batch < 1:
+            raise InputError(f"max_batch must be an integer >= 1, found {max_batch!r}")
+        if isinstance(max_wait_ms, bool) or not isinstance(max_wait_ms, Real) \
+                or not 0 <= float(max_wait_ms) <= MAX_WAIT_MS:
+            raise InputError(f"max_wait_ms must be a number of milliseconds in 0..{MAX_WAIT_MS:g}, found "
+                             f"{max_wait_ms!r}")
+
     def __init__(self, run_batch: Callable[[np.ndarray], np.ndarray], max_batch: int = 32,
                  max_wait_ms: float = 2.0, name: str = "encoder"):
-        if max_batch < 1:
-            raise InputError(f"max_batch must be >= 1, found {max_batch}")
-        if max_wait_ms < 0:
-            raise InputError(f"max_wait_ms must be >= 0, found {max_wait_ms}")
+        self.check_options(max_batch, max_wait_ms)
         self.run_batch = run_batch
         self.max_batch = int(max_batch)
         self.max_wait = float(max_wait_ms) / 1000.0

@@ -8,14 +8,43 @@ import numpy as np
 from export.contract.config import ModelConfig
 from export.contract.errors import InputError
 
-from runtime.backends import Backend
 from export.contract.preprocess import preprocess_batch
+from runtime.backends import Backend
+
+
+def as_crop_list(crops) -> list:
+    """``crops`` as a list of single crops: a list, tuple, generator or [N, H, W, 3] array of
+    them, or one crop given alone (a path, a PIL image, an HxWx3 array), which is a list of one
+    (a path string would otherwise be read as one crop per character)."""
+    import os
+
+    if isinstance(crops, (str, bytes, os.PathLike)) or hasattr(crops, "getbands"):     # a path, a PIL image
+        return [crops]
+    if isinstance(crops, np.ndarray):
+        if crops.ndim == 3:
+            return [crops]
+        if crops.ndim == 4:
+            return list(crops)
+        raise InputError(f"an array of crops must be [N, H, W, 3] (or one crop [H, W, 3]), found shape {crops.shape}")
+    try:
+        return list(crops)
+    except TypeError:
+        raise InputError(f"crops must be a list of paths, PIL images or HxWx3 uint8 arrays, found "
+                         f"{type(crops).__name__}") from None
+
+
+def check_count(value, name: str, least: int = 1) -> int:
+    """An integer option (not a bool, not a float that happens to be whole) at least ``least``."""
+    from numbers import Integral
+
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, Integral) or value < least:
+        raise InputError(f"{name} must be an integer >= {least}, found {value!r}")
+    return int(value)
 
 
 class EncoderRunner:
     def __init__(self, backend: Backend, config: ModelConfig, batch_size: int = 32):
-        if batch_size < 1:
-            raise InputError(f"batch size must be >= 1, got {batch_size}")
+        batch_size = check_count(batch_size, "batch size")
         self.backend = backend
         self.config = config
         self.batch_size = batch_size
@@ -35,6 +64,7 @@ class EncoderRunner:
 
     def embed(self, crops: Sequence, progress: Callable[[int], None] | None = None) -> np.ndarray:
         """Crops (paths, PIL images or HxWx3 uint8 arrays of any size) -> embeddings [len, feature_dim]."""
+        crops = as_crop_list(crops)
         c = self.config
         out = np.zeros((len(crops), c.feature_dim), np.float32)
         for s in range(0, len(crops), self.batch_size):

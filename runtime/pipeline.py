@@ -193,6 +193,12 @@ class Pipeline:
         the embeddings).  ``dynamic_batching``:
         group concurrent ``embed`` calls into batches of up to ``max_batch`` (default
         ``batch_size``) rows, waiting at most ``max_wait_ms`` for a batch to fill."""
+        from runtime.batching import DynamicBatcher
+        from runtime.encoder import check_count
+
+        check_count(batch_size, "batch_size")           # before any session or engine is opened
+        if dynamic_batching:
+            DynamicBatcher.check_options(max_batch or batch_size, max_wait_ms)
         model_dir = Path(model_dir)
         manifest = load_manifest(model_dir)
         config = model_config(manifest)
@@ -240,6 +246,9 @@ class Pipeline:
 
         With dynamic batching on, crops are preprocessed in the calling thread and the encoder call
         is shared with other threads' requests."""
+        from runtime.encoder import as_crop_list
+
+        crops = as_crop_list(crops)
         if self.batcher is None:
             return self.encoder.embed(crops, progress)
         from export.contract.preprocess import preprocess_batch

@@ -138,7 +138,7 @@ def evaluate(dataset_dir, model_dir, backends, batch_size, seed, max_rank, threa
 @click.option("--request-size", type=click.IntRange(1), default=1, show_default=True, help="Crops per request.")
 @click.option("--max-batch", type=click.IntRange(1), default=32, show_default=True,
               help="Largest batch the dynamic batcher forms.")
-@click.option("--max-wait-ms", type=FiniteFloatRange(0), default=5.0, show_default=True,
+@click.option("--max-wait-ms", type=FiniteFloatRange(0, 60_000), default=5.0, show_default=True,
               help="Longest the batcher waits for a batch to fill after its first request.")
 @click.option("--refine-sizes", default="1000", show_default=True, callback=int_list_or_empty,
               help="Set sizes N for the refinement timing (comma-separated; empty to skip).")

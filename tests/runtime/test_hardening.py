@@ -981,3 +981,27 @@ def test_a_manifest_naming_a_file_that_is_no_onnx_model_is_one_clear_error(small
                                                                           sha256=sha256_file(model / "notes.bin")))
     with pytest.raises(InputError, match="cannot open .*notes.bin as a model"):
         Pipeline.load(tmp_path / "m2")
+
+
+def test_pipeline_api_values_that_are_not_what_they_look_like(resnet18_export, pipe, tmp_path):
+    """embed("crop.jpg") read one crop per character; max_wait_ms=inf failed the first embed from
+    inside the batcher (nan was taken); batch_size=1.5 and a generator of crops were TypeErrors."""
+    from PIL import Image
+
+    path = tmp_path / "crop.png"
+    Image.fromarray(crops(1)[0]).save(path)
+    one = pipe.embed(str(path))
+    assert one.shape == (1, pipe.config.feature_dim)
+    np.testing.assert_array_equal(pipe.embed(path), one)
+    np.testing.assert_array_equal(pipe.embed(p for p in [path]), one)
+    np.testing.assert_array_equal(pipe.embed(np.stack(crops(2))), pipe.embed(crops(2)))
+    np.testing.assert_array_equal(pipe.embed(crops(1)[0]), pipe.embed(crops(1)))
+    with pytest.raises(InputError, match="crops must be a list"):
+        pipe.embed(42)
+    for kwargs, words in (({"batch_size": 1.5}, "batch_size must be an integer"),
+                          ({"batch_size": True}, "batch_size must be an integer"),
+                          ({"dynamic_batching": True, "max_wait_ms": float("inf")}, "max_wait_ms"),
+                          ({"dynamic_batching": True, "max_wait_ms": float("nan")}, "max_wait_ms"),
+                          ({"dynamic_batching": True, "max_batch": 2.0}, "max_batch must be an integer")):
+        with pytest.raises(InputError, match=words):
+            Pipeline.load(resnet18_export[0], **kwargs)
