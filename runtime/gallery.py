@@ -501,9 +501,9 @@ class Gallery:
             n = items["count"]
             saved_model = items["model"]
             for key in ("n_embd", "topk"):
-                if saved_model.get(key) != getattr(config, key):
-                    raise InputError(f"gallery {path} was made for a model with {key}={saved_model.get(key)}, this "
-                                     f"model has {key}={getattr(config, key)}; re-embed the gallery with this model")
+                if saved_model.get(key) != getattr(config, key) or isinstance(saved_model.get(key), bool):
+                    raise InputError(f"gallery {path} was made for a model with {key}={saved_model.get(key)!r}, this "
+                                     f"model has {key}={getattr(config, key)!r}; re-embed the gallery with this model")
             if not allow_model_mismatch:
                 _check_identity(path, saved_model, model or model_identity(None, config))
                 if items.get("model_sha256") != _canonical_sha256(saved_model):
@@ -531,6 +531,10 @@ class Gallery:
             if arr is not None and (arr.shape != shape or not np.issubdtype(arr.dtype, np.floating)):
                 raise InputError(f"gallery {folder} is inconsistent: {n} items of width {config.n_embd} but "
                                  f"{name} holds {arr.dtype} {arr.shape}; rebuild it")
+        # the ranked rows are the raw embeddings L2-normalised (to rounding: numpy's sums differ between CPUs)
+        if n and not np.allclose(features, l2_normalize(raw.astype(np.float32)), rtol=0, atol=1e-6):
+            raise InputError(f"gallery {folder} is inconsistent: features.npy is not embeddings.npy L2-normalised; "
+                             "the gallery is damaged: restore it from a backup or rebuild it")
         gallery = cls(config, refiner, seed=items["seed"], reserve=items["reserve"], model=saved_model)
         gallery._adding_precision = adding
         try:

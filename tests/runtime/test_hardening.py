@@ -1005,3 +1005,33 @@ def test_pipeline_api_values_that_are_not_what_they_look_like(resnet18_export, p
                           ({"dynamic_batching": True, "max_batch": 2.0}, "max_batch must be an integer")):
         with pytest.raises(InputError, match=words):
             Pipeline.load(resnet18_export[0], **kwargs)
+
+
+@pytest.mark.parametrize("damage", ["unnormalised", "nan_key", "topk_text"])
+def test_gallery_arrays_edited_with_fresh_checksums_are_refused(tmp_path, damage):
+    """features.npy scaled (search used other rows than the embeddings), a NaN key in
+    neighbors.npz (loaded, then a reshape error in search), topk saved as text (the message said
+    "made for topk=20, this model has topk=20")."""
+    from export.contract.files import sha256_file
+    from runtime.gallery import ITEMS, _read_pointer
+
+    small_gallery().save(tmp_path / "gal")
+    folder = tmp_path / "gal" / _read_pointer(tmp_path / "gal")["version"]
+    items = json.loads((folder / ITEMS).read_text())
+    if damage == "unnormalised":
+        np.save(folder / "features.npy", np.load(folder / "features.npy") * 2)
+        words = "not embeddings.npy L2-normalised"
+    elif damage == "nan_key":
+        z = dict(np.load(folder / "neighbors.npz"))
+        z["cand_key"][0, 0] = np.nan
+        with open(folder / "neighbors.npz", "wb") as f:
+            np.savez(f, **z)
+        words = "not finite"
+    else:
+        items["model"]["topk"] = str(items["model"]["topk"])
+        words = "topk='"
+    for name in items["sha256"]:
+        items["sha256"][name] = sha256_file(folder / name)
+    (folder / ITEMS).write_text(json.dumps(_resign(items)))
+    with pytest.raises(InputError, match=words):
+        Gallery.load(tmp_path / "gal", SMALL)
