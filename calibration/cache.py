@@ -16,14 +16,15 @@ File format (``format`` ``nformer-trt/calibration-cache``, version 2)::
 
     {"format": ..., "format_version": 2, "key": {...}, "key_sha256": "...",
      "images": ["bounding_box_train/0002_c1s1_000451_03.jpg", ...], "skipped": [{"path", "reason"}],
+     "check": {"crops", "cosine_mean", "cosine_min"},      # the accuracy check the ranges passed
      "created": "...", "ranges": {...ONNX Runtime TensorsData JSON...},
      "content_sha256": "..."}                               # sha256 of every other field
 
 The file is untrusted: :func:`load` validates it (JSON types, every field, the checksum, the ranges:
 finite numbers, ``lowest <= highest``, the calibration method of the key, tensor names of the model)
 and treats an entry that does not validate as damaged: ignored with a one-line note, and the ranges
-are recomputed from the crops (then saved over it).  Version 1 entries (no checksum) are recomputed
-the same way.
+are recomputed from the crops (then saved over it).  Version 1 entries (no checksum, no check) are
+recomputed the same way.
 
 Imports no torch.
 """
@@ -167,13 +168,17 @@ def _validate(entry, key: dict, tensors) -> None:
         raise DamagedCache("its content does not match its checksum (content_sha256)")
     if entry.get("key") != key:
         raise DamagedCache("it was made for another key (model, method, options or images) than its name says")
-    images, skipped = entry.get("images"), entry.get("skipped")
+    images, skipped, check = entry.get("images"), entry.get("skipped"), entry.get("check")
     if not isinstance(images, list) or not images or not all(isinstance(i, str) for i in images) \
             or len(images) > key["count"]:
         raise DamagedCache(f'"images" is not a list of 1 to {key["count"]} image paths')
     if not isinstance(skipped, list) or not all(isinstance(s, dict) and isinstance(s.get("path"), str)
                                                 and isinstance(s.get("reason"), str) for s in skipped):
         raise DamagedCache('"skipped" is not a list of {"path", "reason"} objects')
+    if not isinstance(check, dict) or set(check) != {"crops", "cosine_mean", "cosine_min"} \
+            or isinstance(check["crops"], bool) or not isinstance(check["crops"], int):
+        raise DamagedCache('"check" is not an accuracy check record')
+    _number(check["cosine_mean"], "check cosine_mean"), _number(check["cosine_min"], "check cosine_min")
     validate_ranges(entry.get("ranges"), key["method"], tensors)
 
 
@@ -199,13 +204,13 @@ def load(path: Path, key: dict, *, tensors=None, log: Callable[[str], None] | No
     return entry
 
 
-def save(path: Path, key: dict, ranges: dict, images: list[str], skipped: list[dict]) -> None:
+def save(path: Path, key: dict, ranges: dict, images: list[str], skipped: list[dict], check: dict) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise InputError(f"cannot create the calibration cache directory {path.parent}: {err.strerror or err}") from None
     entry = {"format": FORMAT, "format_version": FORMAT_VERSION, "key": key, "key_sha256": key_digest(key),
-             "images": images, "skipped": skipped,
+             "images": images, "skipped": skipped, "check": check,
              "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "ranges": ranges}
     write_json_atomic(path, {**entry, "content_sha256": content_digest(entry)})
 

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from PIL import Image
 
@@ -154,7 +156,7 @@ def test_calibration_imports_no_torch(tmp_path_factory, tmp_path):
     assert out.strip().splitlines()[-1] == "False"
 
 
-# -- a damaged calibration cache is recomputed with a note ---------------------------------------------------------
+# -- a damaged calibration cache is recomputed; ranges that ruin the embeddings are not published ------------------
 
 def _build_cli(model_dir, crops, *extra):
     from click.testing import CliRunner
@@ -233,3 +235,37 @@ def test_damaged_cache_entry_is_recomputed_with_a_note(case, cached_build, tmp_p
     assert all(_finite_ordered(td) for td in entry["ranges"]["data"].values())
     again = _build_cli(model_dir, cached_build[1])
     assert again.exit_code == 0 and "ranges from cache" in again.output and "note" not in again.output, again.output
+
+
+def test_ranges_that_ruin_the_embeddings_are_not_published(cached_build, tmp_path, monkeypatch):
+    """Freshly calibrated ranges are checked on the crops in memory before anything is written: a
+    quantised file whose embeddings are far from fp32 is refused (one error line, nothing written or
+    cached).  The random test model's embeddings barely depend on its ranges (every crop's is within
+    cosine 0.998 of every other's), so the bad file is made by inverting the quantiser's output."""
+    import onnxruntime.quantization as ort_quantization
+
+    real = ort_quantization.quantize_static
+
+    def inverted(src, out, *args, **kwargs):
+        real(src, out, *args, **kwargs)
+        model = onnx.load(out)
+        (gemm,) = [n for n in model.graph.node if "embeddings" in n.output]
+        gemm.output[list(gemm.output).index("embeddings")] = "embeddings_q"
+        model.graph.node.append(onnx.helper.make_node("Neg", ["embeddings_q"], ["embeddings"], name="inverted"))
+        onnx.save(model, out)
+    monkeypatch.setattr(ort_quantization, "quantize_static", inverted)
+    model_dir = fresh_copy(cached_build[0], tmp_path / "build")
+    shutil.rmtree(model_dir / calib_cache.CACHE_DIR)
+    (model_dir / "encoder.int8-cpu.onnx").unlink()
+    manifest = (model_dir / "manifest.json").read_bytes()
+    before = sorted(p.name for p in model_dir.iterdir())
+    result = _build_cli(model_dir, cached_build[1])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    (line,) = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
+    assert "not written" in line and "mean cosine -1.000" in line and "expected >= 0.9" in line, line
+    assert "--calib-images" in line and "--precision fp16" in line
+    assert sorted(p.name for p in model_dir.iterdir()) == before  # no file, no cache, no temporary left
+    assert (model_dir / "manifest.json").read_bytes() == manifest
+    # the good build recorded its check: the crops it embedded and their cosines to fp32
+    good = json.loads((cached_build[0] / "manifest.json").read_text())["variants"]["encoder.int8-cpu"]["calibration"]
+    assert good["check"]["crops"] == 8 and good["check"]["cosine_mean"] >= 0.99, good
