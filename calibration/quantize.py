@@ -34,12 +34,17 @@ fuses only part of the convolutions and the TensorRT file runs no faster than fp
 The refinement is never quantised: its neighbour ranking is fp32 in every variant (DESIGN.md 1).
 
 Calibration ranges are cached (``calibration.cache``): a second build with the same model, method,
-options and images reads no image.  Imports no torch.
+options and images reads no image.  Freshly calibrated ranges are checked before the file is written
+or the ranges cached: the quantised file embeds a few of the calibration crops (already in memory)
+with a mean cosine to the fp32 encoder's of at least ``MIN_COSINE`` (``check_accuracy``), or the build
+stops with what it found.  A cache entry passed that check when it was made; one that does not
+validate is recomputed.  Imports no torch.
 """
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -66,6 +71,13 @@ CPU_OP_TYPES = OP_TYPES + ("Relu",)
 #: the CPU file's weights are 7-bit (module docstring: no saturation on x86 CPUs without VNNI)
 CPU_REDUCE_RANGE = True
 INPUT_NAME = "images"
+OUTPUT_NAME = "embeddings"
+#: the accuracy check of freshly calibrated ranges: crops it embeds (already preprocessed, in memory)
+#: and the least mean cosine to the fp32 embeddings it accepts: far below what INT8 gives (0.997-0.998
+#: on the shipped model, BENCHMARKS.md; `runtime parity` holds DESIGN.md 3's stricter gate), far above
+#: what ranges that clip or invert activations give (~0)
+CHECK_CROPS = 8
+MIN_COSINE = 0.9
 
 
 def _ort_method(method: str):
@@ -140,15 +152,17 @@ def quantize_encoder(src: str | Path, dst: str | Path, calib_data: str | Path, *
     docstring).  Both read the same crops (same selection for the same data, count and seed) and keep
     their ranges in the same cache, one entry per format.  ``cache_dir`` (default: ``dst``'s
     directory) holds ``calibration_cache/``.  The record says which images were used, what was
-    skipped, and whether the ranges came from the cache.
-    """
-    from onnxruntime.quantization import QuantFormat, quantize_static
+    skipped, whether the ranges came from the cache, and the accuracy check they passed.
 
+    Freshly calibrated ranges are checked before anything is written (:func:`check_accuracy`: the
+    quantised file against ``src`` on a few of the crops already in memory); ranges that fail it
+    raise :class:`InputError` and are not cached.  A cache entry that does not validate, or whose
+    ranges do not quantise the encoder, is recomputed with a note (``calibration.cache``).
+    """
     from calibration.images import ImageBatches
 
     src, dst = Path(src), Path(dst)
     options = quantization_options(method, percentile, precision)
-    settings, extra = _quantize_settings(precision, method, percentile)
     candidates = list_candidates(calib_data)
     if count < 1:
         raise InputError(f"--calib-images must be >= 1, got {count}")
@@ -157,36 +171,86 @@ def quantize_encoder(src: str | Path, dst: str | Path, calib_data: str | Path, *
             f"{len(candidates.files)} candidate image(s): calibrating on all of them")
         count = len(candidates.files)
     key = calib_cache.cache_key(sha256_file(src), method, options, candidates.digest(), count, seed)
-    # the TensorRT file's entries keep their name ("encoder.<method>.<digest>"): caches stay valid
+    # the TensorRT file's entries keep their name ("encoder.<method>.<digest>"); version 1 entries are recomputed
     path = calib_cache.cache_path(cache_dir or dst.parent, "encoder" if precision == "int8" else "encoder.cpu", key)
-    entry = calib_cache.load(path, key)
+    entry = calib_cache.load(path, key, tensors=_tensor_names(src), log=log)
     # a flocked work folder: removed whatever ends the block; a SIGKILLed run's is swept by the next one
     with work_dir(dst.parent, ".quantize-") as work:
         if entry is not None:
-            log(f"calibration: ranges from cache {path} (no image read)")
-            reader, ranges = None, calib_cache.ranges_file(entry, work)
-            used, skipped = entry["images"], entry["skipped"]
-        else:
+            try:
+                _quantize(src, work / "model.onnx", None, calib_cache.ranges_file(entry, work), precision, method,
+                          percentile)
+            except Exception as err:  # noqa: BLE001  (ranges that validate but do not quantise: damaged)
+                reason = " ".join(f"{type(err).__name__}: {err}".split())[:160]
+                log(f"calibration: note: the cached ranges in {path} do not quantise the encoder ({reason}); "
+                    "recomputing them from the crops")
+                entry = None
+            else:
+                log(f"calibration: ranges from cache {path} (no image read)")
+                used, skipped, check = entry["images"], entry["skipped"], entry["check"]
+        if entry is None:
             crops = read_calibration_images(candidates, count, size_hw, mean, std, seed, log)
             log(f"calibration: {method} ranges from {len(crops.files)} crops of {candidates.root} ({candidates.layout})")
-            reader, ranges = ImageBatches(crops.images, INPUT_NAME, batch_size), work / "ranges.json"
-            summary = crops.summary()
-            used, skipped = [str(p.relative_to(candidates.root)) for p in crops.files], summary["skipped"]
-        with _quiet_ort():
-            quantize_static(str(src), str(work / "model.onnx"), reader, quant_format=QuantFormat.QDQ,
-                            per_channel=True, calibrate_method=_ort_method(method), extra_options=extra,
-                            calibration_cache_path=str(ranges), **settings)
-        if entry is None:
-            import json
-
-            calib_cache.save(path, key, json.loads(ranges.read_text()), used, skipped)
-        model = onnx.load(work / "model.onnx")
-        check_qdq_encoder(model) if precision == "int8" else check_cpu_encoder(model)
-        onnx.checker.check_model(model, full_check=True)
+            ranges = work / "ranges.json"
+            _quantize(src, work / "model.onnx", ImageBatches(crops.images, INPUT_NAME, batch_size), ranges, precision,
+                      method, percentile)
+            check = check_accuracy(src, work / "model.onnx", crops.images)
+            if not check["cosine_mean"] >= MIN_COSINE:  # NaN fails too
+                raise InputError(
+                    f"the {precision} encoder is not written: on {check['crops']} of the calibration crops its "
+                    f"embeddings have mean cosine {check['cosine_mean']:.3f} (min {check['cosine_min']:.3f}) to the "
+                    f"fp32 encoder's, expected >= {MIN_COSINE} (INT8 usually gives about 0.997); nothing was written "
+                    f"or cached. Calibrate on crops like the ones served (--calib-data {candidates.root}), on more of "
+                    "them (--calib-images) or with another --calib-method, or build --precision fp16")
+            used = [str(p.relative_to(candidates.root)) for p in crops.files]
+            skipped = crops.summary()["skipped"]
+            calib_cache.save(path, key, json.loads(ranges.read_text()), used, skipped, check)
         shutil.move(str(work / "model.onnx"), dst)
     return {"method": method, "options": options, "images": len(used), "seed": seed,
             "source": str(candidates.root), "layout": candidates.layout, "skipped": len(skipped),
-            "cache": str(path), "cache_hit": entry is not None}
+            "cache": str(path), "cache_hit": entry is not None, "check": check}
+
+
+def _tensor_names(path: Path) -> set[str]:
+    """Names of the tensors of an ONNX file's graph (inputs and node outputs): what can have a range."""
+    model = onnx.load(path, load_external_data=False)
+    return {i.name for i in model.graph.input} | {o for n in model.graph.node for o in n.output}
+
+
+def _quantize(src: Path, out: Path, reader, ranges: Path, precision: str, method: str, percentile: float) -> None:
+    """``quantize_static`` of ``src`` into ``out`` (ranges from ``reader``'s crops into ``ranges``, or
+    from ``ranges`` when there is no reader), then the format's graph checks."""
+    from onnxruntime.quantization import QuantFormat, quantize_static
+
+    settings, extra = _quantize_settings(precision, method, percentile)
+    with _quiet_ort():
+        quantize_static(str(src), str(out), reader, quant_format=QuantFormat.QDQ,
+                        per_channel=True, calibrate_method=_ort_method(method), extra_options=extra,
+                        calibration_cache_path=str(ranges), **settings)
+    model = onnx.load(out)
+    check_qdq_encoder(model) if precision == "int8" else check_cpu_encoder(model)
+    onnx.checker.check_model(model, full_check=True)
+
+
+def check_accuracy(src: str | Path, quantized: str | Path, images) -> dict:
+    """Embed the first ``CHECK_CROPS`` of ``images`` (preprocessed crops, NCHW float32) with the fp32
+    encoder ``src`` and the quantised file in ONNX Runtime (CPU); the cosines of the two embeddings:
+    ``{"crops", "cosine_mean", "cosine_min"}`` (``quantize_encoder`` refuses a mean below ``MIN_COSINE``)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from export.contract.parity import cosine_rows
+
+    batch = np.ascontiguousarray(images[:CHECK_CROPS], dtype=np.float32)
+
+    def embed(path):
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+
+    cos = cosine_rows(embed(quantized), embed(src))
+    return {"crops": int(len(batch)), "cosine_mean": float(cos.mean()), "cosine_min": float(cos.min())}
 
 
 def check_qdq_encoder(model: onnx.ModelProto) -> None:

@@ -32,7 +32,8 @@ there are two.  Both calibrate on the same crops and keep their ranges in the sa
         "inputs": [{"name", "dtype", "shape"}], "outputs": [...],   # float32 I/O in every variant
         "quantization": "qdq-int8",                 # or "qdq-u8s8-cpu" (int8-cpu), "fp16-tensors"
         "calibration": {"method", "options", "images", "seed", "source", "layout", "skipped",
-                        "cache", "cache_hit"},                      # int8 and int8-cpu only
+                        "cache", "cache_hit",                       # int8 and int8-cpu only
+                        "check": {"crops", "cosine_mean", "cosine_min"}},  # vs fp32 on calibration crops
         "serving": "onnxruntime-cpu",                               # int8-cpu only: no TensorRT engine
         "neighbor_ranking": "float32",                              # nformer.* only
         "tools": {"onnx": "...", "onnxruntime": "..."}, "created": "..."

@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from PIL import Image
 
+import calibration.cache as calib_cache
 import calibration.images as calib_images
 from calibration.images import ImageBatches, LAYOUT_FOLDER, LAYOUT_MARKET, list_candidates, read_calibration_images
 from calibration.quantize import quantize_encoder
@@ -151,3 +154,118 @@ def test_calibration_imports_no_torch(tmp_path_factory, tmp_path):
             "import runtime.tensorrt.build, runtime.evaluation.parity; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "False"
+
+
+# -- a damaged calibration cache is recomputed; ranges that ruin the embeddings are not published ------------------
+
+def _build_cli(model_dir, crops, *extra):
+    from click.testing import CliRunner
+
+    from runtime.cli import main as runtime_cli
+
+    return CliRunner().invoke(runtime_cli, ["build", str(model_dir), "--precision", "int8-cpu", "--engine-tool", "none",
+                                            "--calib-data", str(crops), "--calib-images", "8", *extra])
+
+
+@pytest.fixture(scope="module")
+def cached_build(tmp_path_factory):
+    """A small model built at int8-cpu from 8 crops: its calibration cache holds one entry."""
+    _, build = random_small_export(tmp_path_factory)
+    root = tmp_path_factory.mktemp("cached_build")
+    model_dir, crops = fresh_copy(build, root / "build"), _crops(root / "crops", 8)
+    result = _build_cli(model_dir, crops)
+    assert result.exit_code == 0, result.output
+    return model_dir, crops
+
+
+def _damage(entry, case):
+    """``entry`` (the cache file's JSON) damaged as in ``case``; what a hand edit or a bad disk leaves."""
+    ranges = entry["ranges"]
+    data = ranges["data"]
+    first = next(iter(data))
+    if case == "json_list":
+        return []
+    if case == "ranges_string":
+        entry["ranges"] = "x"
+    elif case == "no_calibration_method":
+        del ranges["calibration_method"]
+    elif case == "tensor_without_lowest":
+        del data[first]["lowest"]
+    elif case == "nan_lowest":
+        data[first]["lowest"] = float("nan")
+    elif case == "lowest_above_highest":
+        for td in data.values():
+            td["lowest"], td["highest"] = td["highest"], td["lowest"]
+    elif case == "unknown_tensor":
+        data["not_a_tensor"] = data[first]
+    elif case == "tensor_range_string":
+        data[first]["highest"] = "1e3"
+    elif case == "tensor_dropped":   # validates, but the quantiser needs that tensor's range
+        del data[list(data)[5]]
+    elif case == "edited_ranges_checksum_kept":
+        for td in data.values():
+            td["highest"] = td["lowest"]
+        return entry                 # the checksum (where the cache has one) no longer matches
+    digest = getattr(calib_cache, "content_digest", None)
+    if digest is not None and "content_sha256" in entry:  # an edit that also rewrites the checksum
+        entry["content_sha256"] = digest(entry)
+    return entry
+
+
+def _finite_ordered(td):
+    lo, hi = (np.asarray(td[k]["data"] if isinstance(td[k], dict) else td[k], float) for k in ("lowest", "highest"))
+    return bool(np.isfinite([lo, hi]).all() and (lo <= hi).all())
+
+
+@pytest.mark.parametrize("case", ["json_list", "ranges_string", "no_calibration_method", "tensor_without_lowest",
+                                  "nan_lowest", "lowest_above_highest", "unknown_tensor", "tensor_range_string",
+                                  "tensor_dropped", "edited_ranges_checksum_kept"])
+def test_damaged_cache_entry_is_recomputed_with_a_note(case, cached_build, tmp_path):
+    """An entry that does not validate is ignored with one note and the ranges are recomputed from
+    the crops (the module's promise): no traceback, and the rewritten entry is used next time."""
+    model_dir = fresh_copy(cached_build[0], tmp_path / "build")
+    (path,) = (model_dir / calib_cache.CACHE_DIR).glob("encoder.cpu.*.json")
+    path.write_text(json.dumps(_damage(json.loads(path.read_text()), case)))
+    result = _build_cli(model_dir, cached_build[1])
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    notes = [ln for ln in result.output.splitlines() if "calibration: note:" in ln]
+    assert len(notes) == 1 and str(path) in notes[0] and "recomputing" in notes[0], result.output
+    assert "ranges from 8 crops" in result.output and "ranges from cache" not in result.output
+    entry = json.loads(path.read_text())  # saved over the damaged one
+    assert all(_finite_ordered(td) for td in entry["ranges"]["data"].values())
+    again = _build_cli(model_dir, cached_build[1])
+    assert again.exit_code == 0 and "ranges from cache" in again.output and "note" not in again.output, again.output
+
+
+def test_ranges_that_ruin_the_embeddings_are_not_published(cached_build, tmp_path, monkeypatch):
+    """Freshly calibrated ranges are checked on the crops in memory before anything is written: a
+    quantised file whose embeddings are far from fp32 is refused (one error line, nothing written or
+    cached).  The random test model's embeddings barely depend on its ranges (every crop's is within
+    cosine 0.998 of every other's), so the bad file is made by inverting the quantiser's output."""
+    import onnxruntime.quantization as ort_quantization
+
+    real = ort_quantization.quantize_static
+
+    def inverted(src, out, *args, **kwargs):
+        real(src, out, *args, **kwargs)
+        model = onnx.load(out)
+        (gemm,) = [n for n in model.graph.node if "embeddings" in n.output]
+        gemm.output[list(gemm.output).index("embeddings")] = "embeddings_q"
+        model.graph.node.append(onnx.helper.make_node("Neg", ["embeddings_q"], ["embeddings"], name="inverted"))
+        onnx.save(model, out)
+    monkeypatch.setattr(ort_quantization, "quantize_static", inverted)
+    model_dir = fresh_copy(cached_build[0], tmp_path / "build")
+    shutil.rmtree(model_dir / calib_cache.CACHE_DIR)
+    (model_dir / "encoder.int8-cpu.onnx").unlink()
+    manifest = (model_dir / "manifest.json").read_bytes()
+    before = sorted(p.name for p in model_dir.iterdir())
+    result = _build_cli(model_dir, cached_build[1])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    (line,) = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
+    assert "not written" in line and "mean cosine -1.000" in line and "expected >= 0.9" in line, line
+    assert "--calib-images" in line and "--precision fp16" in line
+    assert sorted(p.name for p in model_dir.iterdir()) == before  # no file, no cache, no temporary left
+    assert (model_dir / "manifest.json").read_bytes() == manifest
+    # the good build recorded its check: the crops it embedded and their cosines to fp32
+    good = json.loads((cached_build[0] / "manifest.json").read_text())["variants"]["encoder.int8-cpu"]["calibration"]
+    assert good["check"]["crops"] == 8 and good["check"]["cosine_mean"] >= 0.99, good
