@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from export.contract.config import ModelConfig
+from export.contract.config import MAX_INPUT_SIDE, MIN_INPUT_SIDE, ModelConfig
 from export.contract.errors import CheckpointError
 from export.reference.model import NFormerModel
 from export.reference.resnet import ARCHS
@@ -306,8 +306,10 @@ def load_checkpoint(path: str | Path, *, n_head: int = 2, topk: int = 20, landma
     if n_head < 1 or topk < 1 or landmarks < 1 or last_stride not in (1, 2):
         raise CheckpointError(f"invalid options: n_head={n_head}, topk={topk}, landmarks={landmarks} must be "
                               f">= 1 and last_stride={last_stride} must be 1 or 2")
-    if input_size_hw is not None and (len(input_size_hw) != 2 or min(input_size_hw) < 32):
-        raise CheckpointError(f"invalid input size {input_size_hw}: expected (height, width), each >= 32")
+    if input_size_hw is not None and (len(input_size_hw) != 2 or not all(
+            MIN_INPUT_SIDE <= side <= MAX_INPUT_SIDE for side in input_size_hw)):
+        raise CheckpointError(f"invalid input size {input_size_hw}: expected (height, width), each "
+                              f"{MIN_INPUT_SIDE}..{MAX_INPUT_SIDE}")
     config = infer_config(state, n_head=n_head, topk=topk, landmarks=landmarks, last_stride=last_stride,
                           num_classes=num_classes if num_classes is not None else 751,
                           input_size_hw=tuple(input_size_hw) if input_size_hw else None)

@@ -475,3 +475,22 @@ def test_half_precision_weights_and_integer_step_counters_load(tmp_path, narrow_
     torch.save(state, tmp_path / "half.pth")
     model = load_checkpoint(tmp_path / "half.pth")
     assert model.config.n_layer == 2 and model.config.num_classes == 13
+
+
+def test_export_refuses_an_input_size_beyond_its_range_and_writes_nothing(tmp_path):
+    """Was: --input-size 99999999x99999999 ended in an allocation traceback after --out-dir was made."""
+    from click.testing import CliRunner
+
+    from export.contract.config import MAX_INPUT_SIDE, MIN_INPUT_SIDE
+    from export.shipped import SHIPPED
+    from export.to_onnx import export_checkpoint, main as export_main
+
+    for size in ("99999999x99999999", f"{MAX_INPUT_SIDE + 1}x128", f"256x{MIN_INPUT_SIDE - 1}"):
+        result = CliRunner().invoke(export_main, [str(SHIPPED), "--input-size", size, "--out-dir", str(tmp_path / "o")])
+        assert result.exit_code == 2, result.output
+        assert "Traceback" not in result.output and "--input-size" in result.output
+        assert f"{MIN_INPUT_SIDE}..{MAX_INPUT_SIDE}" in result.output, result.output
+        assert not (tmp_path / "o").exists()
+    with pytest.raises(CheckpointError, match=rf"each {MIN_INPUT_SIDE}\.\.{MAX_INPUT_SIDE}"):
+        export_checkpoint(SHIPPED, tmp_path / "o", input_size_hw=(99999999, 99999999))
+    assert not (tmp_path / "o").exists()
