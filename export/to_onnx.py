@@ -25,6 +25,7 @@ import torch
 
 from export.reference.checkpoint import load_checkpoint
 from export.contract.cli import FiniteFloatRange, int_list, size_hw
+from export.contract.config import MAX_INPUT_SIDE, MIN_INPUT_SIDE
 from export.contract.errors import InputError, NFormerError
 from export.contract.landmarks import sample_landmarks
 from export.contract.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, io_spec
@@ -270,7 +271,8 @@ def _exit_on_signal(signum, frame):
 @click.option("--last-stride", type=click.Choice(["1", "2"]), default="1", show_default=True,
               help="Stride of ResNet layer4 the model was trained with.")
 @click.option("--input-size", default="256x128", show_default=True, callback=size_hw,
-              help="Crop size HxW the encoder was trained at (the original: 256x128).")
+              help=f"Crop size HxW the encoder was trained at (the original: 256x128; each side "
+              f"{MIN_INPUT_SIDE}..{MAX_INPUT_SIDE}).")
 @click.option("--check-batches", default=",".join(map(str, DEFAULT_BATCHES)), show_default=True,
               callback=int_list, help="Encoder batch sizes compared with the reference.")
 @click.option("--check-sizes", default=",".join(map(str, DEFAULT_SIZES)), show_default=True,

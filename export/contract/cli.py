@@ -8,6 +8,7 @@ import sys
 
 import click
 
+from export.contract.config import MAX_INPUT_SIDE, MIN_INPUT_SIDE
 from export.contract.errors import NFormerError
 
 
@@ -60,13 +61,14 @@ def int_list_or_empty(ctx, param, value):
 
 
 def size_hw(ctx, param, value: str) -> tuple[int, int]:
-    """click callback: ``"256x128"`` -> ``(256, 128)``."""
+    """click callback: ``"256x128"`` -> ``(256, 128)``, each side in MIN_INPUT_SIDE..MAX_INPUT_SIDE."""
     try:
         h, w = (int(v) for v in str(value).lower().split("x"))
     except ValueError:
         raise click.BadParameter(f"expected HxW such as 256x128, got {value!r}") from None
-    if h < 1 or w < 1:
-        raise click.BadParameter(f"expected positive HxW such as 256x128, got {value!r}")
+    if not (MIN_INPUT_SIDE <= h <= MAX_INPUT_SIDE and MIN_INPUT_SIDE <= w <= MAX_INPUT_SIDE):
+        raise click.BadParameter(f"expected HxW such as 256x128 with each side in {MIN_INPUT_SIDE}..{MAX_INPUT_SIDE}, "
+                                 f"got {value!r}")
     return h, w
 
 

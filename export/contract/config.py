@@ -8,6 +8,11 @@ from dataclasses import asdict, dataclass, field
 
 #: the original's test transform (DESIGN.md section 1)
 INPUT_SIZE_HW = (256, 128)
+#: the crop sizes an export accepts, per side: below 32 the ResNet's feature map vanishes; 4096 is
+#: far beyond any person re-identification crop (the original: 256x128) and bounds what the
+#: export's checks allocate
+MIN_INPUT_SIDE = 32
+MAX_INPUT_SIDE = 4096
 PIXEL_MEAN = (0.485, 0.456, 0.406)
 PIXEL_STD = (0.229, 0.224, 0.225)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from export.contract.config import ModelConfig
+from export.contract.config import MAX_INPUT_SIDE, MIN_INPUT_SIDE, ModelConfig
 from export.contract.errors import CheckpointError
 from export.reference.model import NFormerModel
 from export.reference.resnet import ARCHS
@@ -26,6 +26,35 @@ WRAPPERS = ("state_dict", "model", "model_state_dict", "net")
 #: how a file written by torch.save starts: a zip archive (the format since PyTorch 1.6) or, in the
 #: legacy format, a pickle of protocol 2 or later
 CHECKPOINT_MAGIC = (b"PK\x03\x04", b"\x80")
+
+#: the dtypes trained weights are saved in (each loads into the float32 reference model)
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: BatchNorm's step counter, the one integer tensor of a real checkpoint (an int64 scalar)
+COUNTER = "num_batches_tracked"
+
+#: upper bounds on what the shapes say: far beyond any trained NFormer (the original: stage widths
+#: 64..512, stem 64, 256-d embeddings, 4 layers, 751 classes), and they keep a hostile file's shapes
+#: from sizing the model that is built
+MAX_WIDTH = 4096
+MAX_EMBD = 4096
+MAX_N_LAYER = 128
+MAX_CLASSES = 1_000_000
+
+_BN = r"(weight|bias|running_mean|running_var)"
+#: the rank of every tensor of the layout, by key (keys of no rule are left to the layout check)
+RANKS = tuple((re.compile(pattern), rank, what) for pattern, rank, what in (
+    (rf"(backbone|nformer)\..*\.{COUNTER}$", 0, "a BatchNorm step counter, an integer scalar"),
+    (r"backbone\.base\.(conv1|layer[1-4]\.\d+\.(conv[1-3]|downsample\.0))\.weight$", 4,
+     "a convolution weight [out, in, kh, kw]"),
+    (r"backbone\.base\.(bn1|layer[1-4]\.\d+\.(bn[1-3]|downsample\.1))\." + _BN + "$", 1,
+     "a BatchNorm vector [channels]"),
+    (r"(backbone|nformer)\.bottleneck\." + _BN + "$", 1, "a BatchNorm vector [channels]"),
+    (r"(backbone\.(projection|classifier)|nformer\.classifier)\.weight$", 2, "a linear weight [out, in]"),
+    (r"backbone\.projection\.bias$", 1, "a bias vector [out]"),
+    (r"nformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.w$", 2, "a Conv1D weight [in, out]"),
+    (r"nformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.b$", 1, "a bias vector [out]"),
+    (r"nformer\.h\.\d+\.ln_[12]\.[gb]$", 1, "a LayerNorm vector [n_embd]"),
+))
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -94,8 +123,8 @@ def _not_a_pickle(path: Path) -> str | None:
     return None
 
 
-def checkpoint_filter_fn(data) -> dict[str, torch.Tensor]:
-    """Unwrap and normalise a loaded checkpoint into the original's key layout."""
+def _normalised(data) -> dict[str, torch.Tensor]:
+    """Unwrap a loaded checkpoint and drop a ``module.`` prefix (training heads kept)."""
     if isinstance(data, dict):
         for key in WRAPPERS:
             if key in data and isinstance(data[key], dict):
@@ -111,18 +140,91 @@ def checkpoint_filter_fn(data) -> dict[str, torch.Tensor]:
         key = str(key)
         if key.startswith("module."):
             key = key[len("module."):]
-        if key.startswith(TRAINING_ONLY):
-            continue
         out[key] = value
     return out
 
 
+def checkpoint_filter_fn(data) -> dict[str, torch.Tensor]:
+    """Unwrap and normalise a loaded checkpoint into the original's key layout."""
+    return {k: v for k, v in _normalised(data).items() if not k.startswith(TRAINING_ONLY)}
+
+
+def _tensor_problem(key: str, value: torch.Tensor) -> str | None:
+    """What makes ``value`` impossible as the checkpoint's ``key``, else None.  Reads metadata only."""
+    shape, name = tuple(value.shape), _short(key)
+    if value.layout != torch.strided or value.device.type != "cpu":
+        return f"{name} is a {value.layout} tensor on {value.device.type}, not a dense CPU tensor"
+    if key.endswith(COUNTER):
+        ok = value.dtype in FLOAT_DTYPES or not (value.dtype.is_floating_point or value.dtype.is_complex
+                                                  or value.dtype == torch.bool)
+        if not ok:
+            return f"{name} is {value.dtype}, expected an integer (int64 as torch saves it)"
+    elif value.dtype not in FLOAT_DTYPES:
+        return (f"{name} is {value.dtype}, expected real floating-point weights (float32, float16, bfloat16 "
+                "or float64)")
+    rule = next(((rank, what) for pattern, rank, what in RANKS if pattern.match(key)), None)
+    if rule is not None and value.dim() != rule[0]:
+        return f"{name} has {value.dim()} dimension(s) {shape}, expected {rule[0]} ({rule[1]})"
+    if 0 in shape:
+        return f"{name} has shape {shape} with a zero-sized dimension (a trained weight has none)"
+    if value.numel() * value.element_size() > value.untyped_storage().nbytes():
+        return (f"{name} has shape {shape} but only {value.untyped_storage().nbytes()} bytes of data (an "
+                "expanded view)")
+    return None
+
+
+def check_tensors(state: dict[str, torch.Tensor]) -> None:
+    """Refuse tensors no trained NFormer holds -- another dtype (complex, integer, bool), another
+    rank, a zero-sized dimension, views wider than their data -- naming each, before any shape is
+    used to size a model."""
+    problems = [p for k, v in state.items() if (p := _tensor_problem(k, v))]
+    if not problems:
+        problems = _overlaps(state)
+    if problems:
+        raise CheckpointError(
+            "the checkpoint's tensors cannot be NFormer weights: "
+            f"{'; '.join(problems[:5])}{f' (+{len(problems) - 5} more)' if len(problems) > 5 else ''}. "
+            "The file is damaged or not a checkpoint of the original training code: export one saved by "
+            "torch.save(model.state_dict())")
+
+
+def _overlaps(state: dict[str, torch.Tensor]) -> list[str]:
+    """Tensors that view one storage and claim more bytes than it holds: a small file whose
+    tensors all view one block would size a model many times its own size (a trained model's
+    tensors each have their own data; views of one flat buffer are fine while they fit in it)."""
+    groups: dict[int, list[str]] = {}
+    for key, value in state.items():
+        groups.setdefault(value.untyped_storage().data_ptr(), []).append(key)
+    problems = []
+    for keys in groups.values():
+        claimed = sum(state[k].numel() * state[k].element_size() for k in keys)
+        held = state[keys[0]].untyped_storage().nbytes()
+        if len(keys) > 1 and claimed > held:
+            names = ", ".join(_short(k) for k in sorted(keys)[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
+            problems.append(f"{names} share one block of {held} bytes but claim {claimed} bytes (overlapping views)")
+    return problems
+
+
+def _count(state, pattern: str) -> int:
+    """How many consecutive indices 0, 1, 2, ... the keys matching ``pattern`` (group 1: the index)
+    hold.  Keys past a gap (``h.99999999``) are not counted: the layout check reports them."""
+    found = {m.group(1) for key in state if (m := re.match(pattern, key))}
+    n = 0
+    while str(n) in found:
+        n += 1
+    return n
+
+
 def infer_config(state: dict[str, torch.Tensor], **options) -> ModelConfig:
-    """Read the architecture from the tensors' shapes; ``options`` set what shapes cannot say."""
+    """Read the architecture from the tensors' shapes; ``options`` set what shapes cannot say.
+
+    The tensors are checked first (:func:`check_tensors`) and every size read is bounded (``MAX_*``),
+    so that what is built from the result is never sized by a damaged or hostile file."""
+    check_tensors(state)
     try:
         blocks = [0, 0, 0, 0]
         for key in state:
-            m = re.match(r"backbone\.base\.layer([1-4])\.(\d+)\.conv1\.weight$", key)
+            m = re.match(r"backbone\.base\.layer([1-4])\.(\d{1,9})\.conv1\.weight$", key)
             if m:
                 stage, index = int(m.group(1)) - 1, int(m.group(2))
                 blocks[stage] = max(blocks[stage], index + 1)
@@ -134,23 +236,45 @@ def infer_config(state: dict[str, torch.Tensor], **options) -> ModelConfig:
                 f"{tuple(blocks)}; supported: " + ", ".join(f"{n} {l}" for n, (_, l) in ARCHS.items()))
         widths = tuple(int(state[f"backbone.base.layer{i}.0.conv1.weight"].shape[0]) for i in range(1, 5))
         stem_width = int(state["backbone.base.conv1.weight"].shape[0])
-        feature_dim = state["backbone.projection.weight"].shape[0]
-        n_layer = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"nformer\.h\.(\d+)\.", k)))
-        n_embd = state["nformer.h.0.attn.c_attn.w"].shape[0]
+        feature_dim = int(state["backbone.projection.weight"].shape[0])
+        n_embd = int(state["nformer.h.0.attn.c_attn.w"].shape[0])
+        n_layer = _count(state, r"nformer\.h\.(\d+)\.")
     except (KeyError, ValueError) as err:
         raise CheckpointError(
             f"the checkpoint is not an NFormer model: no {err} (expected backbone.base.* ResNet weights, "
             "backbone.projection, backbone.bottleneck and nformer.h.* blocks as saved by the original "
             "training code)") from None
+    sizes = [("stem width", "backbone.base.conv1.weight", stem_width, MAX_WIDTH)]
+    sizes += [(f"layer{i} width", f"backbone.base.layer{i}.0.conv1.weight", w, MAX_WIDTH)
+              for i, w in enumerate(widths, 1)]
+    sizes += [("embedding size", "backbone.projection.weight", feature_dim, MAX_EMBD),
+              ("n_embd", "nformer.h.0.attn.c_attn.w", n_embd, MAX_EMBD),
+              ("n_layer", "nformer.h.*", n_layer, MAX_N_LAYER)]
+    _check_sizes(sizes)
     config = ModelConfig(arch=arch, widths=widths, stem_width=stem_width, feature_dim=feature_dim,
                          n_layer=n_layer, n_embd=n_embd, num_classes=options.pop("num_classes", 751))
     return replace(config, **{k: v for k, v in options.items() if v is not None})
 
 
+def _check_sizes(sizes) -> None:
+    """``sizes``: (name, key, value, limit); refuse the values above their limit in one message."""
+    over = [f"{name} {value} (from {key}; at most {limit})" for name, key, value, limit in sizes if value > limit]
+    if over:
+        raise CheckpointError(
+            f"the checkpoint's shapes give {', '.join(over)}: beyond any trained NFormer (the original: widths "
+            "64..512, 256-d embeddings, 4 layers, 751 classes). The file is damaged or not a checkpoint of the "
+            "original training code")
+
+
+def _short(key: str, limit: int = 120) -> str:
+    """``key`` for a message: a hostile file's keys can be megabytes long."""
+    return key if len(key) <= limit else f"{key[:limit - 30]}...{key[-20:]} ({len(key)} characters)"
+
+
 def _key_report(model: NFormerModel, state: dict[str, torch.Tensor]) -> str:
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    unexpected = sorted(_short(k) for k in set(state) - set(expected))
     misshaped = sorted(f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
                        for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
 
@@ -158,6 +282,12 @@ def _key_report(model: NFormerModel, state: dict[str, torch.Tensor]) -> str:
         return ", ".join(items[:8]) + (f" (+{len(items) - 8} more)" if len(items) > 8 else "")
     parts = [f"{name} ({len(items)}): {head(items)}" for name, items in
              (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if items]
+    layers = sorted({m.group(1) for k in state if (m := re.match(r"nformer\.h\.(\d+)\.", k))},
+                    key=lambda i: (len(i), i))
+    n_layer = model.config.n_layer
+    if layers != [str(i) for i in range(n_layer)]:
+        parts.append(f"the nformer.h.* layers must be numbered 0..n-1, found {', '.join(map(_short, layers[:8]))}"
+                     f"{' ...' if len(layers) > 8 else ''} (read as {n_layer} layer(s))")
     return "; ".join(parts)
 
 
@@ -165,18 +295,21 @@ def load_checkpoint(path: str | Path, *, n_head: int = 2, topk: int = 20, landma
                     last_stride: int = 1, input_size_hw: tuple[int, int] | None = None) -> NFormerModel:
     """Build the eval-mode reference model from a checkpoint of the original training code."""
     raw = read_state_dict(path)
+    tensors = _normalised(raw)
+    heads = {k: v for k, v in tensors.items() if k.startswith(TRAINING_ONLY)}
+    state = {k: v for k, v in tensors.items() if not k.startswith(TRAINING_ONLY)}
+    check_tensors(heads)
     num_classes = None
-    if isinstance(raw, dict):
-        inner = next((raw[w] for w in WRAPPERS if isinstance(raw.get(w), dict)), raw)
-        for key, value in inner.items() if isinstance(inner, dict) else ():
-            if str(key).endswith("backbone.classifier.weight") and isinstance(value, torch.Tensor):
-                num_classes = value.shape[0]
-    state = checkpoint_filter_fn(raw)
+    if "backbone.classifier.weight" in heads:
+        num_classes = int(heads["backbone.classifier.weight"].shape[0])
+        _check_sizes([("num_classes", "backbone.classifier.weight", num_classes, MAX_CLASSES)])
     if n_head < 1 or topk < 1 or landmarks < 1 or last_stride not in (1, 2):
         raise CheckpointError(f"invalid options: n_head={n_head}, topk={topk}, landmarks={landmarks} must be "
                               f">= 1 and last_stride={last_stride} must be 1 or 2")
-    if input_size_hw is not None and (len(input_size_hw) != 2 or min(input_size_hw) < 32):
-        raise CheckpointError(f"invalid input size {input_size_hw}: expected (height, width), each >= 32")
+    if input_size_hw is not None and (len(input_size_hw) != 2 or not all(
+            MIN_INPUT_SIDE <= side <= MAX_INPUT_SIDE for side in input_size_hw)):
+        raise CheckpointError(f"invalid input size {input_size_hw}: expected (height, width), each "
+                              f"{MIN_INPUT_SIDE}..{MAX_INPUT_SIDE}")
     config = infer_config(state, n_head=n_head, topk=topk, landmarks=landmarks, last_stride=last_stride,
                           num_classes=num_classes if num_classes is not None else 751,
                           input_size_hw=tuple(input_size_hw) if input_size_hw else None)
@@ -185,8 +318,11 @@ def load_checkpoint(path: str | Path, *, n_head: int = 2, topk: int = 20, landma
     if config.feature_dim != config.n_embd:
         raise CheckpointError(f"the encoder's embeddings are {config.feature_dim} wide but the refinement takes "
                               f"{config.n_embd}: this checkpoint's two halves do not belong together")
-    model = NFormerModel(config)
-    report = _key_report(model, state)
+    # the layout is compared on a model without storage ("meta"): only a checkpoint that fits
+    # exactly sizes the model that is allocated
+    with torch.device("meta"):
+        skeleton = NFormerModel(config)
+    report = _key_report(skeleton, state)
     if report:
         raise CheckpointError(f"{path} does not fit the NFormer {config.arch} layout: {report}. Is it a "
                               "checkpoint of another architecture?")
@@ -195,5 +331,6 @@ def load_checkpoint(path: str | Path, *, n_head: int = 2, topk: int = 20, landma
         raise CheckpointError(f"{path} holds NaN or infinite values in {len(bad)} tensor(s): "
                               f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; the training diverged or "
                               "the file is damaged: export a checkpoint saved before that")
+    model = NFormerModel(config)
     model.load_state_dict(state, strict=True)
     return model.eval()

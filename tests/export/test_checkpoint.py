@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -318,3 +319,178 @@ def test_sigterm_during_an_export_removes_its_temporary_folder(tmp_path):
             proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM
     assert list(out.iterdir()) == []
+
+
+# ---- shapes, ranks and dtypes of a hostile checkpoint (checked before any model is allocated) ----
+
+NARROW = ModelConfig(arch="resnet18", widths=(16, 32, 64, 128), stem_width=16, feature_dim=128, n_embd=128,
+                     n_layer=2, num_classes=13)
+
+
+@pytest.fixture(scope="module")
+def narrow_state():
+    return original_state_dict(random_model(NARROW, seed=7))
+
+
+@pytest.fixture
+def no_real_model(monkeypatch):
+    """Fail the test if a model with storage is built: an invalid checkpoint must be refused first
+    (a model on the "meta" device, which allocates nothing, is allowed)."""
+    import export.reference.checkpoint as checkpoint
+
+    real = checkpoint.NFormerModel
+
+    def guarded(config):
+        if torch.empty(0).device.type != "meta":
+            raise AssertionError(f"a model was allocated from an invalid checkpoint: {config}")
+        return real(config)
+    monkeypatch.setattr(checkpoint, "NFormerModel", guarded)
+
+
+def _refused(tmp_path, state, match):
+    path = tmp_path / "hostile.pth"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=match) as info:
+        load_checkpoint(path)
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+def _layer0_copies(state, n):
+    """``n`` refinement layers, copies of layer 0."""
+    layer0 = {k[len("nformer.h.0."):]: v for k, v in state.items() if k.startswith("nformer.h.0.")}
+    out = {k: v for k, v in state.items() if not k.startswith("nformer.h.")}
+    out.update({f"nformer.h.{i}.{name}": v.clone() for i in range(n) for name, v in layer0.items()})
+    return out
+
+
+def test_shapes_beyond_any_real_model_are_refused_before_a_model_is_allocated(tmp_path, narrow_state, no_real_model):
+    """Was: the model was built from the shapes read, before the layout check (~120 GB for
+    (100000, 0) weights, 10^8 layers for a stray nformer.h.99999999 key, 36 TB for a
+    (10**6, 0, 3, 3) layer4 conv)."""
+    from export.reference.checkpoint import MAX_CLASSES, MAX_N_LAYER, MAX_WIDTH
+
+    cases = [
+        ({"backbone.projection.weight": torch.zeros(100000, 0), "nformer.h.0.attn.c_attn.w": torch.zeros(100000, 0)},
+         r"backbone\.projection\.weight has shape \(100000, 0\) with a zero-sized dimension.*"
+         r"nformer\.h\.0\.attn\.c_attn\.w has shape \(100000, 0\)"),
+        ({"nformer.h.99999999.attn.c_attn.w": torch.zeros(128, 384)},
+         r"unexpected \(1\): nformer\.h\.99999999\.attn\.c_attn\.w; the nformer\.h\.\* layers must be numbered 0\.\.n-1"),
+        ({"backbone.base.layer4.0.conv1.weight": torch.zeros(10**6, 0, 3, 3)},
+         r"backbone\.base\.layer4\.0\.conv1\.weight has shape \(1000000, 0, 3, 3\) with a zero-sized dimension"),
+        ({"backbone.base.layer4.0.conv1.weight": torch.zeros(1, 1, 1, 1).expand(10**5, 10**5, 3, 3)},
+         r"backbone\.base\.layer4\.0\.conv1\.weight has shape \(100000, 100000, 3, 3\) but only 4 bytes of data"),
+        ({"backbone.base.layer4.0.conv1.weight": torch.zeros(MAX_WIDTH + 1, 64, 1, 1)},
+         rf"layer4 width {MAX_WIDTH + 1} \(from backbone\.base\.layer4\.0\.conv1\.weight; at most {MAX_WIDTH}\)"),
+        ({"backbone.classifier.weight": torch.zeros(MAX_CLASSES + 1, 1)},
+         rf"num_classes {MAX_CLASSES + 1} \(from backbone\.classifier\.weight; at most {MAX_CLASSES}\)"),
+    ]
+    for change, match in cases:
+        _refused(tmp_path, {**narrow_state, **change}, match)
+    tiny = original_state_dict(NFormerModel(ModelConfig(arch="resnet18", widths=(16, 32, 64, 128), stem_width=16,
+                                                        feature_dim=8, n_embd=8, n_layer=1)))
+    _refused(tmp_path, _layer0_copies(tiny, MAX_N_LAYER + 1),
+             rf"n_layer {MAX_N_LAYER + 1} \(from nformer\.h\.\*; at most {MAX_N_LAYER}\)")
+
+
+def test_tensors_that_view_one_block_of_data_are_refused(tmp_path, narrow_state, no_real_model):
+    """Overlapping views let a small file claim far more weights than it holds; every layer of a
+    trained model has its own data."""
+    state = dict(narrow_state)
+    keys = sorted(k for k in state if k.startswith("nformer.h.") and k.endswith(".w"))
+    block = torch.randn(128 * 512)
+    for key in keys:
+        state[key] = block[:state[key].numel()].view(state[key].shape)
+    claimed = sum(state[k].numel() * 4 for k in keys)
+    _refused(tmp_path, state, rf"{re.escape(', '.join(keys[:4]))} \(\+4 more\) share one block of {block.numel() * 4} "
+                              rf"bytes but claim {claimed} bytes \(overlapping views\)")
+
+
+def test_views_of_one_flat_buffer_that_do_not_overlap_load(tmp_path, narrow_state):
+    """Some training setups keep the weights as views of one flat buffer: that is no overlap."""
+    state = dict(narrow_state)
+    keys = [k for k in state if k.startswith("nformer.h.") and k.endswith(".w")]
+    flat = torch.cat([state[k].reshape(-1) for k in keys])
+    offset = 0
+    for key in keys:
+        n = state[key].numel()
+        state[key] = flat[offset:offset + n].view(state[key].shape)
+        offset += n
+    torch.save(state, tmp_path / "flat.pth")
+    model = load_checkpoint(tmp_path / "flat.pth")
+    assert torch.equal(model.nformer.h[1].mlp.c_fc.w, narrow_state["nformer.h.1.mlp.c_fc.w"])
+
+
+def test_a_missing_layer_is_named_with_the_numbering_expected(tmp_path, narrow_state, no_real_model):
+    state = _layer0_copies(narrow_state, 4)
+    state = {k: v for k, v in state.items() if not k.startswith("nformer.h.2.")}
+    _refused(tmp_path, state, r"unexpected \(12\): nformer\.h\.3\..*layers must be numbered 0\.\.n-1, found 0, 1, 3 "
+                              r"\(read as 2 layer\(s\)\)")
+
+
+RANK_CASES = [("backbone.base.layer1.0.conv1.weight", 4), ("nformer.h.0.attn.c_attn.w", 2),
+              ("backbone.classifier.weight", 2), ("nformer.h.1.ln_2.g", 1)]
+
+
+@pytest.mark.parametrize("key,rank", RANK_CASES)
+def test_a_tensor_of_another_rank_is_named_with_the_rank_expected(tmp_path, narrow_state, no_real_model, key, rank):
+    """Was: IndexError (tuple index out of range) for a 0-dim tensor where infer_config reads a size."""
+    _refused(tmp_path, {**narrow_state, key: torch.tensor(1.0)},
+             rf"{re.escape(key)} has 0 dimension\(s\) \(\), expected {rank} \(")
+
+
+def test_export_cli_reports_a_wrong_rank_on_one_line(tmp_path, narrow_state):
+    from click.testing import CliRunner
+
+    from export.to_onnx import main as export_main
+
+    torch.save({**narrow_state, "nformer.h.0.attn.c_attn.w": torch.tensor(1.0)}, tmp_path / "scalar.pth")
+    result = CliRunner().invoke(export_main, [str(tmp_path / "scalar.pth"), "--out-dir", str(tmp_path / "o")])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and result.output.count("error:") == 1
+    assert "nformer.h.0.attn.c_attn.w has 0 dimension(s) (), expected 2" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("key,dtype", [("nformer.h.0.attn.c_attn.w", torch.complex64),
+                                       ("backbone.base.layer2.0.bn1.weight", torch.int64),
+                                       ("nformer.bottleneck.running_var", torch.bool),
+                                       ("backbone.classifier.weight", torch.complex128),
+                                       ("backbone.bottleneck.num_batches_tracked", torch.bool),
+                                       ("nformer.h.1.mlp.c_fc.b", torch.float8_e4m3fn)])
+def test_weights_that_are_not_real_floating_point_are_refused(tmp_path, narrow_state, no_real_model, key, dtype):
+    """Was: complex64 and int64 weights loaded silently (and the NaN check skipped complex tensors)."""
+    _refused(tmp_path, {**narrow_state, key: narrow_state[key].to(dtype)},
+             rf"{re.escape(key)} is {re.escape(str(dtype))}, expected")
+
+
+def test_half_precision_weights_and_integer_step_counters_load(tmp_path, narrow_state):
+    """What real checkpoints hold stays accepted: float16/bfloat16/float64 weights and the int64
+    (or int32) BatchNorm step counters."""
+    state = {k: v.half() if v.is_floating_point() else v for k, v in narrow_state.items()}
+    state["backbone.bottleneck.weight"] = state["backbone.bottleneck.weight"].to(torch.bfloat16)
+    state["nformer.bottleneck.bias"] = state["nformer.bottleneck.bias"].double()
+    state["backbone.bottleneck.num_batches_tracked"] = torch.tensor(5, dtype=torch.int32)
+    assert narrow_state["nformer.bottleneck.num_batches_tracked"].dtype == torch.int64
+    torch.save(state, tmp_path / "half.pth")
+    model = load_checkpoint(tmp_path / "half.pth")
+    assert model.config.n_layer == 2 and model.config.num_classes == 13
+
+
+def test_export_refuses_an_input_size_beyond_its_range_and_writes_nothing(tmp_path):
+    """Was: --input-size 99999999x99999999 ended in an allocation traceback after --out-dir was made."""
+    from click.testing import CliRunner
+
+    from export.contract.config import MAX_INPUT_SIDE, MIN_INPUT_SIDE
+    from export.shipped import SHIPPED
+    from export.to_onnx import export_checkpoint, main as export_main
+
+    for size in ("99999999x99999999", f"{MAX_INPUT_SIDE + 1}x128", f"256x{MIN_INPUT_SIDE - 1}"):
+        result = CliRunner().invoke(export_main, [str(SHIPPED), "--input-size", size, "--out-dir", str(tmp_path / "o")])
+        assert result.exit_code == 2, result.output
+        assert "Traceback" not in result.output and "--input-size" in result.output
+        assert f"{MIN_INPUT_SIDE}..{MAX_INPUT_SIDE}" in result.output, result.output
+        assert not (tmp_path / "o").exists()
+    with pytest.raises(CheckpointError, match=rf"each {MIN_INPUT_SIDE}\.\.{MAX_INPUT_SIDE}"):
+        export_checkpoint(SHIPPED, tmp_path / "o", input_size_hw=(99999999, 99999999))
+    assert not (tmp_path / "o").exists()
