@@ -24,7 +24,7 @@ import onnx
 import torch
 
 from export.reference.checkpoint import load_checkpoint
-from export.contract.cli import FiniteFloatRange, int_list, size_hw
+from export.contract.cli import FiniteFloatRange, int_list_at_most, size_hw
 from export.contract.config import MAX_INPUT_SIDE, MIN_INPUT_SIDE
 from export.contract.errors import InputError, NFormerError
 from export.contract.landmarks import sample_landmarks
@@ -45,6 +45,11 @@ FILES = {"encoder": ENCODER_FILE, "nformer": NFORMER_FILE, "nformer_layers": LAY
 IR_VERSION = 10
 DEFAULT_BATCHES = (1, 4)
 DEFAULT_SIZES = (1, 7, 64, 1500)
+#: the largest checks the CLI takes: a batch of crops and a set size (Market-1501's query + gallery
+#: fits) whose reference runs stay within a few GB; landmark rows per layer
+MAX_CHECK_BATCH = 256
+MAX_CHECK_SIZE = 20_000
+MAX_LANDMARKS = 1024
 
 
 def _tidy(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -262,21 +267,23 @@ def _exit_on_signal(signum, frame):
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--out-dir", type=click.Path(path_type=Path), default=Path("build"), show_default=True,
               help="Where encoder.onnx, nformer.onnx and manifest.json are written.")
-@click.option("--n-head", type=int, default=2, show_default=True, help="Attention heads of the refinement "
-              "(not stored in the checkpoint).")
+@click.option("--n-head", type=click.IntRange(1, 4096), default=2, show_default=True,
+              help="Attention heads of the refinement (not stored in the checkpoint; must divide n_embd).")
 @click.option("--topk", type=click.IntRange(1, MAX_K), default=20, show_default=True,
               help=f"k of the reciprocal top-k neighbours (1..{MAX_K}: the plugin's limit).")
-@click.option("--landmarks", type=int, default=5, show_default=True,
-              help="Landmark rows per layer (recorded in the manifest; the runtime draws them).")
+@click.option("--landmarks", type=click.IntRange(1, MAX_LANDMARKS), default=5, show_default=True,
+              help=f"Landmark rows per layer (recorded in the manifest; the runtime draws them; 1..{MAX_LANDMARKS}).")
 @click.option("--last-stride", type=click.Choice(["1", "2"]), default="1", show_default=True,
               help="Stride of ResNet layer4 the model was trained with.")
 @click.option("--input-size", default="256x128", show_default=True, callback=size_hw,
               help=f"Crop size HxW the encoder was trained at (the original: 256x128; each side "
               f"{MIN_INPUT_SIDE}..{MAX_INPUT_SIDE}).")
 @click.option("--check-batches", default=",".join(map(str, DEFAULT_BATCHES)), show_default=True,
-              callback=int_list, help="Encoder batch sizes compared with the reference.")
+              callback=int_list_at_most(MAX_CHECK_BATCH),
+              help=f"Encoder batch sizes compared with the reference (each 1..{MAX_CHECK_BATCH}).")
 @click.option("--check-sizes", default=",".join(map(str, DEFAULT_SIZES)), show_default=True,
-              callback=int_list, help="Set sizes N compared with the reference for the refinement.")
+              callback=int_list_at_most(MAX_CHECK_SIZE),
+              help=f"Set sizes N compared with the reference for the refinement (each 1..{MAX_CHECK_SIZE}).")
 @click.option("--rtol", type=FiniteFloatRange(0, min_open=True), default=1e-4, show_default=True,
               help="Largest relative error ||onnx - torch|| / ||torch|| accepted (a finite number > 0).")
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Seed of the random check inputs.")

@@ -67,6 +67,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint path is not a file: {path}")
     not_a_checkpoint = (f"{path} is not a PyTorch checkpoint ({{}}); expected a file written by "
                         "torch.save(model.state_dict())")
+    inflated = _zip_inflation(path)
+    if inflated:
+        raise CheckpointError(not_a_checkpoint.format(inflated))
     try:
         with warnings.catch_warnings():   # torch warns about the odd "protocol" of bytes that are no pickle
             warnings.simplefilter("ignore", UserWarning)
@@ -93,6 +96,31 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is not a PyTorch checkpoint ({first}); expected a file written "
                               "by torch.save(model.state_dict())") from None
     return data
+
+
+#: how much a zip checkpoint's entries may inflate relative to the file (torch.save stores them
+#: uncompressed: ~1x; a re-zipped file compresses float weights to no less than about half)
+MAX_ZIP_INFLATION = 16
+
+
+def _zip_inflation(path: Path) -> str | None:
+    """Why a zip archive at ``path`` is a decompression bomb rather than a checkpoint, else None:
+    ``torch.load`` inflates compressed entries in memory (a 195 KB file held a 200 MB tensor)."""
+    import zipfile
+
+    try:
+        with open(path, "rb") as f:
+            if not f.read(4).startswith(CHECKPOINT_MAGIC[0]):
+                return None
+        size = path.stat().st_size
+        with zipfile.ZipFile(path) as z:
+            total = sum(max(0, i.file_size) for i in z.infolist())
+    except (OSError, zipfile.BadZipFile, ValueError, EOFError):
+        return None                      # torch.load says what is wrong with it
+    if total > MAX_ZIP_INFLATION * size + (1 << 20):
+        return (f"its zip entries inflate to {total:,} bytes from a {size:,}-byte file; torch.save stores them "
+                "uncompressed, so this is a decompression bomb")
+    return None
 
 
 def _not_a_pickle(path: Path) -> str | None:

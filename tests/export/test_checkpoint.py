@@ -494,3 +494,32 @@ def test_export_refuses_an_input_size_beyond_its_range_and_writes_nothing(tmp_pa
     with pytest.raises(CheckpointError, match=rf"each {MIN_INPUT_SIDE}\.\.{MAX_INPUT_SIDE}"):
         export_checkpoint(SHIPPED, tmp_path / "o", input_size_hw=(99999999, 99999999))
     assert not (tmp_path / "o").exists()
+
+
+def test_a_compressed_zip_that_inflates_far_beyond_its_size_is_refused(tmp_path):
+    """torch.load inflates compressed zip entries in memory: a ~200 KB file held a 200 MB tensor."""
+    import zipfile
+
+    plain = tmp_path / "plain.pth"
+    torch.save({"w": torch.zeros(1 << 20)}, plain)                 # 4 MB of zeros, stored uncompressed
+    bomb = tmp_path / "bomb.pth"
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info.filename))
+    assert bomb.stat().st_size < plain.stat().st_size // 16
+    with pytest.raises(CheckpointError, match="decompression bomb"):
+        load_checkpoint(bomb)
+    with pytest.raises(CheckpointError, match="not a supported ResNet"):   # the plain one loads (then is no NFormer)
+        load_checkpoint(plain)
+
+
+def test_export_check_options_beyond_their_range_are_refused(tmp_path):
+    from click.testing import CliRunner
+
+    from export.to_onnx import main as export_main
+
+    for args in (["--check-sizes", "1,99999999"], ["--check-batches", "100000"], ["--landmarks", "0"],
+                 ["--landmarks", "100000"], ["--n-head", "0"]):
+        result = CliRunner().invoke(export_main, ["missing.pth", *args, "--out-dir", str(tmp_path / "o")])
+        assert result.exit_code == 2 and "Invalid value" in result.output and "Traceback" not in result.output, args
+    assert not (tmp_path / "o").exists()
