@@ -214,7 +214,10 @@ def test_the_pipeline_records_its_encoder_precision(pipe):
 
 
 def test_a_gallery_of_another_input_size_is_refused_by_the_pipeline(pipe, resnet18_export, tmp_path):
-    """End to end: the same checkpoint exported at another input size (its manifest says 128x64)."""
+    """End to end: the same files under a manifest that says 128x64.  The manifest no longer describes
+    its encoder (recorded or actual input 256x128), so the model directory is refused when loaded,
+    before any gallery; with the recorded shapes edited too, the ONNX file itself disagrees.  (The
+    gallery's own identity check: test_a_gallery_opens_only_with_the_model_that_made_it.)"""
     g = pipe.gallery()
     g.add(np.random.default_rng(0).standard_normal((10, 256)).astype(np.float32))
     g.save(tmp_path / "gal")
@@ -226,7 +229,13 @@ def test_a_gallery_of_another_input_size_is_refused_by_the_pipeline(pipe, resnet
     manifest = json.loads((resnet18_export[0] / "manifest.json").read_text())
     manifest["model"]["input_size_hw"] = [128, 64]
     (other / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(InputError, match=r"another model: input_size_hw \[256, 128\] \(this model: \[128, 64\]\)"):
+    with pytest.raises(InputError, match=r"records input images is float32 \[batch, 3, 256, 128\], expected "
+                                         r"float32 \[\*, 3, 128, 64\]"):
+        Pipeline.load(other).gallery(tmp_path / "gal")
+    manifest["files"]["encoder"]["inputs"][0]["shape"] = ["batch", 3, 128, 64]
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(InputError, match=r"encoder.onnx is not the encoder network .* input images is float32 "
+                                         r"\[batch, 3, 256, 128\]"):
         Pipeline.load(other).gallery(tmp_path / "gal")
     assert len(pipe.gallery(tmp_path / "gal")) == 10
 
