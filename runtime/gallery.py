@@ -81,8 +81,10 @@ RECORDED_PRECISIONS = (*PRECISIONS, MIXED)
 #: directories cannot be locked), ``.serve.lock`` (the one server that journals into it)
 SERVE_LOCK = ".serve.lock"
 LOCK_FILES = (".lock", SERVE_LOCK)
-_VERSION_DIR = re.compile(r"v\d+")
-_TEMP_DIR = re.compile(r"\.v\d+\.tmp-.*")
+_VERSION_DIR = re.compile(r"v[0-9]+")           # ASCII digits only ("v²" is no version)
+_TEMP_DIR = re.compile(r"\.v[0-9]+\.tmp-.*")
+#: spare neighbours a row may keep (DEFAULT_RESERVE is 16; each costs N * 16 bytes)
+MAX_RESERVE = 1024
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 log = logging.getLogger(__name__)
@@ -146,6 +148,36 @@ def _json_scalar_id(value, where: str):
 
 
 @contextlib.contextmanager
+def _not_served(path: Path, served_by: int | None):
+    """Hold the service's lock (``.serve.lock``) of ``path`` for the block, or raise InputError when
+    a running ``runtime serve`` holds it; ``served_by`` is the service's own descriptor (nothing to do)."""
+    lock = path / SERVE_LOCK
+    if served_by is not None or not lock.exists():
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except OSError:
+        yield                                  # cannot be opened: nobody could have locked it through us either
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise InputError(f"gallery {path} is served by a running `runtime serve` (it holds {lock}): change it "
+                             "through the service (gallery_add / gallery_remove), or stop the server first; a save "
+                             "from outside would drop the changes in its journal") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
 def _locked(path: Path, exclusive: bool):
     """Hold ``flock`` on the gallery directory (exclusive for a save, shared for a load)."""
     try:
@@ -202,6 +234,9 @@ class Gallery:
                  reserve: int = DEFAULT_RESERVE, model: dict | None = None):
         if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, Integral) or not 0 <= seed < 2 ** 63:
             raise InputError(f"the landmark seed must be an integer in 0..2**63-1, found {seed!r}")
+        if isinstance(reserve, (bool, np.bool_)) or not isinstance(reserve, Integral) or not 0 <= reserve <= MAX_RESERVE:
+            raise InputError(f"reserve (spare neighbours a row keeps) must be an integer in 0..{MAX_RESERVE}, found "
+                             f"{reserve!r}")
         self.config = config
         self.refiner = refiner
         self.seed = int(seed)
@@ -261,6 +296,8 @@ class Gallery:
             start = 1 + max((i for i in self._ids if isinstance(i, int)), default=-1)
             ids = list(range(start, start + m))
         else:
+            if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):   # "abc" is not ["a", "b", "c"]
+                raise InputError(f"add: ids must be a list (one id per row), found {type(ids).__name__} {ids!r:.40}")
             ids = [_json_scalar_id(i, "add") for i in (ids.tolist() if isinstance(ids, np.ndarray) else list(ids))]
         if len(ids) != m:
             raise InputError(f"add: {m} embeddings but {len(ids)} ids; give one id per row")
@@ -282,6 +319,8 @@ class Gallery:
             if cams.shape != (m,) or not (np.issubdtype(cams.dtype, np.integer) or cams.size == 0):
                 raise InputError(f"add: camids must be {m} integers (one per row), found shape {cams.shape} "
                                  f"dtype {cams.dtype}")
+            if cams.size and cams.dtype == np.uint64 and int(cams.max()) >= 2 ** 63:   # would wrap to negative
+                raise InputError(f"add: camids must fit in 64-bit signed integers, found {int(cams.max())}")
             cams = cams.astype(np.int64)
         if meta is None:
             metas = [{} for _ in range(m)]
@@ -400,9 +439,11 @@ class Gallery:
             cams = None
             if query_camids is not None:
                 cams = np.asarray(query_camids)
-                if cams.shape != (len(dist),) or not np.issubdtype(cams.dtype, np.integer):
-                    raise InputError(f"query_camids must be {len(dist)} integers (one per query), found shape "
+                if cams.shape != (len(dist),) or not np.issubdtype(cams.dtype, np.integer) \
+                        or (cams.size and cams.dtype == np.uint64 and int(cams.max()) >= 2 ** 63):
+                    raise InputError(f"query_camids must be {len(dist)} 64-bit integers (one per query), found shape "
                                      f"{cams.shape} dtype {cams.dtype}")
+                cams = cams.astype(np.int64)
             hits = []
             for qi, row in enumerate(dist):
                 order = np.argsort(row, kind="stable")
@@ -414,10 +455,13 @@ class Gallery:
 
     # ---- persistence ----
 
-    def save(self, path) -> Path:
+    def save(self, path, served_by: int | None = None) -> Path:
         """Write the gallery to directory ``path`` atomically; returns the version directory.
 
-        Safe against concurrent saves and loads of the same directory, from threads or processes."""
+        Safe against concurrent saves and loads of the same directory, from threads or processes.
+        A directory that ``runtime serve`` owns (it holds ``.serve.lock``) is refused: the service's
+        journal holds acknowledged changes that a save from outside would orphan.  ``served_by``: the
+        lock descriptor of the service itself (its own snapshots)."""
         path = Path(path)
         with self._lock:
             if path.exists() and not path.is_dir():
@@ -426,7 +470,7 @@ class Gallery:
                 path.mkdir(parents=True, exist_ok=True)
             except OSError as err:
                 raise InputError(f"cannot create gallery directory {path}: {err.strerror or err}") from None
-            with _locked(path, exclusive=True):
+            with _not_served(path, served_by), _locked(path, exclusive=True):
                 if not (path / POINTER).is_file() and any(not _TEMP_DIR.fullmatch(p.name) and p.name not in LOCK_FILES
                                                           for p in path.iterdir()):
                     raise InputError(f"{path} is a non-empty directory that is not a gallery (no {POINTER}); "
@@ -519,11 +563,7 @@ class Gallery:
             features = _load_npy(folder / "features.npy")
             refined = _load_npy(folder / "refined.npy") if "refined.npy" in items["sha256"] else None
             try:
-                z = np.load(folder / "neighbors.npz", allow_pickle=False)
-                if not isinstance(z, np.lib.npyio.NpzFile):
-                    raise ValueError(f"an .npz archive was expected, found a {type(z).__name__}")
-                with z:
-                    state = {k: z[k] for k in z.files}
+                state = _read_neighbor_state(folder / "neighbors.npz", n)
             except Exception as err:  # noqa: BLE001 - whatever edited bytes make numpy or zipfile raise
                 raise InputError(f"cannot read {folder / 'neighbors.npz'}: {err}; the gallery is damaged") from None
         shape = (n, config.n_embd)
@@ -537,6 +577,14 @@ class Gallery:
                              "the gallery is damaged: restore it from a backup or rebuild it")
         gallery = cls(config, refiner, seed=items["seed"], reserve=items["reserve"], model=saved_model)
         gallery._adding_precision = adding
+        try:
+            same = int(state["k"]) == config.topk and int(state["reserve"]) == items["reserve"]
+        except (KeyError, TypeError, ValueError):
+            same = False
+        if not same:
+            raise InputError(f"{folder / 'neighbors.npz'} holds lists for k={state.get('k')!r}, reserve="
+                             f"{state.get('reserve')!r}, the gallery is for topk={config.topk}, reserve="
+                             f"{items['reserve']}: the gallery is damaged; rebuild it")
         try:
             gallery._index = NeighborIndex.from_state(features, state)
         except (KeyError, ValueError, TypeError, IndexError) as err:
@@ -620,9 +668,9 @@ def _read_items(where: Path) -> dict:
     n = items.get("count")
     if not (is_int(n) and n >= 0):
         raise bad("count", "an integer >= 0", n)
-    for key in ("seed", "reserve"):
-        if not (is_int(items.get(key)) and items[key] >= 0):
-            raise bad(key, "an integer >= 0", items.get(key))
+    for key, top in (("seed", 2 ** 63 - 1), ("reserve", MAX_RESERVE)):
+        if not (is_int(items.get(key)) and 0 <= items[key] <= top):
+            raise bad(key, f"an integer in 0..{top}", items.get(key))
     if not isinstance(items.get("model"), dict):
         raise bad("model", "an object (the model identity)", items.get("model"))
     if PRECISION_KEY in items["model"] and items["model"][PRECISION_KEY] not in RECORDED_PRECISIONS:
@@ -675,11 +723,34 @@ def _read_pointer(path: Path) -> dict:
         raise InputError(f"cannot read {where}: {err}; the gallery is damaged") from None
     _check_format(pointer, where)
     version = pointer.get("version", "")
-    if not (isinstance(version, str) and version.startswith("v") and version[1:].isdigit()
-            and (path / version).is_dir()):
+    if not (isinstance(version, str) and _VERSION_DIR.fullmatch(version) and (path / version).is_dir()):
         raise InputError(f"{where} points at {version!r}, which is not a version directory of {path}; the "
                          "gallery is damaged")
     return pointer
+
+
+#: the members of neighbors.npz (NeighborIndex.state) and their sizes a row (0: a scalar)
+_STATE_MEMBERS = {"k": 0, "reserve": 0, "next_uid": 0, "key_version": 0, "uid": 1, "count": 1,
+                  "cand_key": None, "cand_uid": None}
+
+
+def _read_neighbor_state(path: Path, n: int) -> dict:
+    """neighbors.npz's members, each read only after its inflated size was checked against what
+    ``n`` rows need (an extra or oversized member is refused before numpy inflates it)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        infos = {i.filename[:-4] if i.filename.endswith(".npy") else i.filename: i for i in z.infolist()}
+        if set(infos) - set(_STATE_MEMBERS) or not {"k", "reserve", "uid", "count", "cand_key", "cand_uid",
+                                                    "next_uid"} <= set(infos):
+            raise ValueError(f"members {sorted(infos)[:12]}, expected {sorted(_STATE_MEMBERS)}")
+        for name, info in infos.items():
+            rows = _STATE_MEMBERS[name]
+            limit = 1024 + 8 * (1 if rows == 0 else n * (1 if rows == 1 else MAX_RESERVE + 4096))
+            if info.file_size > limit:
+                raise ValueError(f"member {name} inflates to {info.file_size:,} bytes, more than {n} rows can need")
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
 
 
 def _load_npy(path: Path) -> np.ndarray:

@@ -93,8 +93,12 @@ def read_records(path: Path) -> tuple[list[tuple[dict, np.ndarray | None]], int,
         body = data[end_of_head:end]
         intact = magic == MAGIC and end <= len(data) and hashlib.sha256(body).digest() == digest
         if not intact:
-            # a crash mid-append leaves a prefix of the record, or zeros where the file grew
+            # a crash mid-append leaves a prefix of the record, or zeros where the file grew; a record
+            # whose length runs past the end is torn only if no intact record follows it (a damaged
+            # length field in the middle must not make the records after it look like a torn tail)
             torn = (not data[pos:].strip(b"\0")) if magic != MAGIC else end >= len(data)
+            if torn and magic == MAGIC and _intact_record_after(data, pos + 1):
+                torn = False
             if torn:
                 break
             raise InputError(f"{path} is damaged at byte {pos} (a record that is not the last one fails its "
@@ -102,11 +106,14 @@ def read_records(path: Path) -> tuple[list[tuple[dict, np.ndarray | None]], int,
                              "last snapshot, or restore the gallery from a backup")
         try:
             header = json.loads(body[:head_len].decode())
-        except ValueError as err:
-            raise InputError(f"{path}: record at byte {pos} has a checksum but no JSON header ({err}); the "
-                             "journal was written by another program") from None
+        except (ValueError, RecursionError) as err:
+            raise InputError(f"{path}: record at byte {pos} has a checksum but no JSON header "
+                             f"({type(err).__name__}); the journal was written by another program") from None
         rows = None
         if payload_len:
+            if payload_len % 4:
+                raise InputError(f"{path}: record at byte {pos} carries {payload_len} payload bytes, not whole float32 "
+                                 "values; the journal was written by another program")
             rows = np.frombuffer(body[head_len:], "<f4").astype(np.float32)
         records.append((header, rows))
         pos = end
@@ -150,12 +157,17 @@ class GalleryStore:
         self._take_owner_lock()             # before anything is written: two servers never both save
         try:
             if not (self.path / POINTER).is_file():
-                self.pipe.gallery().save(self.path)         # a new, empty gallery: the first snapshot
+                self.pipe.gallery().save(self.path, served_by=self._lock_fd)   # a new, empty gallery: the first snapshot
             self.gallery: Gallery = self.pipe.gallery(self.path)
             foreign = [i for i in self.gallery.ids if not isinstance(i, str)][:3]
             if foreign:
                 raise InputError(f"gallery {self.path} has ids that are not text (first {foreign}); the service's ids "
                                  "are UTF-8 strings: re-add these items with string ids")
+            odd = [i for i, m in zip(self.gallery.ids, self.gallery.meta) if not _is_stamp(m.get(TIMESTAMP, 0.0))][:3]
+            if odd:
+                raise InputError(f"gallery {self.path} has items whose '{TIMESTAMP}' metadata is not a finite number of "
+                                 f"UNIX seconds (first ids {odd}); the service ages items by it: fix or remove those "
+                                 "items' timestamps")
             self.version = json.loads((self.path / POINTER).read_text())["version"]
             journal = self.path / _journal_name(self.version)
             if journal.exists():
@@ -357,6 +369,8 @@ class GalleryStore:
             if header.get("evict"):
                 self.gallery.remove(header["evict"])
             ids = header["ids"]
+            if not ids:                              # every new item was evicted at once: only the evictions
+                return
             x = rows.reshape(len(ids), int(header["dim"]))
             self.gallery.add(x, ids, np.asarray(header["camids"], np.int64),
                              [{TIMESTAMP: float(t)} for t in header["timestamps"]])
@@ -372,7 +386,7 @@ class GalleryStore:
         with self._lock:
             if self._journal_fd < 0:
                 return
-            saved = self.gallery.save(self.path)        # atomic: on failure the old snapshot and journal stay
+            saved = self.gallery.save(self.path, served_by=self._lock_fd)   # atomic: on failure the old snapshot and journal stay
             try:
                 fd = self._create_journal(self.path / _journal_name(saved.name))
             except OSError as err:
@@ -411,6 +425,30 @@ class GalleryStore:
         self.close()
 
 
+def _is_stamp(value) -> bool:
+    """A timestamp the service can age: a finite int or float (UNIX seconds)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:                    # an int beyond any float
+        return False
+
+
+def _intact_record_after(data: bytes, start: int) -> bool:
+    """Whether an intact record (magic, lengths within the file, checksum) starts anywhere at or after
+    ``start``: then the damage before it is not a torn last append."""
+    at = data.find(MAGIC, start)
+    while at >= 0:
+        if at + _HEAD.size <= len(data):
+            magic, head_len, payload_len, digest = _HEAD.unpack_from(data, at)
+            end = at + _HEAD.size + head_len + payload_len
+            if end <= len(data) and hashlib.sha256(data[at + _HEAD.size:end]).digest() == digest:
+                return True
+        at = data.find(MAGIC, at + 1)
+    return False
+
+
 def _check_record(header, rows, dim: int) -> None:
     """A journal record read back from disk has the fields :meth:`GalleryStore._commit` writes, with
     their types (a checksum only shows the bytes are the ones written, not that our code wrote them)."""
@@ -432,12 +470,13 @@ def _check_record(header, rows, dim: int) -> None:
     m = len(ids)
     if header.get("dim") != dim or isinstance(header.get("dim"), bool):
         raise InputError(f"its rows are {header.get('dim')!r} wide, the gallery's {dim}")
-    if rows is None or rows.size != m * dim:
-        raise InputError(f"it carries {0 if rows is None else rows.size} values for {m} rows of {dim}")
+    values = 0 if rows is None else rows.size
+    if values != m * dim:                     # an add that kept nothing (all evicted) carries no rows
+        raise InputError(f"it carries {values} values for {m} rows of {dim}")
     cams, stamps = header.get("camids"), header.get("timestamps")
-    if not (isinstance(cams, list) and len(cams) == m and all(isinstance(c, int) and not isinstance(c, bool)
-                                                               for c in cams)):
-        raise InputError(f"its camids must be {m} integers")
+    if not (isinstance(cams, list) and len(cams) == m and all(
+            isinstance(c, int) and not isinstance(c, bool) and -2 ** 63 <= c < 2 ** 63 for c in cams)):
+        raise InputError(f"its camids must be {m} 64-bit integers")
     if not (isinstance(stamps, list) and len(stamps) == m and all(
             isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) for t in stamps)):
         raise InputError(f"its timestamps must be {m} finite numbers")

@@ -1044,3 +1044,61 @@ def test_gallery_arrays_edited_with_fresh_checksums_are_refused(tmp_path, damage
     (folder / ITEMS).write_text(json.dumps(_resign(items)))
     with pytest.raises(InputError, match=words):
         Gallery.load(tmp_path / "gal", SMALL)
+
+
+@pytest.mark.parametrize("damage", ["extra_member", "k", "reserve", "version_name"])
+def test_gallery_neighbour_files_edited_with_fresh_checksums_are_refused(tmp_path, damage):
+    """An extra neighbors.npz member was inflated in full (4 GB from 3.9 MB) before any check; a
+    reserve of 1e9 loaded and failed the first add; k was not compared with topk; CURRENT naming
+    "v²" loaded and broke the next save."""
+    import zipfile
+
+    from export.contract.files import sha256_file
+    from runtime.gallery import ITEMS, POINTER, _read_pointer
+
+    small_gallery().save(tmp_path / "gal")
+    version = _read_pointer(tmp_path / "gal")["version"]
+    folder = tmp_path / "gal" / version
+    items = json.loads((folder / ITEMS).read_text())
+    z = dict(np.load(folder / "neighbors.npz"))
+    words = "damaged"
+    if damage == "extra_member":
+        with zipfile.ZipFile(folder / "neighbors.npz", "a", zipfile.ZIP_DEFLATED) as f:
+            f.writestr("zeros.npy", b"\0" * (64 << 20))        # 64 MB inflated, a few KB on disk
+        words = "members"
+    elif damage == "k":
+        z["k"] = np.int64(z["k"] + 1)
+    elif damage == "reserve":
+        items["reserve"] = 10 ** 9
+        words = "reserve must be an integer in 0..1024"
+    else:
+        os.rename(folder, tmp_path / "gal" / "v²")
+        pointer = json.loads((tmp_path / "gal" / POINTER).read_text())
+        pointer["version"] = "v²"
+        (tmp_path / "gal" / POINTER).write_text(json.dumps(pointer))
+        words = "not a version directory"
+    if damage == "k":
+        with open(folder / "neighbors.npz", "wb") as f:
+            np.savez(f, **z)
+    if damage != "version_name":
+        for name in items["sha256"]:
+            items["sha256"][name] = sha256_file(folder / name)
+        (folder / ITEMS).write_text(json.dumps(_resign(items)))
+    with pytest.raises(InputError, match=words):
+        Gallery.load(tmp_path / "gal", SMALL)
+
+
+def test_gallery_ids_as_one_string_and_camids_beyond_int64_are_refused(tmp_path):
+    g = small_gallery(n=3)
+    x = np.ones((3, SMALL.n_embd), np.float32)
+    for ids in ("abc", b"abc"):
+        with pytest.raises(InputError, match="ids must be a list"):
+            g.add(x, ids=ids)
+    with pytest.raises(InputError, match="64-bit"):
+        g.add(x, ids=["x", "y", "z"], camids=np.full(3, 2 ** 64 - 1, np.uint64))
+    with pytest.raises(InputError, match="64-bit"):
+        g.search(x[:1], query_camids=np.array([2 ** 64 - 1], np.uint64), refined=False)
+    for reserve in (float("nan"), 10 ** 12, True, 2.5, -1):
+        with pytest.raises(InputError, match="reserve"):
+            Gallery(SMALL, reserve=reserve)
+    assert len(g) == 3

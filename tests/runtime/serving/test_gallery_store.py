@@ -212,7 +212,7 @@ def test_a_failed_snapshot_still_acknowledges_the_change(pipe, tmp_path, monkeyp
     d = pipe.config.n_embd
     s = GalleryStore(tmp_path / "g", pipe, compact_every=2)
 
-    def full_disk(path):
+    def full_disk(path, served_by=None):
         raise InputError("cannot save a gallery: No space left on device")
 
     monkeypatch.setattr(s.gallery, "save", full_disk)
@@ -289,3 +289,87 @@ def test_a_record_with_a_valid_checksum_but_bad_fields_is_one_clear_error(pipe, 
     with pytest.raises(InputError, match="record 1 cannot be replayed") as info:
         GalleryStore(tmp_path / "g", pipe)
     assert words in str(info.value)
+
+
+def test_an_add_whose_items_are_all_evicted_replays_after_a_crash(pipe, tmp_path):
+    """With --max-items, an add older than everything kept is acknowledged and dropped: its record
+    holds no rows, and the next start refused to replay it (the server could not start again)."""
+    d = pipe.config.n_embd
+    clock = Clock(1000.0)
+    s = GalleryStore(tmp_path / "g", pipe, max_items=2, clock=clock)
+    s.add(rows(2, d), ["a", "b"], [0, 0], timestamps=[990.0, 995.0])
+    assert s.add(rows(1, d, seed=1), ["c"], [0], timestamps=[900.0]) == 2
+    crash(s)
+    s2 = GalleryStore(tmp_path / "g", pipe, max_items=2, clock=clock)
+    assert s2.replayed == 2 and s2.gallery.ids == ["a", "b"]
+    s2.close()
+
+
+def test_a_damaged_length_in_a_middle_record_is_an_error_not_a_torn_tail(pipe, tmp_path):
+    import struct
+
+    d = pipe.config.n_embd
+    s = GalleryStore(tmp_path / "g", pipe)
+    s.add(rows(2, d), ["a", "b"], [0, 0])
+    s.add(rows(1, d, seed=1), ["c"], [0])
+    crash(s)
+    journal = tmp_path / "g" / "journal.v000001.log"
+    data = bytearray(journal.read_bytes())
+    head_len = struct.unpack_from("<I", data, 4)[0]
+    struct.pack_into("<I", data, 4, head_len + 10 ** 6)          # the first record now claims to run past the end
+    journal.write_bytes(bytes(data))
+    with pytest.raises(InputError, match="damaged at byte 0"):
+        GalleryStore(tmp_path / "g", pipe)
+    assert journal.read_bytes() == bytes(data)                  # nothing truncated
+
+
+@pytest.mark.parametrize("case", ["odd_payload", "deep_json", "huge_camid"])
+def test_journal_records_that_numpy_or_json_choke_on_are_one_clear_error(pipe, tmp_path, case):
+    import hashlib
+    import struct
+
+    d = pipe.config.n_embd
+    s = GalleryStore(tmp_path / "g", pipe)
+    s.add(rows(1, d), ["a"], [0])
+    crash(s)
+    journal = tmp_path / "g" / "journal.v000001.log"
+    if case == "odd_payload":
+        head, payload = json.dumps({"op": "add", "ids": ["b"], "camids": [0], "timestamps": [0.0], "evict": [],
+                                    "dim": d}).encode(), b"\0" * (4 * d + 2)
+    elif case == "deep_json":
+        head, payload = b"[" * 100_000 + b"]" * 100_000, b""
+    else:
+        head, payload = json.dumps({"op": "add", "ids": ["b"], "camids": [2 ** 70], "timestamps": [0.0],
+                                    "evict": [], "dim": d}).encode(), rows(1, d, seed=3).astype("<f4").tobytes()
+    record = struct.pack("<4sIQ32s", b"NFJ1", len(head), len(payload), hashlib.sha256(head + payload).digest())
+    journal.write_bytes(journal.read_bytes() + record + head + payload)
+    with pytest.raises(InputError) as info:
+        GalleryStore(tmp_path / "g", pipe)
+    assert {"odd_payload": "whole float32", "deep_json": "no JSON header", "huge_camid": "64-bit"}[case] in str(info.value)
+
+
+def test_a_save_from_outside_a_running_service_is_refused(pipe, tmp_path):
+    """Gallery.save into a served directory deleted the snapshot the service's journal builds on:
+    its acknowledged adds were lost at the next start."""
+    d = pipe.config.n_embd
+    s = GalleryStore(tmp_path / "g", pipe)
+    s.add(rows(3, d), ["a", "b", "c"], [0, 0, 0])
+    outside = pipe.gallery(tmp_path / "g")
+    outside.add(rows(1, d, seed=9), ids=["api"])
+    with pytest.raises(InputError, match="served by a running `runtime serve`"):
+        outside.save(tmp_path / "g")
+    crash(s)
+    s2 = GalleryStore(tmp_path / "g", pipe)
+    assert s2.gallery.ids == ["a", "b", "c"]
+    s2.close()
+    outside.save(tmp_path / "g")                                # no service: saving works again
+
+
+@pytest.mark.parametrize("stamp", ["2024-01-01T00:00:00", [1.0], 10 ** 400, None, float("nan")])
+def test_a_gallery_with_timestamps_the_service_cannot_age_is_one_clear_error(pipe, tmp_path, stamp):
+    d = pipe.config.n_embd
+    g = pipe.gallery()
+    g.add(rows(2, d), ids=["a", "b"], meta=[{"timestamp": 5.0}, {"timestamp": stamp}])
+    g.save(tmp_path / "g")
+    with pytest.raises(InputError, match="'timestamp' metadata is not a finite number"):
+        GalleryStore(tmp_path / "g", pipe, max_items=2)
