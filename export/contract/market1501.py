@@ -43,7 +43,7 @@ class ReidDataset:
 def parse_name(name: str) -> tuple[int, int] | None:
     """``(pid, camid)`` (camid 0-based) of a Market-1501 file name, or None if it is not one."""
     m = NAME_PATTERN.match(name)
-    if not m:
+    if not m or len(m.group(1)) > 9 or len(m.group(2)) > 9:     # ids past 10^9 are no Market names (nor int64-safe)
         return None
     return int(m.group(1)), int(m.group(2)) - 1
 

@@ -115,8 +115,11 @@ def _zip_inflation(path: Path) -> str | None:
         size = path.stat().st_size
         with zipfile.ZipFile(path) as z:
             total = sum(max(0, i.file_size) for i in z.infolist())
-    except (OSError, zipfile.BadZipFile, ValueError, EOFError):
+    except OSError:
         return None                      # torch.load says what is wrong with it
+    except (zipfile.BadZipFile, ValueError, EOFError, NotImplementedError) as err:
+        # torch.save writes zips Python reads; one it cannot read could still be inflated by torch's reader
+        return f"its zip archive is malformed ({str(err).splitlines()[0][:120] if str(err) else type(err).__name__})"
     if total > MAX_ZIP_INFLATION * size + (1 << 20):
         return (f"its zip entries inflate to {total:,} bytes from a {size:,}-byte file; torch.save stores them "
                 "uncompressed, so this is a decompression bomb")

@@ -282,7 +282,7 @@ def write_triton_repository(model_dir: str | Path, out_dir: str | Path, max_batc
     # the refinement plan holds the plugin: Triton must load the library that registers it when dlopen'ed
     autoreg = _triton_plugin_library(plans["nformer"], out_dir) if "nformer" in plans else None
     configs = triton_configs(manifest, max_batch, max_queue_delay_us, instance_kind, instance_count, platforms)
-    _check_repository_target(out_dir, overwrite)
+    _check_repository_target(out_dir, overwrite, model_dir)
     with contextlib.ExitStack() as stack:
         try:
             out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -320,7 +320,7 @@ def write_triton_repository(model_dir: str | Path, out_dir: str | Path, max_batc
         # taken (or, with --overwrite, replaces it whole); the old repository moves into the work folder
         # first (one rename), so nothing is half-deleted whatever its permissions
         with dir_lock(out_dir.parent):
-            _check_repository_target(out_dir, overwrite)
+            _check_repository_target(out_dir, overwrite, model_dir)
             previous, moved = work.parent / "previous", False
             try:
                 if out_dir.exists():
@@ -336,7 +336,12 @@ def write_triton_repository(model_dir: str | Path, out_dir: str | Path, max_batc
     return {**record, "path": str(out_dir)}
 
 
-def _check_repository_target(out_dir: Path, overwrite: bool) -> None:
+def _check_repository_target(out_dir: Path, overwrite: bool, model_dir: Path | None = None) -> None:
+    if model_dir is not None:
+        real_out, real_model = out_dir.resolve(), model_dir.resolve()
+        if real_model == real_out or real_out in real_model.parents or real_model in real_out.parents:
+            raise InputError(f"the repository {out_dir} and the model directory {model_dir} overlap (one holds the "
+                             "other): writing the repository would replace the model's files; choose another OUT_DIR")
     here = Path(os.path.abspath(os.getcwd()))
     if out_dir == here or out_dir in here.parents:
         raise InputError(f"{out_dir} is the current directory (or holds it): the repository is published by renaming "
@@ -496,6 +501,12 @@ def write_deepstream_config(model_dir: str | Path, out_path: str | Path, batch_s
                              "nvinfer dlopens it), or --plugin-lib auto")
     if engine is not None and not Path(engine).is_file():
         raise InputError(f"engine file {engine} does not exist")
+    def where(p: Path) -> Path:
+        return p.parent.resolve() / p.name
+    for given, option in ((engine, "--engine"), (lib, "--plugin-lib")):
+        if given is not None and {where(Path(given)), Path(given).resolve()} & {where(out_path), where(onnx_out)}:
+            raise InputError(f"{option} {given} is the file the config or its folded encoder would be written to; "
+                             "write the config elsewhere")
     _check_config_path("the model directory", model_dir.resolve(), comment=True)
     _check_config_path("onnx-file", onnx_out.resolve())
     if engine is not None:

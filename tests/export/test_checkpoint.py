@@ -523,3 +523,16 @@ def test_export_check_options_beyond_their_range_are_refused(tmp_path):
         result = CliRunner().invoke(export_main, ["missing.pth", *args, "--out-dir", str(tmp_path / "o")])
         assert result.exit_code == 2 and "Invalid value" in result.output and "Traceback" not in result.output, args
     assert not (tmp_path / "o").exists()
+
+
+def test_a_zip_python_cannot_read_is_not_inflated_by_torch(tmp_path):
+    """An extra field that declares more bytes than it holds: Python's zipfile refuses the archive,
+    torch's reader ignores the field and inflated the (compressed) entries anyway."""
+    path = tmp_path / "odd.pth"
+    torch.save({"w": torch.zeros(16)}, path)
+    data = bytearray(path.read_bytes())
+    at = data.find(b"PK\x01\x02")                       # the first central directory entry
+    data[at + 30:at + 32] = (200).to_bytes(2, "little")  # declares a 200-byte extra field that is not there
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="zip archive is malformed"):
+        load_checkpoint(path)

@@ -1102,3 +1102,39 @@ def test_gallery_ids_as_one_string_and_camids_beyond_int64_are_refused(tmp_path)
         with pytest.raises(InputError, match="reserve"):
             Gallery(SMALL, reserve=reserve)
     assert len(g) == 3
+
+
+def test_triton_repo_and_deepstream_config_never_overwrite_their_own_inputs(small_export, tmp_path):
+    """triton-repo --overwrite deleted a model folder kept inside OUT_DIR; deepstream-config wrote
+    its config over the --engine / --plugin-lib it names."""
+    repo = tmp_path / "TR"
+    assert cli("triton-repo", small_export, repo).exit_code == 0
+    inside = repo / "mymodel"
+    shutil.copytree(small_export, inside)
+    before = tree(inside)
+    one_error(cli("triton-repo", inside, repo, "--overwrite"), "overlap")
+    one_error(cli("triton-repo", small_export, small_export / "repo"), "overlap")
+    assert tree(inside) == before
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    (ds / "reid.engine").write_bytes(b"plan")
+    one_error(cli("deepstream-config", small_export, ds / "reid.engine", "--engine", ds / "reid.engine"), "--engine")
+    (ds / "x.encoder.onnx").write_bytes(b"plan")
+    one_error(cli("deepstream-config", small_export, ds / "x.txt", "--engine", ds / "x.encoder.onnx"), "--engine")
+    assert (ds / "reid.engine").read_bytes() == b"plan" and (ds / "x.encoder.onnx").read_bytes() == b"plan"
+
+
+@pytest.mark.parametrize("value", [-1.0, 1e300, 2.5])
+def test_stored_thresholds_outside_the_distance_range_are_refused(small_export, tmp_path, value):
+    from runtime.serving.open_set import _digest, load_thresholds, save_thresholds
+
+    model = tmp_path / "m"
+    shutil.copytree(small_export, model)
+    manifest = json.loads((model / "manifest.json").read_text())
+    path = save_thresholds(model, manifest, {"thresholds": {"refined": 0.5, "encoder": 0.6}, "far": 0.01})
+    data = json.loads(path.read_text())
+    data["thresholds"]["refined"] = value
+    data["content_sha256"] = _digest(data)
+    path.write_text(json.dumps(data))
+    with pytest.raises(InputError, match="distances in 0..2"):
+        load_thresholds(model, manifest)

@@ -80,3 +80,10 @@ def test_reader_skips_junk_and_keeps_distractors(tmp_path):
 def test_reader_names_what_is_missing(tmp_path):
     with pytest.raises(InputError, match="missing bounding_box_train, query, bounding_box_test"):
         read_market1501(tmp_path)
+
+
+def test_names_with_ids_beyond_any_market_id_are_not_market_names():
+    """A camera number past int64 was an OverflowError in `runtime threshold`."""
+    assert parse_name("0001_c99999999999999999999s1_000001_01.jpg") is None
+    assert parse_name("99999999999999999999_c1s1_000001_01.jpg") is None
+    assert parse_name("123456789_c123456789s1_000001_01.jpg") == (123456789, 123456788)
