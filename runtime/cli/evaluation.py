@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from export.contract.cli import FiniteFloatRange, int_list_or_empty, user_errors
+from export.contract.errors import InputError
 from runtime.evaluation.synth import MAX_IDENTITIES, MIN_IDENTITIES
 from runtime.cli.options import batch_size_option, check_writable, model_dir_arg, threads_option, write_report
 
@@ -46,8 +47,12 @@ def demo(report, work_dir, figure, identities, seed):
 
     from runtime.evaluation.demo import REPORT_KEYS, run_demo
 
-    if report:
-        check_writable(report)
+    for path, option in ((report, "--report"), (figure, "--figure")):
+        if path:
+            check_writable(path, work_dir / "build", what=option)
+    if figure and figure.suffix.lower() != ".png":
+        raise InputError(f"--figure {figure} must be a .png file (the figure is a PNG), found suffix "
+                         f"{figure.suffix or 'none'!r}")
     rows, figure = run_demo(work_dir, report, figure, identities, seed, log=click.echo)
     click.echo(format_table(rows, list(REPORT_KEYS)))
     click.echo(f"figure: {figure}" + (f"; report: {report}" if report else ""))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.contract.errors import NFormerError
+from export.contract.errors import InputError, NFormerError
 from export.contract.manifest import load_manifest, model_config
 from export.contract.variants import PRECISIONS
 from export.shipped import SHIPPED, shipped_card
@@ -49,13 +49,23 @@ def ensure_export(work_dir: Path, log) -> Path:
 
     build = work_dir / "build"
     card = shipped_card()
+    manifest, problem = None, None
     try:
         manifest = load_manifest(build)
-        if manifest["source"]["sha256"] == sha256_file(SHIPPED):
+    except NFormerError as err:
+        problem = str(err)
+    if manifest is not None:
+        source = manifest.get("source", {})
+        if source.get("sha256") == sha256_file(SHIPPED):
             log(f"reusing exported files in {build}")
             return build
-    except NFormerError:
-        pass
+        if Path(str(source.get("checkpoint"))).name != SHIPPED.name:
+            raise InputError(f"{build} holds the export of another checkpoint ({source.get('checkpoint')}); the demo "
+                             "would replace it with the shipped model's: give another --work-dir")
+        log(f"{build} holds an earlier version of {SHIPPED.name}: exporting it again")
+    elif build.exists() and (not build.is_dir() or any(build.iterdir())):
+        raise InputError(f"{build} exists and is not an export of the shipped model ({problem}); the demo would "
+                         "replace it: give another --work-dir, or remove it")
     log(f"exporting {SHIPPED.name} to {build} ...")
     result = export_checkpoint(SHIPPED, build, input_size_hw=tuple(card["export_options"]["input_size_hw"]),
                                batches=(1, 8), sizes=(1, 64), log=lambda *a: None)
@@ -148,7 +158,10 @@ def draw_figure(path: Path, figure_data: dict) -> None:
             ax.scatter(xy[sel, 0], xy[sel, 1], s=18, color=plt.cm.tab20(j % 20))
         ax.set(title=f"{stage} embeddings of 12 identities (PCA)", xticks=[], yticks=[])
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    from export.contract.files import staged_file
+
+    with staged_file(path) as tmp:          # a new file renamed into place: never written through a link
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -166,7 +179,12 @@ def run_demo(work_dir: str | Path = "nformer-demo", report: str | Path | None = 
         raise NFormerError("runtime demo compares with the PyTorch reference and needs torch: "
                            "pip install -e \".[demo]\"") from None
     work_dir = Path(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        work_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise InputError(f"--work-dir {work_dir} is a file (or lies under one); give a directory") from None
+    except OSError as err:
+        raise InputError(f"cannot create --work-dir {work_dir}: {err.strerror or err}") from None
     data_dir = ensure_data(work_dir, identities, seed, log)
     build = ensure_export(work_dir, log)
     rows, figure_data = evaluate_variants(data_dir, build, seed, log)

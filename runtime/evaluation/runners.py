@@ -25,7 +25,7 @@ import numpy as np
 from export.contract.errors import InputError, NFormerError
 from export.contract.files import sha256_file
 from export.contract.manifest import load_manifest, model_config
-from export.contract.variants import REFINE_PRECISIONS, refinement_precision, variant_file
+from export.contract.variants import REFINE_PRECISIONS, VARIANTS_KEY, refinement_precision, variant_name
 
 
 @dataclass
@@ -80,6 +80,17 @@ def pytorch_runner(checkpoint: Path, config) -> Runner:
     return Runner("pytorch", "fp32", "fp32", encode, refine, (checkpoint.name, checkpoint.name))
 
 
+def _listed_file(manifest: dict, network: str, precision: str) -> str | None:
+    """The file of ``network`` at ``precision`` as the manifest lists it (fp32: ``files``; others: a
+    ``variants`` entry that still matches its checksum), or None: a file that merely sits in the
+    folder under the variant's name is not the model's (a stale or foreign copy)."""
+    if precision == "fp32":
+        entry = manifest["files"].get(network)
+    else:
+        entry = manifest.get(VARIANTS_KEY, {}).get(variant_name(network, precision))
+    return entry["path"] if entry else None
+
+
 def onnxruntime_runner(model_dir: str | Path, precision: str, threads: int | None = None,
                        providers: list[str] | None = None) -> Runner | None:
     """ONNX Runtime on ``encoder.<precision>`` and the refinement file :func:`refinement_precision`
@@ -92,15 +103,16 @@ def onnxruntime_runner(model_dir: str | Path, precision: str, threads: int | Non
     from runtime.refiner import Refiner
 
     model_dir = Path(model_dir)
-    config = model_config(load_manifest(model_dir))
-    enc_file = variant_file("encoder", precision)
-    if not (model_dir / enc_file).is_file():
+    manifest = load_manifest(model_dir)     # variants whose file no longer matches its checksum are left out
+    config = model_config(manifest)
+    enc_file = _listed_file(manifest, "encoder", precision)
+    if enc_file is None:
         return None
-    present = [p for p in REFINE_PRECISIONS if (model_dir / variant_file("nformer", p)).is_file()]
+    present = [p for p in REFINE_PRECISIONS if _listed_file(manifest, "nformer", p) is not None]
     refine_precision = refinement_precision(precision, present)
     if precision == "fp16" and refine_precision != "fp16":
         return None
-    ref_file = variant_file("nformer", refine_precision)
+    ref_file = _listed_file(manifest, "nformer", refine_precision)
     encoder = EncoderRunner(OnnxRuntimeBackend(model_dir / enc_file, providers, threads, precision=precision),
                             config, batch_size=32)
     refiner = Refiner(OnnxRuntimeBackend(model_dir / ref_file, providers, threads, precision=refine_precision,

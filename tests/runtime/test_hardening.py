@@ -1138,3 +1138,50 @@ def test_stored_thresholds_outside_the_distance_range_are_refused(small_export, 
     path.write_text(json.dumps(data))
     with pytest.raises(InputError, match="distances in 0..2"):
         load_thresholds(model, manifest)
+
+
+def test_demo_outputs_follow_the_output_rules(small_export, tmp_path):
+    """demo replaced another model's export in --work-dir/build, wrote --report over its encoder, and
+    wrote --figure through a symlink (or failed with tracebacks for a missing folder, a FIFO, .onnx)."""
+    from runtime.evaluation.demo import ensure_export
+
+    work = tmp_path / "w"
+    shutil.copytree(small_export, work / "build")
+    before = tree(work / "build")
+    with pytest.raises(InputError, match="another checkpoint"):
+        ensure_export(work, log=lambda *a: None)
+    one_error(cli("demo", "--work-dir", work, "--report", work / "build" / "encoder.onnx"), "would replace encoder.onnx")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    (tmp_path / "fig.png").symlink_to(victim)
+    os.mkfifo(tmp_path / "fifo.png")
+    for figure, words in ((tmp_path / "missing" / "f.png", "does not exist"), (tmp_path / "fifo.png", "a FIFO"),
+                          (tmp_path / "f.onnx", "must be a .png")):
+        one_error(cli("demo", "--work-dir", work, "--figure", figure), words)
+    (tmp_path / "afile").write_text("x")
+    one_error(cli("demo", "--work-dir", tmp_path / "afile" / "sub"), "is a file")
+    assert tree(work / "build") == before and victim.read_text() == "keep"
+    from runtime.evaluation.demo import draw_figure   # the figure replaces a link, never writes through it
+
+    rng = np.random.default_rng(0)
+    pids = np.repeat(np.arange(1, 5), 3)
+    x = rng.standard_normal((len(pids), 8))
+    draw_figure(tmp_path / "fig.png", {"curves": {("onnxruntime", "fp32", "refined"): (np.linspace(0.5, 1, 20), 0.5)},
+                                       "projection": {"pids": pids, "encoder": x, "refined": x}})
+    assert victim.read_text() == "keep" and not (tmp_path / "fig.png").is_symlink()
+    assert (tmp_path / "fig.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_parity_runs_only_the_variant_files_the_manifest_lists(small_export, tmp_path):
+    """A file named like a variant but not listed (or stale: its checksum no longer matches) was run
+    by parity/demo as if it were the model's."""
+    from runtime.evaluation.runners import onnxruntime_runner
+
+    model = tmp_path / "m"
+    shutil.copytree(small_export, model)
+    shutil.copy(model / "encoder.onnx", model / "encoder.fp16.onnx")
+    shutil.copy(model / "nformer.onnx", model / "nformer.fp16.onnx")
+    shutil.copy(model / "encoder.onnx", model / "encoder.int8.onnx")
+    assert onnxruntime_runner(model, "fp16") is None and onnxruntime_runner(model, "int8") is None
+    runner = onnxruntime_runner(model, "fp32")
+    assert runner is not None and runner.files == ("encoder.onnx", "nformer.onnx")
