@@ -4,7 +4,7 @@ Reads crops through ``export.contract.preprocess`` and ``export.contract.market1
 one reader) and writes ONNX files beside the FP32 ones, listed in the manifest's ``"variants"``:
 
 * ``images``   -- which crops calibrate, read and preprocessed (bad files reported and skipped);
-* ``cache``    -- activation ranges kept per (model, method, image list): a rebuild reads no image;
+* ``cache``    -- activation ranges kept per (model, method, image list): a rebuild reads only the check crops;
 * ``quantize`` -- the INT8 encoder: ONNX Runtime's ``quantize_static`` in QDQ format, symmetric
   int8 activations (entropy, percentile or min-max ranges) and per-channel weights, as TensorRT's
   explicit quantisation needs;

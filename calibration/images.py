@@ -152,6 +152,23 @@ def read_calibration_images(candidates: Candidates, count: int, size_hw, mean, s
     return CalibrationImages(candidates.root, candidates.layout, used, images, skipped)
 
 
+def read_check_crops(candidates: Candidates, names: list[str], size_hw, mean, std, count: int) -> np.ndarray | None:
+    """The first ``count`` of ``names`` (paths relative to the candidates' root, as a calibration cache
+    lists them) decoded and preprocessed, or None when one is not a current candidate or cannot be
+    decoded (the cache then no longer describes the folder).  Only these files are read."""
+    by_name = {_relative(p, candidates.root): p for p in candidates.files}
+    chosen = [by_name.get(n) if isinstance(n, str) else None for n in names[:count]]
+    if not chosen or any(p is None for p in chosen):
+        return None
+    images = np.empty((len(chosen), 3, *size_hw), np.float32)
+    for i, path in enumerate(chosen):
+        try:
+            images[i] = preprocess(load_image(path), size_hw, mean, std)
+        except InputError:
+            return None
+    return images
+
+
 class ImageBatches:
     """ONNX Runtime's ``CalibrationDataReader`` protocol over preprocessed crops.
 

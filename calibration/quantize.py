@@ -34,11 +34,11 @@ fuses only part of the convolutions and the TensorRT file runs no faster than fp
 The refinement is never quantised: its neighbour ranking is fp32 in every variant (DESIGN.md 1).
 
 Calibration ranges are cached (``calibration.cache``): a second build with the same model, method,
-options and images reads no image.  Freshly calibrated ranges are checked before the file is written
-or the ranges cached: the quantised file embeds a few of the calibration crops (already in memory)
-with a mean cosine to the fp32 encoder's of at least ``MIN_COSINE`` (``check_accuracy``), or the build
-stops with what it found.  A cache entry passed that check when it was made; one that does not
-validate is recomputed.  Imports no torch.
+options and images reads only the ``CHECK_CROPS`` crops of the accuracy check.  Ranges are checked
+before the file is written or the ranges cached: the quantised file embeds a few of the calibration
+crops with a mean cosine to the fp32 encoder's of at least ``MIN_COSINE`` (``check_accuracy``), or the
+build stops with what it found.  Cached ranges take the same check (the cache is a file on disk, so
+untrusted): an entry that does not validate or fails it is recomputed.  Imports no torch.
 """
 from __future__ import annotations
 
@@ -186,8 +186,21 @@ def quantize_encoder(src: str | Path, dst: str | Path, calib_data: str | Path, *
                     "recomputing them from the crops")
                 entry = None
             else:
-                log(f"calibration: ranges from cache {path} (no image read)")
-                used, skipped, check = entry["images"], entry["skipped"], entry["check"]
+                # the ranges passed the accuracy check when they were made; the file is untrusted, so
+                # the check runs again on the first crops it lists (only these are read)
+                from calibration.images import read_check_crops
+
+                crops = read_check_crops(candidates, entry["images"], size_hw, mean, std, CHECK_CROPS)
+                check = check_accuracy(src, work / "model.onnx", crops) if crops is not None else None
+                if check is None or not check["cosine_mean"] >= MIN_COSINE:
+                    why = ("the crops it lists are not in the folder any more" if check is None else
+                           f"its ranges give embeddings of mean cosine {check['cosine_mean']:.3f} to fp32")
+                    log(f"calibration: note: the calibration cache {path} is not usable ({why}); recomputing the "
+                        "ranges from the crops")
+                    entry = None
+                else:
+                    log(f"calibration: ranges from cache {path} ({check['crops']} check crops read)")
+                    used, skipped = entry["images"], entry["skipped"]
         if entry is None:
             crops = read_calibration_images(candidates, count, size_hw, mean, std, seed, log)
             log(f"calibration: {method} ranges from {len(crops.files)} crops of {candidates.root} ({candidates.layout})")

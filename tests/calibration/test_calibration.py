@@ -117,15 +117,24 @@ def test_second_calibration_reads_no_image_and_a_changed_key_recalibrates(tmp_pa
     entry = json.loads(Path(first["cache"]).read_text())
     assert entry["key"]["method"] == "minmax" and len(entry["images"]) == 16 and entry["ranges"]
 
-    def no_reading(path):
-        raise AssertionError(f"image {path} read despite the calibration cache")
+    from calibration.quantize import CHECK_CROPS
+
+    real_load, read = calib_images.load_image, []
+
+    def no_reading(path):                  # the cache hit reads the accuracy check's crops, nothing else
+        if len(read) >= CHECK_CROPS or path.name != entry["images"][len(read)].split("/")[-1]:
+            raise AssertionError(f"image {path} read despite the calibration cache")
+        read.append(path)
+        return real_load(path)
     monkeypatch.setattr(calib_images, "load_image", no_reading)
     second = quantize_encoder(model_dir / "encoder.onnx", tmp_path / "b.onnx", crops, method="minmax", **kw)
-    assert second["cache_hit"] and second["cache"] == first["cache"]
+    assert second["cache_hit"] and second["cache"] == first["cache"] and len(read) == CHECK_CROPS
+    read.clear()
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
     # another method, or another image list, is another key: it has to read images
     with pytest.raises(AssertionError, match="read despite"):
         quantize_encoder(model_dir / "encoder.onnx", tmp_path / "c.onnx", crops, method="percentile", **kw)
+    read.clear()
     _crops(crops, 25)  # one more file in the folder
     with pytest.raises(AssertionError, match="read despite"):
         quantize_encoder(model_dir / "encoder.onnx", tmp_path / "d.onnx", crops, method="minmax", **kw)
@@ -269,3 +278,27 @@ def test_ranges_that_ruin_the_embeddings_are_not_published(cached_build, tmp_pat
     # the good build recorded its check: the crops it embedded and their cosines to fp32
     good = json.loads((cached_build[0] / "manifest.json").read_text())["variants"]["encoder.int8-cpu"]["calibration"]
     assert good["check"]["crops"] == 8 and good["check"]["cosine_mean"] >= 0.99, good
+
+
+def test_cached_ranges_that_fail_the_accuracy_check_are_recomputed(tmp_path_factory, tmp_path, monkeypatch):
+    """A cache entry edited on purpose (valid numbers, checksum recomputed) was published without a
+    check; cached ranges now take the same accuracy check as fresh ones, and are recomputed if they fail."""
+    import calibration.quantize as quantize_module
+
+    _, build = random_small_export(tmp_path_factory)
+    model_dir = fresh_copy(build, tmp_path / "build")
+    crops = _crops(tmp_path / "crops", 24)
+    notes = []
+    kw = dict(size_hw=HW, mean=PIXEL_MEAN, std=PIXEL_STD, count=16, cache_dir=model_dir, log=notes.append)
+    first = quantize_encoder(model_dir / "encoder.onnx", tmp_path / "a.onnx", crops, method="minmax", **kw)
+    real, calls = quantize_module.check_accuracy, []
+
+    def ruined_once(src, quantized, images):          # the cached ranges "ruin" the embeddings
+        calls.append(len(images))
+        result = real(src, quantized, images)
+        return {**result, "cosine_mean": 0.1} if len(calls) == 1 else result
+    monkeypatch.setattr(quantize_module, "check_accuracy", ruined_once)
+    second = quantize_encoder(model_dir / "encoder.onnx", tmp_path / "b.onnx", crops, method="minmax", **kw)
+    assert not second["cache_hit"] and len(calls) == 2 and calls[0] == quantize_module.CHECK_CROPS
+    assert any("is not usable (its ranges give embeddings of mean cosine 0.100" in n for n in notes), notes
+    assert second["check"]["cosine_mean"] >= quantize_module.MIN_COSINE and first["cache"] == second["cache"]
