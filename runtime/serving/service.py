@@ -30,6 +30,8 @@ MAX_SEARCH_QUERIES = 1024
 MAX_ADD_ROWS = 65536
 MAX_TOPN = 1000
 MAX_CROP_BYTES = 32 << 20
+#: decoded pixels one embed request may hold in all (about 200 MB as RGB; a person crop is ~0.03 Mpixel)
+MAX_REQUEST_PIXELS = 64_000_000
 
 
 class ReidService:
@@ -54,7 +56,7 @@ class ReidService:
         if len(crops) > self.max_request:
             raise InputError(f"embed: {len(crops)} crops in one request, at most {self.max_request}; split the "
                              "request")
-        images = []
+        images, pixels = [], 0
         for n, data in enumerate(crops):
             if not isinstance(data, (bytes, np.bytes_)) or len(data) == 0:
                 raise InputError(f"embed: crop {n} is empty or not bytes; send encoded JPEG/PNG images")
@@ -67,6 +69,11 @@ class ReidService:
                 raise
             except Exception as err:        # a decoder bug on hostile bytes is still a bad request
                 raise InputError(f"crop {n} is not a decodable image ({type(err).__name__}: {err})") from None
+            pixels += images[-1].width * images[-1].height
+            if pixels > MAX_REQUEST_PIXELS:  # small files of huge flat images: memory, not bytes, is the limit
+                raise InputError(f"embed: the crops of one request decode to more than {MAX_REQUEST_PIXELS:,} pixels "
+                                 f"(crop {n} reaches {pixels:,}); person crops are far smaller: crop them out of the "
+                                 "frames, or send fewer per request")
         return images
 
     def embed_images(self, images: list) -> np.ndarray:

@@ -1185,3 +1185,23 @@ def test_parity_runs_only_the_variant_files_the_manifest_lists(small_export, tmp
     assert onnxruntime_runner(model, "fp16") is None and onnxruntime_runner(model, "int8") is None
     runner = onnxruntime_runner(model, "fp32")
     assert runner is not None and runner.files == ("encoder.onnx", "nformer.onnx")
+
+
+def test_an_embed_request_of_small_files_that_decode_to_huge_images_is_refused():
+    """Eight 7000x7000 PNGs of 160 KB each took a server from 140 MB to 1.8 GB: one request's decoded
+    pixels are bounded, not only each file's bytes and each crop's pixels."""
+    import io
+
+    from PIL import Image
+
+    from runtime.serving.service import MAX_REQUEST_PIXELS, ReidService
+
+    buf = io.BytesIO()
+    Image.new("RGB", (5000, 5000)).save(buf, format="PNG")
+    flat = buf.getvalue()
+    assert len(flat) < 1 << 20
+    service = ReidService.__new__(ReidService)
+    service.max_request = 64
+    assert len(service.decode(np.array([flat, flat], dtype=object))) == 2      # 50 Mpixel: fine
+    with pytest.raises(InputError, match=f"more than {MAX_REQUEST_PIXELS:,} pixels .*crop 2 reaches"):
+        service.decode(np.array([flat, flat, flat], dtype=object))
