@@ -119,6 +119,10 @@ def list_candidates(data_dir: str | Path) -> Candidates:
     return Candidates(root, LAYOUT_FOLDER, files, skipped)
 
 
+#: fewer calibration crops than this get a note: ranges (and the accuracy check) rest on too little
+FEW_IMAGES = 32
+
+
 def read_calibration_images(candidates: Candidates, count: int, size_hw, mean, std, seed: int = 0,
                             log: Callable[[str], None] = print) -> CalibrationImages:
     """Decode and preprocess ``count`` candidates (seeded order), skipping and reporting bad files."""
@@ -149,6 +153,9 @@ def read_calibration_images(candidates: Candidates, count: int, size_hw, mean, s
         log(f"calibration: note: {count} images asked for (--calib-images) but {candidates.root} holds "
             f"{len(used)} readable one(s): calibrating on all {len(used)}")
         images = images[:len(used)]
+    if len(used) < FEW_IMAGES:
+        log(f"calibration: caution: {len(used)} calibration crop(s) only; INT8 ranges from so few may not fit the crops "
+            f"you serve, and the accuracy check sees only these (use {FEW_IMAGES} or more, and run `runtime parity`)")
     return CalibrationImages(candidates.root, candidates.layout, used, images, skipped)
 
 

@@ -53,7 +53,8 @@ def test_folder_with_unreadable_and_non_image_files_reports_and_skips_them(tmp_p
     skipped = {s.path.name: s.reason for s in crops.skipped}
     assert set(skipped) == {"README.txt", "broken.jpg", "empty.png"}
     assert "not an image file" in skipped["README.txt"] and skipped["broken.jpg"].startswith("cannot decode")
-    assert len(messages) == 1 and "skipped 3 file(s)" in messages[0] and "broken.jpg" in messages[0]
+    assert len(messages) == 2 and "skipped 3 file(s)" in messages[0] and "broken.jpg" in messages[0]
+    assert "8 calibration crop(s) only" in messages[1]          # fewer than FEW_IMAGES: said
     # exactly the runtime's preprocessing
     i = crops.files.index(folder / "000.png")
     np.testing.assert_array_equal(crops.images[i], preprocess(folder / "000.png", HW))
