@@ -1,13 +1,13 @@
 """The encoder at serving time: crops -> 256-d embeddings, in batches."""
 from __future__ import annotations
 
+import os
 from typing import Callable, Sequence
 
 import numpy as np
 
 from export.contract.config import ModelConfig
 from export.contract.errors import InputError
-
 from export.contract.preprocess import preprocess_batch
 from runtime.backends import Backend
 
@@ -15,19 +15,20 @@ from runtime.backends import Backend
 def as_crop_list(crops) -> list:
     """``crops`` as a list of single crops: a list, tuple, generator or [N, H, W, 3] array of
     them, or one crop given alone (a path, a PIL image, an HxWx3 array), which is a list of one
-    (a path string would otherwise be read as one crop per character)."""
-    import os
-
+    (a path string would otherwise be read as one crop per character).  Paths given as bytes are
+    file-system names (``os.fsdecode``)."""
     if isinstance(crops, (str, bytes, os.PathLike)) or hasattr(crops, "getbands"):     # a path, a PIL image
-        return [crops]
+        return [os.fsdecode(crops) if isinstance(crops, bytes) else crops]
     if isinstance(crops, np.ndarray):
+        if crops.ndim == 1 and crops.dtype.kind in "USO":          # paths, e.g. a DataFrame column's values
+            return [os.fsdecode(p) if isinstance(p, (bytes, np.bytes_)) else p for p in crops.tolist()]
         if crops.ndim == 3:
             return [crops]
         if crops.ndim == 4:
             return list(crops)
         raise InputError(f"an array of crops must be [N, H, W, 3] (or one crop [H, W, 3]), found shape {crops.shape}")
     try:
-        return list(crops)
+        return [os.fsdecode(p) if isinstance(p, bytes) else p for p in crops]
     except TypeError:
         raise InputError(f"crops must be a list of paths, PIL images or HxWx3 uint8 arrays, found "
                          f"{type(crops).__name__}") from None

@@ -161,7 +161,7 @@ def _not_served(path: Path, served_by: int | None):
         yield
         return
     try:
-        fd = os.open(lock, os.O_RDWR)
+        fd = os.open(lock, os.O_RDONLY)      # flock needs no write access (the file is made 0644)
     except OSError:
         yield                                  # cannot be opened: nobody could have locked it through us either
         return

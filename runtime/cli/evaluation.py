@@ -48,8 +48,8 @@ def demo(report, work_dir, figure, identities, seed):
     from runtime.evaluation.demo import REPORT_KEYS, run_demo
 
     for path, option in ((report, "--report"), (figure, "--figure")):
-        if path:
-            check_writable(path, work_dir / "build", what=option)
+        if path and not (path.parent.resolve() == work_dir.resolve() and not work_dir.exists()):
+            check_writable(path, work_dir / "build", what=option)   # (an output in the work dir it makes: fine)
     if figure and figure.suffix.lower() != ".png":
         raise InputError(f"--figure {figure} must be a .png file (the figure is a PNG), found suffix "
                          f"{figure.suffix or 'none'!r}")

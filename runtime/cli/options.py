@@ -69,7 +69,12 @@ def _npy_header_problem(path: Path) -> str | None:
 
 
 def load_npy(path: Path) -> np.ndarray:
+    import stat
+
     try:
+        if path.exists() and not stat.S_ISREG(path.stat().st_mode) and not path.is_dir():
+            raise InputError(f"{path} is not a regular file (a FIFO, socket or device would block or never end); "
+                             "give a .npy file")
         problem = _npy_header_problem(path)
         if problem:
             raise InputError(f"{path} is not a usable .npy array: {problem}; expected a file written by numpy.save")

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from export.contract.errors import InputError, NFormerError
+from export.contract.files import WORK_MARKER
 from export.contract.manifest import load_manifest, model_config
 from export.contract.variants import PRECISIONS
 from export.shipped import SHIPPED, shipped_card
@@ -63,7 +64,8 @@ def ensure_export(work_dir: Path, log) -> Path:
             raise InputError(f"{build} holds the export of another checkpoint ({source.get('checkpoint')}); the demo "
                              "would replace it with the shipped model's: give another --work-dir")
         log(f"{build} holds an earlier version of {SHIPPED.name}: exporting it again")
-    elif build.exists() and (not build.is_dir() or any(build.iterdir())):
+    elif build.exists() and (not build.is_dir() or any(not (p / WORK_MARKER).exists() for p in build.iterdir())):
+        # (a killed export leaves only its marked work folder, which the next export sweeps)
         raise InputError(f"{build} exists and is not an export of the shipped model ({problem}); the demo would "
                          "replace it: give another --work-dir, or remove it")
     log(f"exporting {SHIPPED.name} to {build} ...")

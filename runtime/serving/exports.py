@@ -250,8 +250,10 @@ def write_triton_repository(model_dir: str | Path, out_dir: str | Path, max_batc
     Triton server's TensorRT version (default: the one that imports here; required otherwise);
     ``encoder_precision``: "fp32" (``encoder.onnx``) or "int8-cpu" (``encoder.int8-cpu.onnx`` from
     ``runtime build --precision int8-cpu``, for CPU instances of Triton's ONNX Runtime backend)."""
-    # absolute, without following links ("." has no parent to work in; a symlinked OUT is refused below)
-    model_dir, out_dir = Path(model_dir), Path(os.path.abspath(out_dir))
+    # absolute as the kernel resolves it ("a/link/../x" goes through the link), the last component left
+    # as given ("." has no parent to work in; a symlinked OUT is refused below)
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    out_dir = out_dir.resolve() if out_dir.name in ("", ".", "..") else out_dir.parent.resolve() / out_dir.name
     if encoder_precision not in TRITON_ENCODER_PRECISIONS:
         raise InputError(f"encoder precision must be one of {', '.join(TRITON_ENCODER_PRECISIONS)}, found "
                          f"{encoder_precision!r} (TensorRT precisions come from engines: --engines)")
@@ -339,9 +341,10 @@ def write_triton_repository(model_dir: str | Path, out_dir: str | Path, max_batc
 def _check_repository_target(out_dir: Path, overwrite: bool, model_dir: Path | None = None) -> None:
     if model_dir is not None:
         real_out, real_model = out_dir.resolve(), model_dir.resolve()
-        if real_model == real_out or real_out in real_model.parents or real_model in real_out.parents:
-            raise InputError(f"the repository {out_dir} and the model directory {model_dir} overlap (one holds the "
-                             "other): writing the repository would replace the model's files; choose another OUT_DIR")
+        if real_model == real_out or real_out in real_model.parents:
+            raise InputError(f"the repository {out_dir} is the model directory {model_dir} or holds it: writing (or "
+                             "--overwrite replacing) the repository would remove the model's files; choose another "
+                             "OUT_DIR")
     here = Path(os.path.abspath(os.getcwd()))
     if out_dir == here or out_dir in here.parents:
         raise InputError(f"{out_dir} is the current directory (or holds it): the repository is published by renaming "

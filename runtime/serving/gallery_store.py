@@ -97,7 +97,7 @@ def read_records(path: Path) -> tuple[list[tuple[dict, np.ndarray | None]], int,
             # whose length runs past the end is torn only if no intact record follows it (a damaged
             # length field in the middle must not make the records after it look like a torn tail)
             torn = (not data[pos:].strip(b"\0")) if magic != MAGIC else end >= len(data)
-            if torn and magic == MAGIC and _intact_record_after(data, pos + 1):
+            if torn and magic == MAGIC and not _genuinely_torn(data[end_of_head:], head_len, payload_len):
                 torn = False
             if torn:
                 break
@@ -245,7 +245,7 @@ class GalleryStore:
         now); evicts the oldest items beyond ``max_items``.  Returns the gallery's size once the change
         is durable."""
         with self._lock:
-            ids = [_as_id(i) for i in ids]
+            ids = [_as_id(i) for i in _id_list(ids, "gallery_add")]
             m = len(ids)
             now = self.clock()
             if timestamps is None:
@@ -285,7 +285,7 @@ class GalleryStore:
     def remove(self, ids) -> int:
         """Remove items by id (all known, or nothing changes).  Returns the gallery's size."""
         with self._lock:
-            ids = [_as_id(i) for i in ids]
+            ids = [_as_id(i) for i in _id_list(ids, "gallery_remove")]
             unknown = [i for i in ids if i not in self.gallery]
             if unknown:
                 raise InputError(f"gallery_remove: {len(unknown)} unknown id(s), first {unknown[:5]}; nothing was "
@@ -435,18 +435,24 @@ def _is_stamp(value) -> bool:
         return False
 
 
-def _intact_record_after(data: bytes, start: int) -> bool:
-    """Whether an intact record (magic, lengths within the file, checksum) starts anywhere at or after
-    ``start``: then the damage before it is not a torn last append."""
-    at = data.find(MAGIC, start)
-    while at >= 0:
-        if at + _HEAD.size <= len(data):
-            magic, head_len, payload_len, digest = _HEAD.unpack_from(data, at)
-            end = at + _HEAD.size + head_len + payload_len
-            if end <= len(data) and hashlib.sha256(data[at + _HEAD.size:end]).digest() == digest:
-                return True
-        at = data.find(MAGIC, at + 1)
-    return False
+def _genuinely_torn(body: bytes, head_len: int, payload_len: int) -> bool:
+    """Whether a record that runs past the end of the file is a torn last append rather than a
+    record whose length fields were damaged (which would hide the records after it).  Decided by the
+    record's own header, which this program wrote (clients control only the payload's floats): its
+    JSON must end exactly at ``head_len`` and describe ``payload_len`` bytes of rows.  A header cut
+    short by the crash cannot be checked and counts as torn."""
+    try:
+        header, used = json.JSONDecoder().raw_decode(body[:head_len].decode("latin-1"))
+    except ValueError:
+        return len(body) < head_len                    # the crash cut the header itself
+    if used != head_len or not isinstance(header, dict):
+        return False
+    if header.get("op") == "remove":
+        return payload_len == 0
+    ids, dim = header.get("ids"), header.get("dim")
+    if header.get("op") != "add" or not isinstance(ids, list) or isinstance(dim, bool) or not isinstance(dim, int):
+        return False
+    return payload_len == 4 * dim * len(ids)
 
 
 def _check_record(header, rows, dim: int) -> None:
@@ -477,9 +483,15 @@ def _check_record(header, rows, dim: int) -> None:
     if not (isinstance(cams, list) and len(cams) == m and all(
             isinstance(c, int) and not isinstance(c, bool) and -2 ** 63 <= c < 2 ** 63 for c in cams)):
         raise InputError(f"its camids must be {m} 64-bit integers")
-    if not (isinstance(stamps, list) and len(stamps) == m and all(
-            isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) for t in stamps)):
+    if not (isinstance(stamps, list) and len(stamps) == m and all(_is_stamp(t) for t in stamps)):
         raise InputError(f"its timestamps must be {m} finite numbers")
+
+
+def _id_list(ids, where: str) -> list:
+    """``ids`` as a list; one string (or bytes) is refused, not split into characters."""
+    if isinstance(ids, (str, bytes, np.str_, np.bytes_)) or not hasattr(ids, "__iter__"):
+        raise InputError(f"{where}: ids must be a list of ids (one per row), found {type(ids).__name__} {ids!r:.40}")
+    return list(np.asarray(ids, dtype=object).reshape(-1)) if isinstance(ids, np.ndarray) else list(ids)
 
 
 def _as_id(value) -> str:

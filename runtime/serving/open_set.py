@@ -73,10 +73,10 @@ def load_thresholds(model_dir: str | Path, manifest: dict, encoder_precision: st
                          f"this model's {str(expected)[:12]}...); re-run `runtime threshold` for this model")
     thresholds = data.get("thresholds")
     if not (isinstance(thresholds, dict) and set(thresholds) == set(MODES)
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v <= 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and -1e-12 <= v <= 2
                     for v in thresholds.values())):
         raise InputError(f"{path}: thresholds must map {' and '.join(MODES)} to distances in 0..2 (between unit "
-                         "vectors); re-run `runtime threshold`")
+                         "vectors; just below 0 where the fit accepts no pair); re-run `runtime threshold`")
     fitted = data.get("encoder_precision")              # absent in files written before it was recorded
     if fitted is not None and fitted not in PRECISIONS:
         raise InputError(f"{path}: encoder_precision must be one of {', '.join(PRECISIONS)}, found {fitted!r}; "

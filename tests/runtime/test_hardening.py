@@ -1205,3 +1205,66 @@ def test_an_embed_request_of_small_files_that_decode_to_huge_images_is_refused()
     assert len(service.decode(np.array([flat, flat], dtype=object))) == 2      # 50 Mpixel: fine
     with pytest.raises(InputError, match=f"more than {MAX_REQUEST_PIXELS:,} pixels .*crop 2 reaches"):
         service.decode(np.array([flat, flat, flat], dtype=object))
+
+
+def test_third_review_regressions_stay_fixed(pipe, small_export, tmp_path):
+    """Normal use the first fixes broke: a 1-D array of paths (a DataFrame column) and bytes paths
+    to embed; a repository inside the model directory; a --figure in the --work-dir the demo makes;
+    and a .npy that is a FIFO blocks no more."""
+    from PIL import Image
+
+    paths = []
+    for i, c in enumerate(crops(2, seed=7)):
+        paths.append(tmp_path / f"c{i}.png")
+        Image.fromarray(c).save(paths[-1])
+    want = pipe.embed([str(p) for p in paths])
+    np.testing.assert_array_equal(pipe.embed(np.array([str(p) for p in paths])), want)
+    np.testing.assert_array_equal(pipe.embed([os.fsencode(p) for p in paths]), want)
+    np.testing.assert_array_equal(pipe.embed(os.fsencode(paths[0])), want[:1])
+    model = tmp_path / "m"
+    shutil.copytree(small_export, model)
+    r = cli("triton-repo", model, model / "triton_models")
+    assert r.exit_code == 0, r.output
+    one_error(cli("triton-repo", model, model, "--overwrite"), "or holds it")
+    one_error(cli("triton-repo", model, tmp_path, "--overwrite"), "or holds it")
+    os.mkfifo(tmp_path / "in.npy")
+    one_error(cli("refine", small_export, tmp_path / "in.npy", "--out", tmp_path / "o.npy"), "not a regular file")
+    from runtime.cli.evaluation import demo as demo_command   # the figure's folder is the work dir it makes
+    import runtime.evaluation.demo as demo_module
+
+    seen = {}
+
+    def fake_run(work_dir, report, figure, identities, seed, log):
+        seen.update(work_dir=work_dir, figure=figure)
+        return [], figure
+    original, demo_module.run_demo = demo_module.run_demo, fake_run
+    try:
+        from click.testing import CliRunner
+
+        r = CliRunner().invoke(demo_command, ["--work-dir", str(tmp_path / "new"), "--figure",
+                                              str(tmp_path / "new" / "fig.png")])
+    finally:
+        demo_module.run_demo = original
+    assert r.exit_code == 0 and seen["figure"] == tmp_path / "new" / "fig.png", r.output
+
+
+def test_a_killed_demo_export_does_not_block_the_next_run(tmp_path):
+    from export.contract.files import WORK_MARKER
+    from runtime.evaluation import demo as demo_module
+
+    leftover = tmp_path / "w" / "build" / ".export-abc"
+    leftover.mkdir(parents=True)
+    (leftover / WORK_MARKER).write_text("")
+    calls = []
+
+    def fake_export(*args, **kwargs):              # ensure_export imports it from export.to_onnx when it runs
+        calls.append(args)
+        return {"ok": True}
+    import export.to_onnx as to_onnx
+
+    real, to_onnx.export_checkpoint = to_onnx.export_checkpoint, fake_export
+    try:
+        assert demo_module.ensure_export(tmp_path / "w", log=lambda *a: None) == tmp_path / "w" / "build"
+    finally:
+        to_onnx.export_checkpoint = real
+    assert len(calls) == 1                          # it exported again instead of refusing the folder

@@ -373,3 +373,53 @@ def test_a_gallery_with_timestamps_the_service_cannot_age_is_one_clear_error(pip
     g.save(tmp_path / "g")
     with pytest.raises(InputError, match="'timestamp' metadata is not a finite number"):
         GalleryStore(tmp_path / "g", pipe, max_items=2)
+
+
+def test_a_record_planted_in_a_torn_payload_does_not_turn_the_tail_into_damage(pipe, tmp_path):
+    """A client controls an add's floats: a complete fake record hidden in them made a crash during
+    that append look like damage in the middle (the server would never start again).  A torn tail is
+    judged by its own header, which the server wrote."""
+    import hashlib
+    import struct
+
+    d = pipe.config.n_embd
+    s = GalleryStore(tmp_path / "g", pipe)
+    s.add(rows(1, d), ["a"], [0])
+    crash(s)
+    journal = tmp_path / "g" / "journal.v000001.log"
+    good = journal.read_bytes()
+    fake_head = b'{"op":"remove","ids":["a"]}'
+    fake = struct.pack("<4sIQ32s", b"NFJ1", len(fake_head), 0, hashlib.sha256(fake_head).digest()) + fake_head
+    payload = bytearray(rows(2, d, seed=4).astype("<f4").tobytes())
+    payload[16:16 + len(fake)] = fake                      # the planted record sits inside the rows
+    head = json.dumps({"op": "add", "ids": ["p", "q"], "camids": [0, 0], "timestamps": [0.0, 0.0], "evict": [],
+                       "dim": d}, separators=(",", ":")).encode()
+    record = struct.pack("<4sIQ32s", b"NFJ1", len(head), len(payload), hashlib.sha256(head + payload).digest())
+    journal.write_bytes(good + (record + head + bytes(payload))[:-64])     # the crash cut the append
+    s2 = GalleryStore(tmp_path / "g", pipe)
+    assert s2.gallery.ids == ["a"] and s2.dropped_torn_bytes > 0
+    s2.close()
+
+
+def test_the_store_takes_ids_as_a_list_never_one_string_split(pipe, tmp_path):
+    d = pipe.config.n_embd
+    with GalleryStore(tmp_path / "g", pipe) as s:
+        s.add(rows(2, d), ["ab", "c"], [0, 0])
+        for call in (lambda: s.add(rows(3, d), "abc", [0, 0, 0]), lambda: s.remove("ab"), lambda: s.remove(b"c")):
+            with pytest.raises(InputError, match="ids must be a list"):
+                call()
+        assert s.gallery.ids == ["ab", "c"]
+        s.remove(np.array(["ab"]))
+        assert s.gallery.ids == ["c"]
+
+
+def test_a_journal_timestamp_beyond_any_float_is_one_clear_error(pipe, tmp_path):
+    d = pipe.config.n_embd
+    s = GalleryStore(tmp_path / "g", pipe)
+    s.add(rows(1, d), ["a"], [0])
+    crash(s)
+    journal = tmp_path / "g" / "journal.v000001.log"
+    journal.write_bytes(journal.read_bytes() + encode_record(
+        {"op": "add", "ids": ["b"], "camids": [0], "timestamps": [10 ** 400], "evict": [], "dim": d}, rows(1, d, seed=2)))
+    with pytest.raises(InputError, match="timestamps must be 1 finite numbers"):
+        GalleryStore(tmp_path / "g", pipe)
