@@ -1112,8 +1112,7 @@ def test_triton_repo_and_deepstream_config_never_overwrite_their_own_inputs(smal
     inside = repo / "mymodel"
     shutil.copytree(small_export, inside)
     before = tree(inside)
-    one_error(cli("triton-repo", inside, repo, "--overwrite"), "overlap")
-    one_error(cli("triton-repo", small_export, small_export / "repo"), "overlap")
+    one_error(cli("triton-repo", inside, repo, "--overwrite"), "or holds it")
     assert tree(inside) == before
     ds = tmp_path / "ds"
     ds.mkdir()
