@@ -56,21 +56,21 @@ def check_target(path: str | Path) -> None:
 
 
 @contextlib.contextmanager
-def _as_write_error(path: Path):
-    """OSError while writing ``path`` -> :class:`WriteError` saying which file and why."""
+def _as_write_error(*paths: Path):
+    """OSError while writing ``paths`` -> :class:`WriteError` saying which file(s) and why."""
     try:
         yield
     except WriteError:
         raise
     except OSError as err:
         reason = err.strerror or str(err)
-        if err.filename and Path(os.fsdecode(err.filename)).name != path.name \
-                and not Path(os.fsdecode(err.filename)).name.startswith(_temp_prefix(path)):
-            reason += f" ({os.fsdecode(err.filename)})"         # another file than the one being written
+        name = Path(os.fsdecode(err.filename)).name if err.filename else None
+        if name and not any(name == p.name or name.startswith(_temp_prefix(p)) for p in paths):
+            reason += f" ({os.fsdecode(err.filename)})"         # another file than the ones being written
         hint = {28: "free some space or write elsewhere", 36: "choose a shorter name",
                 13: "check the folder's permissions or write elsewhere", 30: "write to a writable file system",
                 122: "free some space (quota) or write elsewhere"}.get(err.errno, "check the path and the disk")
-        raise WriteError(f"cannot write {path}: {reason}; {hint}") from None
+        raise WriteError(f"cannot write {' and '.join(map(str, paths))}: {reason}; {hint}") from None
 
 
 def current_umask() -> int:
@@ -232,7 +232,7 @@ def work_dir(parent: str | Path, prefix: str):
 
 
 @contextlib.contextmanager
-def staged_file(path: str | Path):
+def staged_file(path: str | Path, _together: tuple = ()):
     """Yield a temporary path beside ``path`` for a library that writes a file by name (onnx.save,
     np.save ...); on success it is fsynced and renamed over ``path``, on failure removed."""
     path = Path(path)
@@ -242,7 +242,9 @@ def staged_file(path: str | Path):
         os.close(fd)
     tmp = Path(tmp)
     try:
-        with _as_write_error(path):      # the caller's own writes into tmp (np.save, onnx.save ...) too
+        # the caller's own writes into tmp (np.save, onnx.save ...) too; outputs staged together are
+        # named together (which of them a failed write was into is not known here)
+        with _as_write_error(*(_together or (path,))):
             yield tmp
             os.chmod(tmp, 0o666 & ~current_umask())
             with open(tmp, "rb+") as f:
@@ -260,8 +262,9 @@ def staged_files(*paths: str | Path):
     block wrote every one, and all removed on any failure, so they appear together or not at all."""
     if len({Path(p).parent.resolve() / Path(p).name for p in paths}) != len(paths):
         raise ValueError(f"staged_files needs distinct paths, got {[str(p) for p in paths]}")
+    together = tuple(Path(p) for p in paths)
     with contextlib.ExitStack() as stack:
-        yield tuple(stack.enter_context(staged_file(p)) for p in paths)
+        yield tuple(stack.enter_context(staged_file(p, together)) for p in paths)
 
 
 def scratch_dir(prefix: str) -> Path:
