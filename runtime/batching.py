@@ -29,7 +29,7 @@ from typing import Callable
 
 import numpy as np
 
-from export.contract.errors import InputError, NFormerError
+from export.contract.errors import InputError, NFormerError, check_count
 
 
 class BatcherClosed(NFormerError):
@@ -78,10 +78,9 @@ class DynamicBatcher:
     def check_options(max_batch, max_wait_ms) -> None:
         """InputError unless ``max_batch`` is an integer >= 1 and ``max_wait_ms`` a number of
         milliseconds in 0..MAX_WAIT_MS."""
-        from numbers import Integral, Real
+        from numbers import Real
 
-        if isinstance(max_batch, bool) or not isinstance(max_batch, Integral) or max_batch < 1:
-            raise InputError(f"max_batch must be an integer >= 1, found {max_batch!r}")
+        check_count(max_batch, "max_batch")
         if isinstance(max_wait_ms, bool) or not isinstance(max_wait_ms, Real) \
                 or not 0 <= float(max_wait_ms) <= MAX_WAIT_MS:
             raise InputError(f"max_wait_ms must be a number of milliseconds in 0..{MAX_WAIT_MS:g}, found "

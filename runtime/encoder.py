@@ -7,7 +7,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from export.contract.config import ModelConfig
-from export.contract.errors import InputError
+from export.contract.errors import InputError, check_count
 from export.contract.preprocess import preprocess_batch
 from runtime.backends import Backend
 
@@ -32,15 +32,6 @@ def as_crop_list(crops) -> list:
     except TypeError:
         raise InputError(f"crops must be a list of paths, PIL images or HxWx3 uint8 arrays, found "
                          f"{type(crops).__name__}") from None
-
-
-def check_count(value, name: str, least: int = 1) -> int:
-    """An integer option (not a bool, not a float that happens to be whole) at least ``least``."""
-    from numbers import Integral
-
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, Integral) or value < least:
-        raise InputError(f"{name} must be an integer >= {least}, found {value!r}")
-    return int(value)
 
 
 class EncoderRunner:

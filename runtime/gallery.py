@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 
 from export.contract.config import ModelConfig
-from export.contract.errors import InputError
+from export.contract.errors import InputError, check_count
 from export.contract.files import make_temp_dir, sha256_file, write_bytes_atomic
 from export.contract.variants import PRECISIONS
 
@@ -432,8 +432,7 @@ class Gallery:
         of that query's hits (cross-camera re-identification); a negative camera id (unknown
         camera) leaves nothing out.  Ties keep gallery order.
         """
-        if isinstance(topn, (bool, np.bool_)) or not isinstance(topn, Integral) or topn < 1:
-            raise InputError(f"topn must be an integer >= 1, found {topn!r}")
+        check_count(topn, "topn")
         with self._lock:   # one acquisition: positions must not move between ranking and lookup
             dist = self.distances(query_embeddings, refined)
             cams = None

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.contract.errors import InputError, NFormerError
+from export.contract.errors import InputError, NFormerError, check_count
 from export.contract.manifest import load_manifest, model_config
 from export.contract.ops import OP_TYPE
 from export.contract.variants import CPU_PRECISIONS, PRECISIONS, VARIANTS_KEY, variant_name
@@ -194,7 +194,6 @@ class Pipeline:
         group concurrent ``embed`` calls into batches of up to ``max_batch`` (default
         ``batch_size``) rows, waiting at most ``max_wait_ms`` for a batch to fill."""
         from runtime.batching import DynamicBatcher
-        from runtime.encoder import check_count
 
         check_count(batch_size, "batch_size")           # before any session or engine is opened
         if dynamic_batching:

@@ -14,3 +14,13 @@ class CheckpointError(NFormerError):
 
 class InputError(NFormerError):
     """Features, landmarks, crops or paths that do not fit the model's contract."""
+
+
+def check_count(value, name: str, least: int = 1) -> int:
+    """The one check of a count given through an API (a batch size, topn ...): an integer (not a
+    bool, not a float that happens to be whole) at least ``least``; else InputError naming it."""
+    from numbers import Integral
+
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < least:   # numpy's bool_ is no Integral
+        raise InputError(f"{name} must be an integer >= {least}, found {value!r}")
+    return int(value)
