@@ -298,26 +298,16 @@ def test_an_interrupted_export_leaves_no_temporary_folder_and_a_killed_ones_is_r
 
 def test_sigterm_during_an_export_removes_its_temporary_folder(tmp_path):
     import signal
-    import subprocess
-    import sys
-    import time
+
+    from process_support import sigterm_once
 
     ckpt = _small_checkpoint(tmp_path / "small.pth")
     out = tmp_path / "build"
-    proc = subprocess.Popen([sys.executable, "-m", "export.to_onnx", str(ckpt), "--out-dir", str(out),
-                             "--input-size", "128x64", "--check-batches", "2", "--check-sizes", "9"],
-                            cwd=Path(__file__).resolve().parents[2], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None and not list(out.glob(".export-*")):
-            time.sleep(0.05)
-        assert list(out.glob(".export-*")), "the export never started its temporary folder"
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM
+    status, _ = sigterm_once(["export.to_onnx", str(ckpt), "--out-dir", str(out), "--input-size", "128x64",
+                              "--check-batches", "2", "--check-sizes", "9"],
+                             lambda: bool(list(out.glob(".export-*"))), "the export's temporary folder",
+                             start_timeout=240, exit_timeout=120)
+    assert status == 128 + signal.SIGTERM
     assert list(out.iterdir()) == []
 
 

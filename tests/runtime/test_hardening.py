@@ -821,24 +821,13 @@ def test_sigterm_during_a_runtime_command_removes_its_work_folder(tmp_path):
     """``runtime synth`` (any runtime subcommand) stopped by SIGTERM exits 143 and leaves nothing
     half-written: its work folder is removed like on Ctrl-C."""
     import signal
-    import subprocess
-    import sys
-    import time
+
+    from process_support import sigterm_once
 
     out = tmp_path / "data"
-    proc = subprocess.Popen([sys.executable, "-m", "runtime.cli", "synth", str(out), "--identities", "1500"],
-                            cwd=Path(__file__).resolve().parents[2], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None and not any(out.glob(".synth-*/*/*.jpg")):
-            time.sleep(0.05)
-        assert any(out.glob(".synth-*/*/*.jpg")), "synth never started writing images"
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, err.decode(errors="replace")[-2000:]
+    status, err = sigterm_once(["runtime.cli", "synth", str(out), "--identities", "1500"],
+                               lambda: any(out.glob(".synth-*/*/*.jpg")), "synth writing images")
+    assert status == 128 + signal.SIGTERM, err.decode(errors="replace")[-2000:]
     assert not out.exists()                   # its work folder, and the folder it created for the data set
     assert b"Traceback" not in err
 
