@@ -137,6 +137,14 @@ def _content_sha256(items: dict) -> str:
     return _canonical_sha256({k: v for k, v in items.items() if k not in ("model", "content_sha256", "model_sha256")})
 
 
+def id_list(ids, where: str) -> list:
+    """``ids`` (a list, tuple, array or other iterable of ids) as a list; one string or bytes is
+    refused, not split into characters ("abc" is not ["a", "b", "c"])."""
+    if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):      # np.str_/np.bytes_ are str/bytes
+        raise InputError(f"{where}: ids must be a list of ids (one per row), found {type(ids).__name__} {ids!r:.40}")
+    return np.asarray(ids, dtype=object).reshape(-1).tolist() if isinstance(ids, np.ndarray) else list(ids)
+
+
 def _json_scalar_id(value, where: str):
     if isinstance(value, (bool, np.bool_)):
         raise InputError(f"{where}: ids must be strings or integers, found a boolean")
@@ -296,9 +304,7 @@ class Gallery:
             start = 1 + max((i for i in self._ids if isinstance(i, int)), default=-1)
             ids = list(range(start, start + m))
         else:
-            if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):   # "abc" is not ["a", "b", "c"]
-                raise InputError(f"add: ids must be a list (one id per row), found {type(ids).__name__} {ids!r:.40}")
-            ids = [_json_scalar_id(i, "add") for i in (ids.tolist() if isinstance(ids, np.ndarray) else list(ids))]
+            ids = [_json_scalar_id(i, "add") for i in id_list(ids, "add")]
         if len(ids) != m:
             raise InputError(f"add: {m} embeddings but {len(ids)} ids; give one id per row")
         if len(set(ids)) != m:

@@ -43,7 +43,7 @@ import numpy as np
 
 from export.contract.errors import InputError
 
-from runtime.gallery import POINTER, SERVE_LOCK, Gallery
+from runtime.gallery import POINTER, SERVE_LOCK, Gallery, id_list
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +245,7 @@ class GalleryStore:
         now); evicts the oldest items beyond ``max_items``.  Returns the gallery's size once the change
         is durable."""
         with self._lock:
-            ids = [_as_id(i) for i in _id_list(ids, "gallery_add")]
+            ids = [_as_id(i) for i in id_list(ids, "gallery_add")]
             m = len(ids)
             now = self.clock()
             if timestamps is None:
@@ -285,7 +285,7 @@ class GalleryStore:
     def remove(self, ids) -> int:
         """Remove items by id (all known, or nothing changes).  Returns the gallery's size."""
         with self._lock:
-            ids = [_as_id(i) for i in _id_list(ids, "gallery_remove")]
+            ids = [_as_id(i) for i in id_list(ids, "gallery_remove")]
             unknown = [i for i in ids if i not in self.gallery]
             if unknown:
                 raise InputError(f"gallery_remove: {len(unknown)} unknown id(s), first {unknown[:5]}; nothing was "
@@ -462,17 +462,17 @@ def _check_record(header, rows, dim: int) -> None:
         found = header.get("op") if isinstance(header, dict) else header
         raise InputError(f"not a journal record of this program (op {found!r:.40})")
 
-    def id_list(key, required=True):
+    def listed_ids(key, required=True):
         value = header.get(key)
         if value is None and not required:
             return []
         if not isinstance(value, list):
             raise InputError(f"its {key} must be a list of ids, found {type(value).__name__}")
         return [_as_id(v) for v in value]
-    ids = id_list("ids")
+    ids = listed_ids("ids")
     if header["op"] == "remove":
         return
-    id_list("evict", required=False)
+    listed_ids("evict", required=False)
     m = len(ids)
     if header.get("dim") != dim or isinstance(header.get("dim"), bool):
         raise InputError(f"its rows are {header.get('dim')!r} wide, the gallery's {dim}")
@@ -485,13 +485,6 @@ def _check_record(header, rows, dim: int) -> None:
         raise InputError(f"its camids must be {m} 64-bit integers")
     if not (isinstance(stamps, list) and len(stamps) == m and all(_is_stamp(t) for t in stamps)):
         raise InputError(f"its timestamps must be {m} finite numbers")
-
-
-def _id_list(ids, where: str) -> list:
-    """``ids`` as a list; one string (or bytes) is refused, not split into characters."""
-    if isinstance(ids, (str, bytes, np.str_, np.bytes_)) or not hasattr(ids, "__iter__"):
-        raise InputError(f"{where}: ids must be a list of ids (one per row), found {type(ids).__name__} {ids!r:.40}")
-    return list(np.asarray(ids, dtype=object).reshape(-1)) if isinstance(ids, np.ndarray) else list(ids)
 
 
 def _as_id(value) -> str:
