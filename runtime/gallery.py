@@ -59,7 +59,7 @@ from export.contract.variants import PRECISIONS
 from runtime.refiner import LayersRefiner
 from runtime.evaluation.metrics import euclidean_distances
 from runtime.neighbors import DEFAULT_RESERVE, NeighborIndex
-from runtime.refiner import l2_normalize, validate_features
+from runtime.refiner import feature_limit, l2_normalize, validate_features
 
 FORMAT = "nformer-trt/gallery"
 FORMAT_VERSION = 1
@@ -576,6 +576,11 @@ class Gallery:
             if arr is not None and (arr.shape != shape or not np.issubdtype(arr.dtype, np.floating)):
                 raise InputError(f"gallery {folder} is inconsistent: {n} items of width {config.n_embd} but "
                                  f"{name} holds {arr.dtype} {arr.shape}; rebuild it")
+        limit = feature_limit(config.n_embd)
+        if n and not all(np.isfinite(arr).all() and np.abs(arr).max() <= limit for arr in (raw, features)):
+            raise InputError(f"gallery {folder} is inconsistent: embeddings.npy or features.npy holds NaN, infinite or "
+                             f"values beyond +-{limit:.3g} (no encoder makes those); the gallery is damaged: restore it "
+                             "from a backup or rebuild it")
         # the ranked rows are the raw embeddings L2-normalised (to rounding: numpy's sums differ between CPUs)
         if n and not np.allclose(features, l2_normalize(raw.astype(np.float32)), rtol=0, atol=1e-6):
             raise InputError(f"gallery {folder} is inconsistent: features.npy is not embeddings.npy L2-normalised; "

@@ -1010,9 +1010,10 @@ def test_pipeline_api_values_that_are_not_what_they_look_like(resnet18_export, p
             Pipeline.load(resnet18_export[0], **kwargs)
 
 
-@pytest.mark.parametrize("damage", ["unnormalised", "nan_key", "topk_text"])
+@pytest.mark.parametrize("damage", ["unnormalised", "huge_embeddings", "nan_key", "topk_text"])
 def test_gallery_arrays_edited_with_fresh_checksums_are_refused(tmp_path, damage):
-    """features.npy scaled (search used other rows than the embeddings), a NaN key in
+    """features.npy scaled (search used other rows than the embeddings), embeddings past float32's
+    norm (an overflow warning, then the wrong message), a NaN key in
     neighbors.npz (loaded, then a reshape error in search), topk saved as text (the message said
     "made for topk=20, this model has topk=20")."""
     from export.contract.files import sha256_file
@@ -1024,6 +1025,9 @@ def test_gallery_arrays_edited_with_fresh_checksums_are_refused(tmp_path, damage
     if damage == "unnormalised":
         np.save(folder / "features.npy", np.load(folder / "features.npy") * 2)
         words = "not embeddings.npy L2-normalised"
+    elif damage == "huge_embeddings":   # their float32 norm overflowed (a RuntimeWarning, then "not normalised")
+        np.save(folder / "embeddings.npy", np.full_like(np.load(folder / "embeddings.npy"), 3e38))
+        words = "values beyond"
     elif damage == "nan_key":
         z = dict(np.load(folder / "neighbors.npz"))
         z["cand_key"][0, 0] = np.nan
