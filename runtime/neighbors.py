@@ -902,11 +902,12 @@ class NeighborIndex:
             mine = (a[take] + (r0 + a0), b[take] + c0, v[take])
             if off >= width:
                 return mine, None
-            take = b >= off
+            # each column's own threshold; +inf for the columns that are the tile's own rows
+            take = v >= np.concatenate([np.full(off, np.inf, np.float32), col_theta])[b]
             a, b, v = a[take], b[take], v[take]
-            take = v >= col_theta[b - off]
-            a, b, v = a[take], b[take], v[take]
-            order = np.argsort(b * (a1 - a0) + a)                           # grouped by column
+            # grouped by column, rows ascending within one (a ascends already: a stable sort keeps it);
+            # a 16-bit key takes numpy's radix sort, ~10x faster than sorting int64 keys
+            order = np.argsort(b.astype(np.uint16) if width <= 1 << 16 else b, kind="stable")
             return mine, (b[order] + c0, a[order] + (r0 + a0), v[order])
 
         tile_rows, tile_cols = self._tile_shape()
