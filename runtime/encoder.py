@@ -1,6 +1,7 @@
 """The encoder at serving time: crops -> 256-d embeddings, in batches."""
 from __future__ import annotations
 
+import io
 import os
 from typing import Callable, Sequence
 
@@ -18,20 +19,40 @@ def as_crop_list(crops) -> list:
     (a path string would otherwise be read as one crop per character).  Paths given as bytes are
     file-system names (``os.fsdecode``)."""
     if isinstance(crops, (str, bytes, os.PathLike)) or hasattr(crops, "getbands"):     # a path, a PIL image
-        return [os.fsdecode(crops) if isinstance(crops, bytes) else crops]
+        return [_bytes_path(crops, 0) if isinstance(crops, bytes) else crops]
+    if isinstance(crops, io.IOBase):
+        raise InputError(f"crops must be paths, PIL images or HxWx3 uint8 arrays, found an open file "
+                         f"({type(crops).__name__}); for encoded image data pass PIL.Image.open(that file)")
+    if isinstance(crops, memoryview):
+        crops = np.asarray(crops)
     if isinstance(crops, np.ndarray):
         if crops.ndim == 1 and crops.dtype.kind in "USO":          # paths, e.g. a DataFrame column's values
-            return [os.fsdecode(p) if isinstance(p, (bytes, np.bytes_)) else p for p in crops.tolist()]
+            return [_bytes_path(p, i) if isinstance(p, (bytes, np.bytes_)) else p for i, p in enumerate(crops.tolist())]
         if crops.ndim == 3:
             return [crops]
         if crops.ndim == 4:
             return list(crops)
         raise InputError(f"an array of crops must be [N, H, W, 3] (or one crop [H, W, 3]), found shape {crops.shape}")
     try:
-        return [os.fsdecode(p) if isinstance(p, bytes) else p for p in crops]
+        return [_bytes_path(p, i) if isinstance(p, bytes) else p for i, p in enumerate(crops)]
     except TypeError:
         raise InputError(f"crops must be a list of paths, PIL images or HxWx3 uint8 arrays, found "
                          f"{type(crops).__name__}") from None
+
+
+def _bytes_path(value: bytes, position: int) -> str:
+    """A crop given as bytes: a file-system name (``os.fsdecode``), unless it cannot be one (a NUL
+    byte, longer than any path): then it is image data, refused without echoing it."""
+    if b"\0" in value or len(value) > 4096:
+        raise InputError(f"crop #{position} is {len(value):,} bytes of data, not a file name (bytes are read as "
+                         "file-system paths); for encoded image data pass PIL.Image.open(io.BytesIO(data))")
+    return os.fsdecode(value)
+
+
+def check_progress(progress) -> None:
+    if progress is not None and not callable(progress):
+        raise InputError(f"progress must be a function called with the number of crops done, found "
+                         f"{type(progress).__name__} {progress!r:.40}")
 
 
 class EncoderRunner:
@@ -57,11 +78,12 @@ class EncoderRunner:
     def embed(self, crops: Sequence, progress: Callable[[int], None] | None = None) -> np.ndarray:
         """Crops (paths, PIL images or HxWx3 uint8 arrays of any size) -> embeddings [len, feature_dim]."""
         crops = as_crop_list(crops)
+        check_progress(progress)
         c = self.config
         out = np.zeros((len(crops), c.feature_dim), np.float32)
         for s in range(0, len(crops), self.batch_size):
             chunk = crops[s:s + self.batch_size]
-            images = preprocess_batch(chunk, c.input_size_hw, c.pixel_mean, c.pixel_std)
+            images = preprocess_batch(chunk, c.input_size_hw, c.pixel_mean, c.pixel_std, first=s)
             out[s:s + len(chunk)] = self.backend.run({"images": images})["embeddings"]
             if progress:
                 progress(len(chunk))

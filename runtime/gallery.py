@@ -45,6 +45,7 @@ import os
 import re
 import shutil
 import threading
+from collections.abc import Mapping, Set as AbcSet
 from dataclasses import asdict, dataclass, field
 from numbers import Integral
 from pathlib import Path
@@ -52,7 +53,7 @@ from pathlib import Path
 import numpy as np
 
 from export.contract.config import ModelConfig
-from export.contract.errors import InputError, check_count
+from export.contract.errors import InputError, as_array, check_count
 from export.contract.files import make_temp_dir, sha256_file, write_bytes_atomic
 from export.contract.variants import PRECISIONS
 
@@ -142,6 +143,9 @@ def id_list(ids, where: str) -> list:
     refused, not split into characters ("abc" is not ["a", "b", "c"])."""
     if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):      # np.str_/np.bytes_ are str/bytes
         raise InputError(f"{where}: ids must be a list of ids (one per row), found {type(ids).__name__} {ids!r:.40}")
+    if isinstance(ids, (AbcSet, Mapping)):    # a set's order changes between runs (string hashes are seeded)
+        raise InputError(f"{where}: ids must be an ordered list (one per row, in the rows' order), found a "
+                         f"{type(ids).__name__}, whose order is arbitrary; pass a list")
     return np.asarray(ids, dtype=object).reshape(-1).tolist() if isinstance(ids, np.ndarray) else list(ids)
 
 
@@ -254,6 +258,7 @@ class Gallery:
         self._index = NeighborIndex(config.topk, config.n_embd, reserve)
         self._raw = np.zeros((0, config.n_embd), np.float32)
         self._ids: list = []
+        self._next_id = 0                   # default ids continue from here: a removed item's id is never reused
         self._position: dict = {}
         self._camids = np.zeros(0, np.int64)
         self._meta: list[dict] = []
@@ -265,7 +270,10 @@ class Gallery:
         return len(self._ids)
 
     def __contains__(self, item_id) -> bool:
-        return item_id in self._position
+        try:
+            return item_id in self._position
+        except TypeError:          # unhashable (a list ...): no id is one
+            return False
 
     @property
     def ids(self) -> list:
@@ -295,13 +303,13 @@ class Gallery:
     # ---- changes ----
 
     def _validated_batch(self, embeddings, ids, camids, meta):
-        x = np.asarray(embeddings)
+        x = as_array(embeddings, "add: embeddings")
         if x.ndim == 2 and x.shape[0] == 0 and x.shape[1] == self.config.n_embd:
             return None
         x = validate_features(x, self.config.n_embd)
         m = len(x)
         if ids is None:
-            start = 1 + max((i for i in self._ids if isinstance(i, int)), default=-1)
+            start = max(self._next_id, 1 + max((i for i in self._ids if isinstance(i, int)), default=-1))
             ids = list(range(start, start + m))
         else:
             ids = [_json_scalar_id(i, "add") for i in id_list(ids, "add")]
@@ -319,7 +327,7 @@ class Gallery:
         if camids is None:
             cams = np.full(m, -1, np.int64)
         else:
-            cams = np.asarray(camids)
+            cams = as_array(camids, "add: camids")
             if cams.ndim == 0:
                 cams = np.full(m, cams)
             if cams.shape != (m,) or not (np.issubdtype(cams.dtype, np.integer) or cams.size == 0):
@@ -368,6 +376,7 @@ class Gallery:
             self._camids = np.concatenate([self._camids, cams])
             self._meta.extend(metas)
             self._ids.extend(ids)
+            self._next_id = max(self._next_id, 1 + max((i for i in ids if isinstance(i, int)), default=-1))
             self._position.update({i: n + t for t, i in enumerate(ids)})
             self._refined = None
             return list(ids)
@@ -443,7 +452,7 @@ class Gallery:
             dist = self.distances(query_embeddings, refined)
             cams = None
             if query_camids is not None:
-                cams = np.asarray(query_camids)
+                cams = as_array(query_camids, "search: query camids")
                 if cams.shape != (len(dist),) or not np.issubdtype(cams.dtype, np.integer) \
                         or (cams.size and cams.dtype == np.uint64 and int(cams.max()) >= 2 ** 63):
                     raise InputError(f"query_camids must be {len(dist)} 64-bit integers (one per query), found shape "
@@ -524,7 +533,7 @@ class Gallery:
         items = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "count": len(self._ids),
             "model": json.loads(json.dumps(self.model)), "seed": self.seed, "reserve": self._index.reserve,
-            "ids": self._ids, "camids": self._camids.tolist(), "meta": self._meta,
+            "ids": self._ids, "next_id": self._next_id, "camids": self._camids.tolist(), "meta": self._meta,
             "sha256": {name: sha256_file(folder / name) for name in ARRAYS if (folder / name).is_file()},
         }
         items["content_sha256"] = _content_sha256(items)
@@ -602,6 +611,8 @@ class Gallery:
                              "gallery is damaged: rebuild it") from None
         gallery._raw = raw.astype(np.float32)
         gallery._ids = list(items["ids"])
+        gallery._next_id = max(items.get("next_id", 0),         # galleries saved before next_id was recorded
+                               1 + max((i for i in gallery._ids if isinstance(i, int)), default=-1))
         gallery._position = {i: t for t, i in enumerate(gallery._ids)}
         gallery._camids = np.asarray(items["camids"], np.int64).reshape(n)
         gallery._meta = list(items["meta"])
@@ -681,6 +692,8 @@ def _read_items(where: Path) -> dict:
     for key, top in (("seed", 2 ** 63 - 1), ("reserve", MAX_RESERVE)):
         if not (is_int(items.get(key)) and 0 <= items[key] <= top):
             raise bad(key, f"an integer in 0..{top}", items.get(key))
+    if "next_id" in items and not (is_int(items["next_id"]) and items["next_id"] >= 0):
+        raise bad("next_id", "an integer >= 0", items["next_id"])
     if not isinstance(items.get("model"), dict):
         raise bad("model", "an object (the model identity)", items.get("model"))
     if PRECISION_KEY in items["model"] and items["model"][PRECISION_KEY] not in RECORDED_PRECISIONS:

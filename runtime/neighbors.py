@@ -67,7 +67,7 @@ import numpy as np
 
 from export.contract.neighbor_key import NORM_EPS, dd_tree_sum, key_error_bound
 from export.contract.ops import effective_k
-from export.contract.errors import InputError
+from export.contract.errors import InputError, as_array, check_count
 
 #: default spare candidates per row beyond the k - 1 that the output needs
 DEFAULT_RESERVE = 16
@@ -255,9 +255,9 @@ class NeighborIndex:
 
     def __init__(self, k: int, dim: int | None = None, reserve: int = DEFAULT_RESERVE,
                  block_elements: int = BLOCK_ELEMENTS):
+        check_count(k, "k")
         effective_k(k, 1)
-        if reserve < 0:
-            raise InputError(f"reserve must be >= 0, found {reserve}")
+        check_count(reserve, "reserve", least=0)
         self.k = int(k)
         self.reserve = int(reserve)
         self.capacity = max(self.k - 1, 0) + self.reserve   # candidates kept per row (self excluded)
@@ -270,7 +270,7 @@ class NeighborIndex:
         self._lists_only = False
         self._extended_depth = 0           # inside `with extended(...)`: removals would break its restore
         if dim is not None:
-            self._init_dim(int(dim))
+            self._init_dim(check_count(dim, "dim"))
 
     def _init_dim(self, dim: int) -> None:
         self.dim = dim
@@ -324,7 +324,7 @@ class NeighborIndex:
         if getattr(self, "_extended_depth", 0):
             raise InputError("rows cannot be removed while the index is temporarily extended (inside `with "
                              "index.extended(...)`): its exit restores the saved lists; remove after the block")
-        given = np.asarray(positions)
+        given = as_array(positions, "row positions")
         if given.size and not np.issubdtype(given.dtype, np.integer):
             raise InputError(f"row positions must be integers, found {given.dtype} (a boolean mask or floats would "
                              "be read as other rows); pass np.flatnonzero(mask) for a mask")
@@ -465,7 +465,7 @@ class NeighborIndex:
     # ---- internals ----
 
     def _validate_rows(self, rows) -> np.ndarray:
-        x = np.asarray(rows)
+        x = as_array(rows, "rows")
         if x.ndim != 2:
             raise InputError(f"rows must be a 2-D array [m, dim], found shape {x.shape}")
         if not np.issubdtype(x.dtype, np.floating):
@@ -476,10 +476,12 @@ class NeighborIndex:
             self._init_dim(x.shape[1])
         if x.shape[1] != self.dim:
             raise InputError(f"rows must be {self.dim} wide, found {x.shape[1]}")
-        x = x.astype(np.float32, copy=False)
         if not np.isfinite(x).all():
             raise InputError("rows contain NaN or infinite values")
-        return x
+        if x.dtype.itemsize > 4 and x.size and np.abs(x).max() > np.finfo(np.float32).max:
+            raise InputError(f"rows hold values beyond float32's range (largest {float(np.abs(x).max()):.3g}); the "
+                             "index ranks float32 rows: scale them down")
+        return x.astype(np.float32, copy=False)
 
     def _grow(self, need: int) -> None:
         cap = len(self._x)

@@ -15,6 +15,7 @@ faster exact path by itself (``set_refine_path``: on ONNX Runtime's CPU provider
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -196,9 +197,14 @@ class Pipeline:
         from runtime.batching import DynamicBatcher
 
         check_count(batch_size, "batch_size")           # before any session or engine is opened
+        if threads is not None:
+            check_count(threads, "threads")
+        if isinstance(providers, (str, bytes)):
+            raise InputError(f"providers must be a list of ONNX Runtime provider names, found one string "
+                             f"{providers!r:.60}; pass [{providers!r:.60}]")
         if dynamic_batching:
-            DynamicBatcher.check_options(max_batch or batch_size, max_wait_ms)
-        model_dir = Path(model_dir)
+            DynamicBatcher.check_options(batch_size if max_batch is None else max_batch, max_wait_ms)
+        model_dir = Path(os.fsdecode(model_dir) if isinstance(model_dir, bytes) else model_dir)
         manifest = load_manifest(model_dir)
         config = model_config(manifest)
         enc, notes, enc_choice = choose_backend(model_dir, manifest, "encoder", backend, providers, threads,
@@ -215,7 +221,7 @@ class Pipeline:
         pipe.backend_choice = {"encoder": enc_choice, "nformer": ref_choice}
         pipe.set_refine_path("auto")
         if dynamic_batching:
-            pipe.enable_dynamic_batching(max_batch or batch_size, max_wait_ms)
+            pipe.enable_dynamic_batching(batch_size if max_batch is None else max_batch, max_wait_ms)
         return pipe
 
     @property
@@ -237,7 +243,8 @@ class Pipeline:
 
         if self.batcher is not None:
             self.batcher.close()
-        self.batcher = DynamicBatcher(self.encoder.embed_images, max_batch or self.encoder.batch_size, max_wait_ms)
+        self.batcher = DynamicBatcher(self.encoder.embed_images,
+                                      self.encoder.batch_size if max_batch is None else max_batch, max_wait_ms)
         return self.batcher
 
     def embed(self, crops, progress=None) -> np.ndarray:
@@ -245,9 +252,10 @@ class Pipeline:
 
         With dynamic batching on, crops are preprocessed in the calling thread and the encoder call
         is shared with other threads' requests."""
-        from runtime.encoder import as_crop_list
+        from runtime.encoder import as_crop_list, check_progress
 
         crops = as_crop_list(crops)
+        check_progress(progress)
         if self.batcher is None:
             return self.encoder.embed(crops, progress)
         from export.contract.preprocess import preprocess_batch
@@ -257,7 +265,7 @@ class Pipeline:
         step = self.batcher.max_batch
         for s in range(0, len(crops), step):
             chunk = crops[s:s + step]
-            images = preprocess_batch(chunk, c.input_size_hw, c.pixel_mean, c.pixel_std)
+            images = preprocess_batch(chunk, c.input_size_hw, c.pixel_mean, c.pixel_std, first=s)
             out[s:s + len(chunk)] = self.batcher(images)
             if progress:
                 progress(len(chunk))

@@ -18,7 +18,7 @@ import numpy as np
 
 from export.contract.config import ModelConfig
 from export.contract.neighbor_key import NORM_EPS
-from export.contract.errors import InputError
+from export.contract.errors import InputError, as_array
 from export.contract.landmarks import sample_landmarks
 
 from runtime.backends import Backend
@@ -44,7 +44,7 @@ def feature_limit(width: int) -> float:
 def validate_features(features, width: int) -> np.ndarray:
     """[N, width] (or [1, N, width]) finite floats, each at most :func:`feature_limit` in
     magnitude -> float32 [N, width]."""
-    x = np.asarray(features)
+    x = as_array(features, "embeddings")
     if x.ndim == 3 and x.shape[0] == 1:
         x = x[0]
     if x.ndim != 2:
@@ -72,7 +72,7 @@ def validate_features(features, width: int) -> np.ndarray:
 
 
 def validate_landmarks(landmarks, n: int, n_layer: int) -> np.ndarray:
-    lm = np.asarray(landmarks)
+    lm = as_array(landmarks, "landmarks")
     if lm.ndim != 2 or lm.shape[0] != n_layer or lm.shape[1] < 1:
         raise InputError(f"landmarks must be [n_layer={n_layer}, l] with l >= 1, found shape {lm.shape}")
     if not np.issubdtype(lm.dtype, np.integer):
@@ -106,7 +106,7 @@ LAYERS_INPUTS = ("features", "landmarks", "neighbor_index", "neighbor_valid")
 
 def validate_neighbor_lists(idx, valid, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     k_eff = min(k, n)
-    idx, valid = np.asarray(idx), np.asarray(valid)
+    idx, valid = as_array(idx, "neighbour index"), as_array(valid, "neighbour validity")
     if idx.shape != (n, k_eff) or valid.shape != (n, k_eff):
         raise InputError(f"neighbour lists must be [N={n}, k_eff={k_eff}], found index {idx.shape} and "
                          f"valid {valid.shape}; compute them with runtime.neighbors for the same set")

@@ -24,3 +24,16 @@ def check_count(value, name: str, least: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, Integral) or value < least:   # numpy's bool_ is no Integral
         raise InputError(f"{name} must be an integer >= {least}, found {value!r}")
     return int(value)
+
+
+def as_array(value, name: str, dtype=None):
+    """``np.asarray(value)`` of something given through an API, with one InputError naming it where
+    numpy cannot make an array of it (nested lists of different lengths, objects numpy refuses)."""
+    import numpy as np
+
+    try:
+        return np.asarray(value, dtype=dtype)
+    except (ValueError, TypeError, NotImplementedError, OverflowError) as err:
+        raise InputError(f"{name} must be a rectangular array of numbers (every row the same length), but numpy "
+                         f"cannot read it as one ({type(err).__name__}: {str(err)[:120]}); pass a numpy array or "
+                         "equal-length lists") from None

@@ -54,8 +54,20 @@ def decode_image(data: bytes, name: str = "crop") -> Image.Image:
 def as_image(crop) -> Image.Image:
     """A PIL image from a PIL image or an HxWx3 uint8 RGB array."""
     if isinstance(crop, Image.Image):
-        return crop.convert("RGB")
-    arr = np.asarray(crop)
+        w, h = crop.size
+        if w < 1 or h < 1 or w * h > MAX_CROP_PIXELS:
+            raise InputError(f"a crop image must have 1..{MAX_CROP_PIXELS:,} pixels, found {w}x{h}")
+        try:
+            return crop.convert("RGB")
+        except (OSError, ValueError, SyntaxError, AssertionError) as err:   # truncated data; a closed file asserts
+            raise InputError(f"a PIL crop image could not be decoded ({type(err).__name__}: {str(err)[:120]}); "
+                             "it may be truncated or its file already closed: load it (img.load()) while the file "
+                             "is open, or pass the file's path") from None
+    try:
+        arr = np.asarray(crop)
+    except (ValueError, TypeError, NotImplementedError) as err:
+        raise InputError(f"a crop must be a path, a PIL image or an HxWx3 uint8 array; numpy cannot read this "
+                         f"{type(crop).__name__} as an array ({str(err)[:120]})") from None
     if arr.dtype != np.uint8:
         raise InputError(f"a crop array must be uint8 RGB (HxWx3), found dtype {arr.dtype}; convert with "
                          "arr.astype(np.uint8) from 0..255 values")
@@ -75,14 +87,25 @@ def preprocess(crop, size_hw=INPUT_SIZE_HW, mean=PIXEL_MEAN, std=PIXEL_STD) -> n
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
-def preprocess_batch(crops, size_hw=INPUT_SIZE_HW, mean=PIXEL_MEAN, std=PIXEL_STD) -> np.ndarray:
-    return np.stack([preprocess(c, size_hw, mean, std) for c in crops]) if len(crops) else \
-        np.zeros((0, 3, *size_hw), np.float32)
+def preprocess_batch(crops, size_hw=INPUT_SIZE_HW, mean=PIXEL_MEAN, std=PIXEL_STD, first: int = 0) -> np.ndarray:
+    """Crops -> float32 [n, 3, H, W]; an InputError names the crop by its position (``first`` is the
+    position of ``crops[0]`` in the caller's list)."""
+    if not len(crops):
+        return np.zeros((0, 3, *size_hw), np.float32)
+    out = []
+    for i, c in enumerate(crops):
+        try:
+            out.append(preprocess(c, size_hw, mean, std))
+        except InputError as err:
+            raise InputError(f"crop #{first + i}: {err}") from None
+    return np.stack(out)
 
 
 def list_images(folder: str | Path) -> list[Path]:
     """Image files directly in ``folder`` (sorted by name), or InputError when there are none."""
     folder = Path(folder)
+    if folder.is_file():
+        raise InputError(f"{folder} is a file; give the folder that holds the crops (every image in it is read)")
     if not folder.is_dir():
         raise InputError(f"crop folder not found: {folder} (expected a directory of image crops)")
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)

@@ -1265,3 +1265,127 @@ def test_a_killed_demo_export_does_not_block_the_next_run(tmp_path):
     finally:
         to_onnx.export_checkpoint = real
     assert len(calls) == 1                          # it exported again instead of refusing the folder
+
+
+# ---- session 7 review: API values that are not what they look like ----
+
+def test_gallery_ids_in_a_set_are_refused_and_default_ids_are_never_reused(tmp_path):
+    """ids={'zeta', 'alpha'} took the set's hash-seeded order (the rows got other ids from run to
+    run); default ids were max(int ids) + 1, so a removed item's id went to the next new item."""
+    g = Gallery(SMALL, seed=0)
+    x = np.random.default_rng(0).standard_normal((6, SMALL.n_embd)).astype(np.float32)
+    for unordered in ({"a", "b"}, frozenset({"a", "b"}), {"a": 1, "b": 2}, {"a": 1, "b": 2}.keys()):
+        with pytest.raises(InputError, match="ordered list"):
+            g.add(x[:2], ids=unordered)
+    assert len(g) == 0
+    assert g.add(x[:3]) == [0, 1, 2]
+    g.remove([2])
+    assert g.add(x[3:4]) == [3]                    # not 2 again
+    g.remove(g.ids)
+    assert g.add(x[4:5]) == [4]                    # not 0 after emptying
+    g.save(tmp_path / "gal")
+    loaded = Gallery.load(tmp_path / "gal", SMALL)
+    assert loaded.add(x[5:6]) == [5]               # the counter survives save/load
+    assert [1] not in loaded and {} not in loaded  # unhashable: no such id (was a TypeError)
+
+
+def test_ragged_nested_lists_are_one_error_everywhere_an_array_is_taken(resnet18_export, pipe):
+    from runtime.neighbors import NeighborIndex
+
+    width = pipe.config.n_embd
+    x = np.random.default_rng(0).standard_normal((4, width)).astype(np.float32)
+    ragged = [[0.0] * width, [0.0] * (width - 1)]
+    with pytest.raises(InputError, match="embeddings must be a rectangular array"):
+        pipe.refine(ragged)
+    with pytest.raises(InputError, match="landmarks must be a rectangular array"):
+        pipe.refine(x, landmarks=[[0, 1], [1], [2], [3]])
+    g = pipe.gallery()
+    with pytest.raises(InputError, match="camids must be a rectangular array"):
+        g.add(x[:2], ids=["c", "d"], camids=[[1], [2, 3]])
+    with pytest.raises(InputError, match="embeddings must be a rectangular array"):
+        g.add(ragged, ids=["c", "d"])
+    index = NeighborIndex(3)
+    with pytest.raises(InputError, match="rows must be a rectangular array"):
+        index.add([[1.0, 2.0], [1.0]])
+    index.add(np.eye(3, dtype=np.float32))
+    with pytest.raises(InputError, match="positions must be a rectangular array"):
+        index.remove([[0], [1, 2]])
+    with pytest.raises(InputError, match="beyond float32's range"):
+        index.add(np.full((2, 3), 1e300))          # was "NaN or infinite values" and an overflow warning
+    for bad, words in (((1.5,), "k must be an integer"), ((5, 1.5), "dim must be an integer"),
+                       ((5, -1), "dim must be an integer")):
+        with pytest.raises(InputError, match=words):
+            NeighborIndex(*bad)
+    with pytest.raises(InputError, match="reserve must be an integer"):
+        NeighborIndex(5, reserve=1.5)
+
+
+def test_crops_that_are_not_images_are_one_error_naming_the_crop(pipe, tmp_path):
+    import io
+
+    from PIL import Image
+
+    path = tmp_path / "ok.png"
+    Image.fromarray(crops(1)[0]).save(path)
+    data = path.read_bytes()
+    (tmp_path / "trunc.png").write_bytes(data[:len(data) // 2])
+    truncated = Image.open(tmp_path / "trunc.png")
+    with Image.open(path) as closed:
+        pass
+    for crop, words in ((truncated, "could not be decoded"), (closed, "could not be decoded"),
+                        (Image.new("RGB", (0, 0)), "1..")):
+        with pytest.raises(InputError, match=words):
+            pipe.embed([crop])
+    with pytest.raises(InputError) as err:
+        pipe.embed([data])                                   # encoded bytes, not a file name
+    assert "bytes of data, not a file name" in str(err.value) and "PNG" not in str(err.value)
+    with pytest.raises(InputError, match="open file"):
+        pipe.embed(io.BytesIO(data))
+    with pytest.raises(InputError, match=r"crop #5: a crop array must be uint8"):
+        pipe.embed(crops(5) + [np.zeros((8, 8, 3), np.float64)])
+    with pytest.raises(InputError, match="progress must be a function"):
+        pipe.embed(crops(1), progress=5)
+    one = crops(1)[0]
+    np.testing.assert_array_equal(pipe.embed(memoryview(one)), pipe.embed([one]))
+
+
+def test_pipeline_load_options_that_are_not_what_they_look_like(resnet18_export):
+    model_dir = resnet18_export[0]
+    for kwargs, words in (({"threads": 0}, "threads must be an integer"), ({"threads": 1.5}, "threads must be"),
+                          ({"threads": "2"}, "threads must be"),
+                          ({"providers": "CPUExecutionProvider"}, "providers must be a list"),
+                          ({"dynamic_batching": True, "max_batch": 0}, "max_batch must be an integer")):
+        with pytest.raises(InputError, match=words):
+            Pipeline.load(model_dir, **kwargs)
+    with Pipeline.load(os.fsencode(str(model_dir))) as pipe:     # bytes, like crop paths
+        with pytest.raises(InputError, match="max_batch"):
+            pipe.enable_dynamic_batching(0)
+
+
+def test_cli_readers_and_writers_say_what_they_expected(tmp_path, resnet18_export):
+    from PIL import Image
+
+    from export.contract.market1501 import read_market1501
+
+    root = tmp_path / "upper"
+    for folder in ("query", "bounding_box_test"):
+        (root / folder).mkdir(parents=True)
+    img = Image.fromarray(crops(1)[0])
+    img.save(root / "query" / "0001_c1s1_000001_00.JPG", format="JPEG")    # upper-case suffixes were skipped
+    img.save(root / "bounding_box_test" / "0001_c2s1_000001_00.jpeg", format="JPEG")
+    data = read_market1501(root, splits=("query", "gallery"))
+    assert [i.path.name for i in data.query] == ["0001_c1s1_000001_00.JPG"] and len(data.gallery) == 1
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError) as err:
+        read_market1501(tmp_path / "empty", splits=("query", "gallery"))
+    assert "bounding_box_train" not in str(err.value)          # evaluate does not need it
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("mine")
+    one_error(cli("synth", tmp_path / "notes", "--identities", 4), "is not empty")
+    assert sorted(p.name for p in (tmp_path / "notes").iterdir()) == ["keep.txt"]
+    one_error(cli("embed", resnet18_export[0], root / "query" / "0001_c1s1_000001_00.JPG", "--out", tmp_path / "o.npy"),
+              "is a file; give the folder")
+    for args in (["--refine-sizes", "99999999999999999999"], ["--refine-sizes", "1000001"], ["--request-size", "100000"],
+                 ["--producers", "100000"]):
+        result = cli("bench", resnet18_export[0], "--producers", "1", "--requests", "1", *args)
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
