@@ -55,20 +55,16 @@ def int_list(ctx, param, value, allow_empty: bool = False):
     return values
 
 
-def int_list_at_most(limit: int):
-    """:func:`int_list` whose every value is at most ``limit`` (a check size that would exhaust memory
-    is refused up front, not met as an allocation failure halfway through)."""
+def int_list_at_most(limit: int, allow_empty: bool = False):
+    """:func:`int_list` whose every value is at most ``limit`` (a size that would exhaust memory is
+    refused up front, not met as an allocation failure halfway through); ``allow_empty``: an empty
+    value is a step to skip."""
     def callback(ctx, param, value):
-        values = int_list(ctx, param, value)
-        if max(values) > limit:
+        values = int_list(ctx, param, value, allow_empty=allow_empty)
+        if max(values, default=0) > limit:
             raise click.BadParameter(f"expected integers 1..{limit}, got {value!r}")
         return values
     return callback
-
-
-def int_list_or_empty(ctx, param, value):
-    """:func:`int_list` that accepts an empty value (a step to skip)."""
-    return int_list(ctx, param, value, allow_empty=True)
 
 
 def size_hw(ctx, param, value: str) -> tuple[int, int]:

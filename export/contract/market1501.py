@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from export.contract.errors import InputError
+from export.contract.preprocess import IMAGE_SUFFIXES
 
 NAME_PATTERN = re.compile(r"^(-1|\d+)_c(\d+)")   # -1: junk; "12-3_c1..." is no Market name
 SPLITS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
@@ -49,8 +50,10 @@ def parse_name(name: str) -> tuple[int, int] | None:
 
 
 def read_split(folder: Path, keep_junk: bool = False) -> list[Item]:
+    """The items of one split folder: image files (``IMAGE_SUFFIXES``, any case, as ``runtime embed``
+    reads folders) with Market-1501 names, sorted by name."""
     items = []
-    for path in sorted(folder.glob("*.jpg")) + sorted(folder.glob("*.png")):
+    for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
         parsed = parse_name(path.name)
         if parsed is None:
             continue
@@ -69,11 +72,12 @@ def read_market1501(root: str | Path, splits=("train", "query", "gallery")) -> R
     missing = [SPLITS[s] for s in splits if not (root / SPLITS[s]).is_dir()]
     if missing:
         raise InputError(f"{root} is not a Market-1501-layout directory: missing {', '.join(missing)} "
-                         f"(expected {', '.join(SPLITS.values())}; make one with `runtime synth DIR`)")
+                         f"(expected {', '.join(SPLITS[s] for s in splits)}; make one with `runtime synth DIR`)")
     data = ReidDataset(root)
     for split in splits:
         items = read_split(root / SPLITS[split])
         if not items:
-            raise InputError(f"no images named like PPPP_cC..._NN.jpg in {root / SPLITS[split]}")
+            raise InputError(f"no images named like PPPP_cC..._NN.jpg ({', '.join(IMAGE_SUFFIXES)}, any case) in "
+                             f"{root / SPLITS[split]}")
         setattr(data, split, items)
     return data

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from export.contract.cli import FiniteFloatRange, int_list_or_empty, user_errors
+from export.contract.cli import FiniteFloatRange, int_list_at_most, user_errors
 from export.contract.errors import InputError
 from runtime.evaluation.synth import MAX_IDENTITIES, MIN_IDENTITIES
 from runtime.cli.options import batch_size_option, check_writable, model_dir_arg, threads_option, write_report
@@ -135,18 +135,22 @@ def evaluate(dataset_dir, model_dir, backends, batch_size, seed, max_rank, threa
     write_report(report, result)
 
 
+#: largest set ``runtime bench`` refines (the README's largest GPU profile; about 1 GB of rows on a CPU)
+MAX_BENCH_SET = 1_000_000
+
+
 @click.command()
 @model_dir_arg
-@click.option("--producers", type=click.IntRange(1), default=8, show_default=True,
+@click.option("--producers", type=click.IntRange(1, 256), default=8, show_default=True,
               help="Threads sending encoder requests at the same time.")
-@click.option("--requests", type=click.IntRange(1), default=20, show_default=True, help="Requests per producer.")
-@click.option("--request-size", type=click.IntRange(1), default=1, show_default=True, help="Crops per request.")
+@click.option("--requests", type=click.IntRange(1, 100_000), default=20, show_default=True, help="Requests per producer.")
+@click.option("--request-size", type=click.IntRange(1, 1024), default=1, show_default=True, help="Crops per request.")
 @click.option("--max-batch", type=click.IntRange(1), default=32, show_default=True,
               help="Largest batch the dynamic batcher forms.")
 @click.option("--max-wait-ms", type=FiniteFloatRange(0, 60_000), default=5.0, show_default=True,
               help="Longest the batcher waits for a batch to fill after its first request.")
-@click.option("--refine-sizes", default="1000", show_default=True, callback=int_list_or_empty,
-              help="Set sizes N for the refinement timing (comma-separated; empty to skip).")
+@click.option("--refine-sizes", default="1000", show_default=True, callback=int_list_at_most(MAX_BENCH_SET, allow_empty=True),
+              help=f"Set sizes N for the refinement timing (comma-separated, each 1..{MAX_BENCH_SET:,}; empty to skip).")
 @click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True)
 @threads_option
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the rows as JSON.")

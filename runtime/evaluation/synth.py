@@ -274,7 +274,10 @@ def generate(out_dir: str | Path, identities: int = 300, seed: int = 0, progress
         raise InputError(f"{out_dir} is a file; synth writes a directory (bounding_box_train/, query/, "
                          "bounding_box_test/): choose a new or empty directory")
     if any((out_dir / d).exists() for d in SPLITS.values()):
-        raise InputError(f"{out_dir} already holds a data set; choose an empty directory")
+        raise InputError(f"{out_dir} already holds a data set; choose a new or empty directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        raise InputError(f"{out_dir} is not empty; synth writes a new data set (bounding_box_train/, query/, "
+                         "bounding_box_test/): choose a new or empty directory")
     created = not out_dir.exists()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)

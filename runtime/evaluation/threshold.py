@@ -56,8 +56,10 @@ def pair_distances(pipe, data, request_size: int = 1, max_queries: int | None = 
         pick = np.sort(np.random.default_rng(seed).choice(len(q_items), max_queries, replace=False))
         q_items = [q_items[i] for i in pick]
     if log:
+        last = len(q_items) % request_size
         log(f"embedding {len(q_items)} query and {len(g_items)} gallery crops; refined search {request_size} "
-            f"quer{'y' if request_size == 1 else 'ies'} per request")
+            f"quer{'y' if request_size == 1 else 'ies'} per request"
+            + (f" (the last request {last}: {len(q_items)} queries are not a multiple of {request_size})" if last else ""))
     q = pipe.embed([i.path for i in q_items])
     g = pipe.embed([i.path for i in g_items])
     gallery = pipe.gallery()
@@ -91,6 +93,11 @@ def fit_thresholds(dataset_dir: str | Path, model_dir: str | Path, far: float = 
 
     threshold_at_far(np.zeros(1), far)                      # validates far before any work
     data = read_market1501(dataset_dir, splits=("query", "gallery"))
+    queries = min(len(data.query), max_queries or len(data.query))
+    if request_size > queries:
+        raise InputError(f"request_size {request_size} is larger than the {queries} queries the fit uses (each request "
+                         f"is refined with the gallery): give at most --request-size {queries}, or more queries "
+                         "(--max-queries, a larger query split)")
     with Pipeline.load(model_dir, batch_size=batch_size, threads=threads, backend=backend,
                        precision=precision) as pipe:
         pairs = pair_distances(pipe, data, request_size, max_queries, seed, log)
@@ -118,8 +125,9 @@ def fit_thresholds(dataset_dir: str | Path, model_dir: str | Path, far: float = 
         "table": table,
         "pairs": {"same_identity": pos_n, "different_identity": neg_n},
         "request_size": request_size,
+        "last_request_size": queries % request_size or request_size,
         "encoder_precision": encoder_precision,
-        "queries": min(len(data.query), max_queries or len(data.query)),
+        "queries": queries,
         "dataset": str(data.root),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

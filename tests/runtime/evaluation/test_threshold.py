@@ -158,3 +158,14 @@ def test_serve_answers_unknown_beyond_the_stored_threshold(market, model_dir, tm
         assert override.thresholds == {"refined": 0.25, "encoder": 0.25} and len(override.store) == 30
     finally:
         override.close()
+
+
+def test_a_request_size_the_fit_cannot_use_is_refused_and_a_short_last_request_is_recorded(market, model_dir):
+    """--request-size 1024 with 6 queries recorded 1024 while every request held 6 (review, session 7)."""
+    with pytest.raises(InputError, match="larger than the 6 queries"):
+        fit_thresholds(market, model_dir, far=0.1, backend="onnxruntime", request_size=7, store=False)
+    notes = []
+    record = fit_thresholds(market, model_dir, far=0.1, backend="onnxruntime", request_size=4, store=False,
+                            log=notes.append)
+    assert (record["request_size"], record["last_request_size"], record["queries"]) == (4, 2, 6)
+    assert any("the last request 2" in n for n in notes)
