@@ -360,7 +360,8 @@ class Gallery:
             return np.asarray(x, np.float32), ids, cams, metas
 
     def add(self, embeddings, ids=None, camids=None, meta=None) -> list:
-        """Add raw encoder embeddings [m, D] with their ids (default: next integers), camera ids
+        """Add raw encoder embeddings [m, D] with their ids (default: integers after the largest ever
+        given, so a removed item's id is not reused; a list, not a set), camera ids
         (default -1) and metadata dicts.  Returns the ids.  Nothing changes on bad input."""
         with self._lock:
             batch = self._validated_batch(embeddings, ids, camids, meta)
