@@ -55,13 +55,16 @@ class OnnxRuntimeBackend(Backend):
         if threads or os.environ.get("NFORMER_ORT_THREADS"):
             opts.intra_op_num_threads = int(threads or os.environ["NFORMER_ORT_THREADS"])
         available = ort.get_available_providers()
+        missing = [p for p in providers or [] if p not in available]
+        if missing:   # ONNX Runtime would only warn and run on what it has: the caller asked for these
+            raise InputError(f"ONNX Runtime here offers {available}; asked for {list(providers)}, of which {missing} "
+                             "are not available: install the package that has them (onnxruntime-gpu for CUDA), or "
+                             "leave providers out to take the best one available")
         wanted = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=wanted)
         except Exception as err:  # noqa: BLE001 - ONNX Runtime's own exception types (InvalidProtobuf, Fail ...)
             text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            if providers and any(p not in available for p in providers):
-                raise InputError(f"ONNX Runtime here offers {available}, asked for {providers}: {text}") from None
             raise InputError(f"ONNX Runtime cannot open {path} as a model ({text[:300]}); it is not an ONNX file "
                              "this runtime can run: re-export the model directory") from None
         self.providers = self.session.get_providers()

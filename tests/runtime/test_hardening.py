@@ -1389,3 +1389,18 @@ def test_cli_readers_and_writers_say_what_they_expected(tmp_path, resnet18_expor
                  ["--producers", "100000"]):
         result = cli("bench", resnet18_export[0], "--producers", "1", "--requests", "1", *args)
         assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+
+
+def test_providers_this_onnx_runtime_does_not_have_are_refused(resnet18_export):
+    """providers=["Bogus"] (or CUDA on a CPU-only install) ran on the CPU with only ONNX Runtime's
+    stderr warning: the caller thought it had asked for something else."""
+    import onnxruntime as ort
+
+    for providers in (["Bogus"], ["BogusExecutionProvider", "CPUExecutionProvider"]):
+        with pytest.raises(InputError, match="not available"):
+            Pipeline.load(resnet18_export[0], providers=providers)
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(InputError, match="onnxruntime-gpu"):
+            Pipeline.load(resnet18_export[0], providers=["CUDAExecutionProvider"])
+    with Pipeline.load(resnet18_export[0], providers=["CPUExecutionProvider"]) as pipe:
+        assert pipe.encoder.backend.providers == ["CPUExecutionProvider"]
