@@ -138,12 +138,13 @@ def _content_sha256(items: dict) -> str:
     return _canonical_sha256({k: v for k, v in items.items() if k not in ("model", "content_sha256", "model_sha256")})
 
 
-def id_list(ids, where: str) -> list:
+def id_list(ids, where: str, ordered: bool = True) -> list:
     """``ids`` (a list, tuple, array or other iterable of ids) as a list; one string or bytes is
-    refused, not split into characters ("abc" is not ["a", "b", "c"])."""
+    refused, not split into characters ("abc" is not ["a", "b", "c"]); where the order pairs ids
+    with rows (``ordered``), a set or mapping is refused too (its order is arbitrary)."""
     if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):      # np.str_/np.bytes_ are str/bytes
         raise InputError(f"{where}: ids must be a list of ids (one per row), found {type(ids).__name__} {ids!r:.40}")
-    if isinstance(ids, (AbcSet, Mapping)):    # a set's order changes between runs (string hashes are seeded)
+    if ordered and isinstance(ids, (AbcSet, Mapping)):    # a set's order changes between runs (seeded string hashes)
         raise InputError(f"{where}: ids must be an ordered list (one per row, in the rows' order), found a "
                          f"{type(ids).__name__}, whose order is arbitrary; pass a list")
     return np.asarray(ids, dtype=object).reshape(-1).tolist() if isinstance(ids, np.ndarray) else list(ids)

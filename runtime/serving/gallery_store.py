@@ -285,7 +285,7 @@ class GalleryStore:
     def remove(self, ids) -> int:
         """Remove items by id (all known, or nothing changes).  Returns the gallery's size."""
         with self._lock:
-            ids = [_as_id(i) for i in id_list(ids, "gallery_remove")]
+            ids = [_as_id(i) for i in id_list(ids, "gallery_remove", ordered=False)]
             unknown = [i for i in ids if i not in self.gallery]
             if unknown:
                 raise InputError(f"gallery_remove: {len(unknown)} unknown id(s), first {unknown[:5]}; nothing was "

@@ -1279,7 +1279,7 @@ def test_gallery_ids_in_a_set_are_refused_and_default_ids_are_never_reused(tmp_p
             g.add(x[:2], ids=unordered)
     assert len(g) == 0
     assert g.add(x[:3]) == [0, 1, 2]
-    g.remove([2])
+    g.remove({2})                                  # removing takes a set: no order to get wrong
     assert g.add(x[3:4]) == [3]                    # not 2 again
     g.remove(g.ids)
     assert g.add(x[4:5]) == [4]                    # not 0 after emptying
