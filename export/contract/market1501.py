@@ -34,11 +34,18 @@ class ReidDataset:
     train: list[Item] = field(default_factory=list)
     query: list[Item] = field(default_factory=list)
     gallery: list[Item] = field(default_factory=list)
+    #: per split, image files left out because their names are not Market-1501 names
+    unnamed: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
         return {name: {"images": len(items), "identities": len({i.pid for i in items}),
-                       "cameras": len({i.camid for i in items})}
+                       "cameras": len({i.camid for i in items}), "unnamed_skipped": self.unnamed.get(name, 0)}
                 for name, items in (("train", self.train), ("query", self.query), ("gallery", self.gallery))}
+
+    def notes(self) -> list[str]:
+        """One line per split whose folder held image files that are not Market-1501 names."""
+        return [f"{SPLITS[name]}: {count} image file(s) skipped, their names are not PPPP_cC... Market-1501 names"
+                for name, count in self.unnamed.items() if count]
 
 
 def parse_name(name: str) -> tuple[int, int] | None:
@@ -49,13 +56,16 @@ def parse_name(name: str) -> tuple[int, int] | None:
     return int(m.group(1)), int(m.group(2)) - 1
 
 
-def read_split(folder: Path, keep_junk: bool = False) -> list[Item]:
+def read_split(folder: Path, keep_junk: bool = False, unnamed: list | None = None) -> list[Item]:
     """The items of one split folder: image files (``IMAGE_SUFFIXES``, any case, as ``runtime embed``
-    reads folders) with Market-1501 names, sorted by name."""
+    reads folders) with Market-1501 names, sorted by name; image files with other names are left
+    out (appended to ``unnamed`` when given)."""
     items = []
     for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
         parsed = parse_name(path.name)
         if parsed is None:
+            if unnamed is not None:
+                unnamed.append(path)
             continue
         pid, camid = parsed
         if pid == JUNK_PID and not keep_junk:
@@ -75,7 +85,9 @@ def read_market1501(root: str | Path, splits=("train", "query", "gallery")) -> R
                          f"(expected {', '.join(SPLITS[s] for s in splits)}; make one with `runtime synth DIR`)")
     data = ReidDataset(root)
     for split in splits:
-        items = read_split(root / SPLITS[split])
+        unnamed: list = []
+        items = read_split(root / SPLITS[split], unnamed=unnamed)
+        data.unnamed[split] = len(unnamed)
         if not items:
             raise InputError(f"no images named like PPPP_cC..._NN.jpg ({', '.join(IMAGE_SUFFIXES)}, any case) in "
                              f"{root / SPLITS[split]}")

@@ -131,6 +131,8 @@ def evaluate(dataset_dir, model_dir, backends, batch_size, seed, max_rank, threa
                             max_rank, progress=True)
     d = result["dataset"]
     click.echo(f"{d['root']}: {d['query']['images']} queries, {d['gallery']['images']} gallery images")
+    for note in d["notes"]:
+        click.echo(f"note: {note}", err=True)
     click.echo(format_table(result["results"], ["backend", "mode", "mAP", "rank1", "rank5", "rank10", "seconds"]))
     write_report(report, result)
 

@@ -82,7 +82,7 @@ def evaluate(dataset_dir: str | Path, model_dir: str | Path, backends=None, batc
     import onnxruntime
 
     return {
-        "dataset": {"root": str(data.root), **data.summary()},
+        "dataset": {"root": str(data.root), **data.summary(), "notes": data.notes()},
         "model_dir": str(Path(model_dir)),
         "protocol": "Market-1501 (same-identity same-camera gallery items excluded per query; queries without "
                     "a match skipped); refined = query and gallery refined together as one set",

@@ -93,6 +93,8 @@ def fit_thresholds(dataset_dir: str | Path, model_dir: str | Path, far: float = 
 
     threshold_at_far(np.zeros(1), far)                      # validates far before any work
     data = read_market1501(dataset_dir, splits=("query", "gallery"))
+    for note in data.notes() if log else ():
+        log(f"note: {note}")
     queries = min(len(data.query), max_queries or len(data.query))
     if request_size > queries:
         raise InputError(f"request_size {request_size} is larger than the {queries} queries the fit uses (each request "

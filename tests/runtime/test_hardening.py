@@ -1404,3 +1404,23 @@ def test_providers_this_onnx_runtime_does_not_have_are_refused(resnet18_export):
             Pipeline.load(resnet18_export[0], providers=["CUDAExecutionProvider"])
     with Pipeline.load(resnet18_export[0], providers=["CPUExecutionProvider"]) as pipe:
         assert pipe.encoder.backend.providers == ["CPUExecutionProvider"]
+
+
+def test_image_files_without_market_names_are_counted_and_reported(tmp_path):
+    """They were skipped without a word: a folder of renamed crops was scored on a subset."""
+    from PIL import Image
+
+    from export.contract.market1501 import read_market1501
+
+    root = tmp_path / "d"
+    for folder in ("query", "bounding_box_test"):
+        (root / folder).mkdir(parents=True)
+    img = Image.fromarray(crops(1)[0])
+    for name in ("0001_c1s1_000001_00.jpg", "person_a.jpg", "IMG_0001.PNG"):
+        img.save(root / "query" / name, format="PNG" if name.endswith("PNG") else "JPEG")
+    img.save(root / "bounding_box_test" / "0001_c2s1_000001_00.jpg", format="JPEG")
+    (root / "query" / "notes.txt").write_text("not an image: not counted")
+    data = read_market1501(root, splits=("query", "gallery"))
+    assert len(data.query) == 1 and data.summary()["query"]["unnamed_skipped"] == 2
+    assert data.notes() == ["query: 2 image file(s) skipped, their names are not PPPP_cC... Market-1501 names"]
+    assert data.summary()["gallery"]["unnamed_skipped"] == 0

@@ -74,7 +74,7 @@ def test_reader_skips_junk_and_keeps_distractors(tmp_path):
     assert [(i.pid, i.camid) for i in data.train] == [(2, 0), (2, 1)]
     assert [(i.pid, i.camid) for i in data.query] == [(2, 0)]
     assert [(i.pid, i.camid) for i in data.gallery] == [(0, 2), (2, 1)]
-    assert data.summary()["gallery"] == {"images": 2, "identities": 2, "cameras": 2}
+    assert data.summary()["gallery"] == {"images": 2, "identities": 2, "cameras": 2, "unnamed_skipped": 0}
 
 
 def test_reader_names_what_is_missing(tmp_path):
