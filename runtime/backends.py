@@ -54,6 +54,9 @@ class OnnxRuntimeBackend(Backend):
         opts.enable_mem_pattern = not dynamic_shapes
         if threads or os.environ.get("NFORMER_ORT_THREADS"):
             opts.intra_op_num_threads = int(threads or os.environ["NFORMER_ORT_THREADS"])
+        if isinstance(providers, (str, bytes)):
+            raise InputError(f"providers must be a list of ONNX Runtime provider names, found one string "
+                             f"{providers!r:.60}; pass [{providers!r:.60}]")
         available = ort.get_available_providers()
         missing = [p for p in providers or [] if p not in available]
         if missing:   # ONNX Runtime would only warn and run on what it has: the caller asked for these

@@ -199,9 +199,6 @@ class Pipeline:
         check_count(batch_size, "batch_size")           # before any session or engine is opened
         if threads is not None:
             check_count(threads, "threads")
-        if isinstance(providers, (str, bytes)):
-            raise InputError(f"providers must be a list of ONNX Runtime provider names, found one string "
-                             f"{providers!r:.60}; pass [{providers!r:.60}]")
         if dynamic_batching:
             DynamicBatcher.check_options(batch_size if max_batch is None else max_batch, max_wait_ms)
         model_dir = Path(os.fsdecode(model_dir) if isinstance(model_dir, bytes) else model_dir)
