@@ -8,6 +8,7 @@ import click
 
 from export.contract.cli import FiniteFloatRange, int_list_at_most, user_errors
 from export.contract.errors import InputError
+from export.contract.variants import PRECISIONS
 from runtime.evaluation.synth import MAX_IDENTITIES, MIN_IDENTITIES
 from runtime.cli.options import batch_size_option, check_writable, model_dir_arg, threads_option, write_report
 
@@ -112,10 +113,14 @@ def parity(model_dir, data_dir, report, checkpoint, seed, threads, min_cosine_me
 @batch_size_option
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Seed of the landmark draw of the refinement.")
 @click.option("--max-rank", type=click.IntRange(1), default=50, show_default=True, help="Length of the CMC curve.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None,
+              help="The encoder's precision, as for `runtime embed`: int8-cpu runs encoder.int8-cpu.onnx (from "
+                   "`runtime build --precision int8-cpu`); fp16/int8 a TensorRT engine where usable (else fp32, "
+                   "with a warning). Default: the best engine available, else fp32. `runtime parity` compares all.")
 @threads_option
 @click.option("--report", type=click.Path(path_type=Path), default=None, help="Also write the results as JSON.")
 @user_errors
-def evaluate(dataset_dir, model_dir, backends, batch_size, seed, max_rank, threads, report):
+def evaluate(dataset_dir, model_dir, backends, batch_size, seed, max_rank, precision, threads, report):
     """mAP and CMC Rank-1/5/10 on DATASET_DIR (Market-1501 layout: query/ and bounding_box_test/).
 
     Two rows per backend: encoder-only embeddings, and embeddings refined with query and gallery as
@@ -128,12 +133,13 @@ def evaluate(dataset_dir, model_dir, backends, batch_size, seed, max_rank, threa
     if report:
         check_writable(report, model_dir, what="--report")
     result = run_evaluation(dataset_dir, model_dir, check_backends(backends, model_dir), batch_size, seed, threads,
-                            max_rank, progress=True)
+                            max_rank, progress=True, precision=precision)
     d = result["dataset"]
     click.echo(f"{d['root']}: {d['query']['images']} queries, {d['gallery']['images']} gallery images")
     for note in d["notes"]:
         click.echo(f"note: {note}", err=True)
-    click.echo(format_table(result["results"], ["backend", "mode", "mAP", "rank1", "rank5", "rank10", "seconds"]))
+    click.echo(format_table(result["results"], ["backend", "precision", "mode", "mAP", "rank1", "rank5", "rank10",
+                                                "seconds"]))
     write_report(report, result)
 
 

@@ -43,8 +43,12 @@ def rank_scores(query, gallery, q_pids, g_pids, q_camids, g_camids, max_rank: in
 
 
 def evaluate(dataset_dir: str | Path, model_dir: str | Path, backends=None, batch_size: int = 32, seed: int = 0,
-             threads: int | None = None, max_rank: int = 50, progress: bool = False) -> dict:
+             threads: int | None = None, max_rank: int = 50, progress: bool = False,
+             precision: str | None = None) -> dict:
     """Embed query and gallery with each backend, score encoder-only and refined retrieval.
+
+    ``precision``: the encoder's precision, as for :meth:`Pipeline.load` (None: the best engine
+    available, else fp32); each row says the one that ran (``precision``).
 
     Returns a JSON-able report: data set summary, one row per (backend, mode), versions, date.
     ``seconds`` of an ``encoder`` row is reading and preprocessing the crops (done once, shared by
@@ -61,7 +65,8 @@ def evaluate(dataset_dir: str | Path, model_dir: str | Path, backends=None, batc
     pipes = []
     try:
         for backend in backends:
-            pipes.append(Pipeline.load(model_dir, batch_size=batch_size, threads=threads, backend=backend))
+            pipes.append(Pipeline.load(model_dir, batch_size=batch_size, threads=threads, backend=backend,
+                                       precision=precision))
         runners = [pipeline_runner(pipe, backend) for pipe, backend in zip(pipes, backends)]
         chunk = batch_size * max(1, CHUNK // batch_size)  # whole encoder batches: the same batches as Pipeline.embed
         with tqdm(total=len(items), unit="img", desc=f"embed ({', '.join(backends)})", disable=not progress) as bar:
@@ -73,7 +78,8 @@ def evaluate(dataset_dir: str | Path, model_dir: str | Path, backends=None, batc
             pipe.close()
     rows = []
     for pipe, res in zip(pipes, results):
-        base = {"backend": res.runner.backend, "encoder_backend": pipe.encoder.backend.name,
+        base = {"backend": res.runner.backend, "precision": pipe.encoder_precision,
+                "encoder_backend": pipe.encoder.backend.name,
                 "providers": getattr(pipe.encoder.backend, "providers", None)}
         rows.append({**base, "mode": "encoder", **res.stages["encoder"].as_dict(RANKS),
                      "seconds": res.seconds["read"] + res.seconds["encoder"]})

@@ -294,3 +294,32 @@ def test_threshold_and_serve_at_the_int8_cpu_precision(cpu_dir, tmp_path, tmp_pa
     (stale / "encoder.int8-cpu.onnx").unlink()
     _one_line_error(_cli("threshold", data, "--model-dir", stale, "--precision", CPU), "--precision int8-cpu")
     assert not (stale / OPEN_SET_FILE).exists()
+
+
+def test_evaluate_runs_it_when_asked_for(cpu_dir, tmp_path, tmp_path_factory):
+    """`runtime evaluate --precision int8-cpu` scores the INT8 encoder (each row says the precision that
+    ran); without the option, fp32; without the file, one error that says how to build it."""
+    from runtime.evaluation.evaluate import evaluate, rank_scores
+
+    small = _small_split(synthetic_data(tmp_path_factory), tmp_path / "small", identities=6)
+    report = tmp_path / "eval.json"
+    r = _cli("evaluate", small, "--model-dir", cpu_dir, "--precision", CPU, "--report", report)
+    assert r.exit_code == 0, r.output
+    rows = {(row["precision"], row["mode"]): row for row in json.loads(report.read_text())["results"]}
+    assert set(rows) == {(CPU, "encoder"), (CPU, "refined")}
+    assert CPU in r.output
+    # the rows are the INT8 encoder's: the same scores as its embeddings ranked directly
+    data = read_market1501(small, splits=("query", "gallery"))
+    items = data.query + data.gallery
+    with Pipeline.load(cpu_dir, precision=CPU) as pipe:
+        emb = pipe.embed([i.path for i in items])
+    x = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    q = len(data.query)
+    want = rank_scores(x[:q], x[q:], [i.pid for i in data.query], [i.pid for i in data.gallery],
+                       [i.camid for i in data.query], [i.camid for i in data.gallery])
+    assert rows[(CPU, "encoder")]["mAP"] == pytest.approx(want["mAP"], abs=1e-6)
+    fp32 = evaluate(small, cpu_dir, backends=["onnxruntime"])
+    assert {row["precision"] for row in fp32["results"]} == {"fp32"}
+    stale = fresh_copy(cpu_dir, tmp_path / "stale")
+    (stale / "encoder.int8-cpu.onnx").unlink()
+    _one_line_error(_cli("evaluate", small, "--model-dir", stale, "--precision", CPU), "--precision int8-cpu")
