@@ -16,7 +16,8 @@ File format (``format`` ``nformer-trt/calibration-cache``, version 2)::
 
     {"format": ..., "format_version": 2, "key": {...}, "key_sha256": "...",
      "images": ["bounding_box_train/0002_c1s1_000451_03.jpg", ...], "skipped": [{"path", "reason"}],
-     "check": {"crops", "cosine_mean", "cosine_min"},      # the accuracy check the ranges passed
+     "check": {"crops", "cosine_mean", "cosine_min", "held_out"},  # the accuracy check the ranges passed
+     "check_images": ["bounding_box_train/...", ...],      # its held-out crops (none: calibration crops)
      "created": "...", "ranges": {...ONNX Runtime TensorsData JSON...},
      "content_sha256": "..."}                               # sha256 of every other field
 
@@ -24,7 +25,8 @@ The file is untrusted: :func:`load` validates it (JSON types, every field, the c
 finite numbers, ``lowest <= highest``, the calibration method of the key, tensor names of the model)
 and treats an entry that does not validate as damaged: ignored with a one-line note, and the ranges
 are recomputed from the crops (then saved over it).  Version 1 entries (no checksum, no check) are
-recomputed the same way.
+recomputed the same way; version 2 entries from before the held-out check (no ``check_images``, no
+``held_out``) are read, and their check runs on their first calibration crops.
 
 Imports no torch.
 """
@@ -44,6 +46,8 @@ from export.contract.files import write_json_atomic
 CACHE_DIR = "calibration_cache"
 FORMAT = "nformer-trt/calibration-cache"
 FORMAT_VERSION = 2
+#: most held-out crops an entry may list (the accuracy check reads 8; room to grow)
+MAX_CHECK_IMAGES = 64
 
 
 def cache_key(model_sha256: str, method: str, options: dict, images_digest: str, count: int, seed: int) -> dict:
@@ -175,10 +179,15 @@ def _validate(entry, key: dict, tensors) -> None:
     if not isinstance(skipped, list) or not all(isinstance(s, dict) and isinstance(s.get("path"), str)
                                                 and isinstance(s.get("reason"), str) for s in skipped):
         raise DamagedCache('"skipped" is not a list of {"path", "reason"} objects')
-    if not isinstance(check, dict) or set(check) != {"crops", "cosine_mean", "cosine_min"} \
-            or isinstance(check["crops"], bool) or not isinstance(check["crops"], int):
+    if not isinstance(check, dict) or set(check) - {"held_out"} != {"crops", "cosine_mean", "cosine_min"} \
+            or isinstance(check["crops"], bool) or not isinstance(check["crops"], int) \
+            or not isinstance(check.get("held_out", False), bool):
         raise DamagedCache('"check" is not an accuracy check record')
     _number(check["cosine_mean"], "check cosine_mean"), _number(check["cosine_min"], "check cosine_min")
+    held = entry.get("check_images", [])
+    if not isinstance(held, list) or not all(isinstance(i, str) for i in held) or len(held) > MAX_CHECK_IMAGES \
+            or set(held) & set(images) or bool(held) != check.get("held_out", False):
+        raise DamagedCache('"check_images" is not a list of held-out image paths matching the check record')
     validate_ranges(entry.get("ranges"), key["method"], tensors)
 
 
@@ -204,13 +213,14 @@ def load(path: Path, key: dict, *, tensors=None, log: Callable[[str], None] | No
     return entry
 
 
-def save(path: Path, key: dict, ranges: dict, images: list[str], skipped: list[dict], check: dict) -> None:
+def save(path: Path, key: dict, ranges: dict, images: list[str], skipped: list[dict], check: dict,
+         check_images: list[str] = ()) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise InputError(f"cannot create the calibration cache directory {path.parent}: {err.strerror or err}") from None
     entry = {"format": FORMAT, "format_version": FORMAT_VERSION, "key": key, "key_sha256": key_digest(key),
-             "images": images, "skipped": skipped, "check": check,
+             "images": images, "skipped": skipped, "check": check, "check_images": list(check_images),
              "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "ranges": ranges}
     write_json_atomic(path, {**entry, "content_sha256": content_digest(entry)})
 

@@ -14,7 +14,9 @@ Two layouts are accepted:
 Files that are not images (by suffix) and images that do not decode are reported and skipped.
 A directory with no readable image is an :class:`InputError`; one with fewer readable images than
 asked for is calibrated on all of them, with a note saying how many.  Selection is deterministic:
-a seeded permutation of the candidates, decoded in that order until ``count`` images are read.
+a seeded permutation of the candidates, decoded in that order until ``count`` images are read; the
+next ``held_out`` readable ones in that order (when the folder has them) are the accuracy check's
+crops, which the ranges never saw.
 
 Imports no torch.
 """
@@ -68,12 +70,15 @@ class Candidates:
 
 @dataclass
 class CalibrationImages:
-    """Preprocessed crops float32 [count, 3, H, W] and where they came from."""
+    """Preprocessed crops float32 [count, 3, H, W] and where they came from; ``check_files`` /
+    ``check_images``: the held-out crops of the accuracy check (none when the folder had no others)."""
     root: Path
     layout: str
     files: list[Path]
     images: np.ndarray
     skipped: list[Skipped]
+    check_files: list[Path] = field(default_factory=list)
+    check_images: np.ndarray | None = None
 
     def summary(self) -> dict:
         return {"source": str(self.root), "layout": self.layout, "images": len(self.files),
@@ -124,16 +129,19 @@ FEW_IMAGES = 32
 
 
 def read_calibration_images(candidates: Candidates, count: int, size_hw, mean, std, seed: int = 0,
-                            log: Callable[[str], None] = print) -> CalibrationImages:
-    """Decode and preprocess ``count`` candidates (seeded order), skipping and reporting bad files."""
+                            log: Callable[[str], None] = print, held_out: int = 0) -> CalibrationImages:
+    """Decode and preprocess ``count`` candidates (seeded order), skipping and reporting bad files;
+    then up to ``held_out`` more in the same order for the accuracy check (not calibrated on)."""
     if count < 1:
         raise InputError(f"the number of calibration images must be >= 1, got {count}")
     order = np.random.default_rng(seed).permutation(len(candidates.files))
     images = np.empty((count, 3, *size_hw), np.float32)
+    check = np.empty((max(held_out, 0), 3, *size_hw), np.float32)
     used: list[Path] = []
+    check_files: list[Path] = []
     skipped = list(candidates.skipped)
     for i in order:
-        if len(used) == count:
+        if len(used) == count and len(check_files) >= held_out:
             break
         path = candidates.files[i]
         try:
@@ -142,8 +150,12 @@ def read_calibration_images(candidates: Candidates, count: int, size_hw, mean, s
             detail = re.search(r"\((.*)\); remove it", str(err))
             skipped.append(Skipped(path, f"cannot decode: {detail.group(1) if detail else err}"))
             continue
-        images[len(used)] = preprocess(img, size_hw, mean, std)
-        used.append(path)
+        if len(used) < count:
+            images[len(used)] = preprocess(img, size_hw, mean, std)
+            used.append(path)
+        else:
+            check[len(check_files)] = preprocess(img, size_hw, mean, std)
+            check_files.append(path)
     if skipped:
         log(f"calibration: {describe_skipped(skipped, candidates.root)}")
     if not used:
@@ -155,8 +167,10 @@ def read_calibration_images(candidates: Candidates, count: int, size_hw, mean, s
         images = images[:len(used)]
     if len(used) < FEW_IMAGES:
         log(f"calibration: caution: {len(used)} calibration crop(s) only; INT8 ranges from so few may not fit the crops "
-            f"you serve, and the accuracy check sees only these (use {FEW_IMAGES} or more, and run `runtime parity`)")
-    return CalibrationImages(candidates.root, candidates.layout, used, images, skipped)
+            f"you serve{'' if check_files else ', and the accuracy check sees only these'} (use {FEW_IMAGES} or more, "
+            "and run `runtime parity`)")
+    return CalibrationImages(candidates.root, candidates.layout, used, images, skipped, check_files,
+                             check[:len(check_files)])
 
 
 def read_check_crops(candidates: Candidates, names: list[str], size_hw, mean, std, count: int) -> np.ndarray | None:

@@ -35,9 +35,10 @@ The refinement is never quantised: its neighbour ranking is fp32 in every varian
 
 Calibration ranges are cached (``calibration.cache``): a second build with the same model, method,
 options and images reads only the ``CHECK_CROPS`` crops of the accuracy check.  Ranges are checked
-before the file is written or the ranges cached: the quantised file embeds a few of the calibration
-crops with a mean cosine to the fp32 encoder's of at least ``MIN_COSINE`` (``check_accuracy``), or the
-build stops with what it found.  Cached ranges take the same check (the cache is a file on disk, so
+before the file is written or the ranges cached: the quantised file embeds ``CHECK_CROPS`` held-out
+crops (the next ones of the seeded order, not calibrated on; the calibration crops themselves, with a
+note, when the folder holds no others) with a mean cosine to the fp32 encoder's of at least
+``MIN_COSINE`` (``check_accuracy``), or the build stops with what it found.  Cached ranges take the same check (the cache is a file on disk, so
 untrusted): an entry that does not validate or fails it is recomputed.  Imports no torch.
 """
 from __future__ import annotations
@@ -190,8 +191,13 @@ def quantize_encoder(src: str | Path, dst: str | Path, calib_data: str | Path, *
                 # the check runs again on the first crops it lists (only these are read)
                 from calibration.images import read_check_crops
 
-                crops = read_check_crops(candidates, entry["images"], size_hw, mean, std, CHECK_CROPS)
+                # (the held-out crops it lists; an entry from before they were kept: its first calibration crops)
+                held_out = bool(entry.get("check_images"))
+                names = entry["check_images"] if held_out else entry["images"]
+                crops = read_check_crops(candidates, names, size_hw, mean, std, CHECK_CROPS)
                 check = check_accuracy(src, work / "model.onnx", crops) if crops is not None else None
+                if check is not None:
+                    check["held_out"] = held_out
                 if check is None or not check["cosine_mean"] >= MIN_COSINE:
                     why = ("the crops it lists are not in the folder any more" if check is None else
                            f"its ranges give embeddings of mean cosine {check['cosine_mean']:.3f} to fp32")
@@ -202,22 +208,31 @@ def quantize_encoder(src: str | Path, dst: str | Path, calib_data: str | Path, *
                     log(f"calibration: ranges from cache {path} ({check['crops']} check crops read)")
                     used, skipped = entry["images"], entry["skipped"]
         if entry is None:
-            crops = read_calibration_images(candidates, count, size_hw, mean, std, seed, log)
+            crops = read_calibration_images(candidates, count, size_hw, mean, std, seed, log, held_out=CHECK_CROPS)
             log(f"calibration: {method} ranges from {len(crops.files)} crops of {candidates.root} ({candidates.layout})")
             ranges = work / "ranges.json"
             _quantize(src, work / "model.onnx", ImageBatches(crops.images, INPUT_NAME, batch_size), ranges, precision,
                       method, percentile)
-            check = check_accuracy(src, work / "model.onnx", crops.images)
+            # the check embeds crops the ranges never saw, where the folder holds more than were calibrated on
+            held_out = len(crops.check_files) > 0
+            check = check_accuracy(src, work / "model.onnx", crops.check_images if held_out else crops.images)
+            check["held_out"] = held_out
+            if not held_out:
+                log(f"calibration: note: {candidates.root} holds no readable crop beyond the {len(crops.files)} "
+                    "calibrated on, so the accuracy check embeds calibration crops (optimistic); leave some crops "
+                    "out (a smaller --calib-images) for a held-out check, and run `runtime parity`")
             if not check["cosine_mean"] >= MIN_COSINE:  # NaN fails too
+                where = "held-out crops (not calibrated on)" if held_out else "the calibration crops"
                 raise InputError(
-                    f"the {precision} encoder is not written: on {check['crops']} of the calibration crops its "
+                    f"the {precision} encoder is not written: on {check['crops']} {where} its "
                     f"embeddings have mean cosine {check['cosine_mean']:.3f} (min {check['cosine_min']:.3f}) to the "
                     f"fp32 encoder's, expected >= {MIN_COSINE} (INT8 usually gives about 0.997); nothing was written "
                     f"or cached. Calibrate on crops like the ones served (--calib-data {candidates.root}), on more of "
                     "them (--calib-images) or with another --calib-method, or build --precision fp16")
             used = [str(p.relative_to(candidates.root)) for p in crops.files]
             skipped = crops.summary()["skipped"]
-            calib_cache.save(path, key, json.loads(ranges.read_text()), used, skipped, check)
+            calib_cache.save(path, key, json.loads(ranges.read_text()), used, skipped, check,
+                             [str(p.relative_to(candidates.root)) for p in crops.check_files])
         shutil.move(str(work / "model.onnx"), dst)
     return {"method": method, "options": options, "images": len(used), "seed": seed,
             "source": str(candidates.root), "layout": candidates.layout, "skipped": len(skipped),

@@ -33,7 +33,7 @@ there are two.  Both calibrate on the same crops and keep their ranges in the sa
         "quantization": "qdq-int8",                 # or "qdq-u8s8-cpu" (int8-cpu), "fp16-tensors"
         "calibration": {"method", "options", "images", "seed", "source", "layout", "skipped",
                         "cache", "cache_hit",                       # int8 and int8-cpu only
-                        "check": {"crops", "cosine_mean", "cosine_min"}},  # vs fp32 on calibration crops
+                        "check": {"crops", "cosine_mean", "cosine_min", "held_out"}},  # vs fp32 on held-out crops
         "serving": "onnxruntime-cpu",                               # int8-cpu only: no TensorRT engine
         "neighbor_ranking": "float32",                              # nformer.* only
         "tools": {"onnx": "...", "onnxruntime": "..."}, "created": "..."

@@ -122,8 +122,12 @@ def test_second_calibration_reads_no_image_and_a_changed_key_recalibrates(tmp_pa
 
     real_load, read = calib_images.load_image, []
 
+    # the check ran on held-out crops: the next ones of the seeded order, none of them calibrated on
+    assert first["check"]["held_out"] and len(entry["check_images"]) == CHECK_CROPS
+    assert not set(entry["check_images"]) & set(entry["images"])
+
     def no_reading(path):                  # the cache hit reads the accuracy check's crops, nothing else
-        if len(read) >= CHECK_CROPS or path.name != entry["images"][len(read)].split("/")[-1]:
+        if len(read) >= CHECK_CROPS or path.name != entry["check_images"][len(read)].split("/")[-1]:
             raise AssertionError(f"image {path} read despite the calibration cache")
         read.append(path)
         return real_load(path)
@@ -179,10 +183,11 @@ def _build_cli(model_dir, crops, *extra):
 
 @pytest.fixture(scope="module")
 def cached_build(tmp_path_factory):
-    """A small model built at int8-cpu from 8 crops: its calibration cache holds one entry."""
+    """A small model built at int8-cpu from 8 of 16 crops (the other 8: the held-out accuracy check):
+    its calibration cache holds one entry."""
     _, build = random_small_export(tmp_path_factory)
     root = tmp_path_factory.mktemp("cached_build")
-    model_dir, crops = fresh_copy(build, root / "build"), _crops(root / "crops", 8)
+    model_dir, crops = fresh_copy(build, root / "build"), _crops(root / "crops", 16)
     result = _build_cli(model_dir, crops)
     assert result.exit_code == 0, result.output
     return model_dir, crops
@@ -305,3 +310,85 @@ def test_cached_ranges_that_fail_the_accuracy_check_are_recomputed(tmp_path_fact
     assert not second["cache_hit"] and len(calls) == 2 and calls[0] == quantize_module.CHECK_CROPS
     assert any("is not usable (its ranges give embeddings of mean cosine 0.100" in n for n in notes), notes
     assert second["check"]["cosine_mean"] >= quantize_module.MIN_COSINE and first["cache"] == second["cache"]
+
+
+def test_held_out_crops_follow_the_calibration_order_and_are_never_calibrated_on(tmp_path):
+    """The accuracy check's crops are the next readable ones of the same seeded order: a bad file
+    among them is skipped, none is a calibration crop, and a folder without spare crops gives none."""
+    folder = _crops(tmp_path / "crops", 20)
+    (folder / "broken.png").write_bytes(b"\x89PNG not really")
+    cands = list_candidates(folder)
+    crops = read_calibration_images(cands, 12, HW, PIXEL_MEAN, PIXEL_STD, seed=3, log=lambda m: None, held_out=8)
+    assert len(crops.files) == 12 and len(crops.check_files) == 8 and crops.check_images.shape == (8, 3, *HW)
+    assert not set(crops.files) & set(crops.check_files)
+    order = [cands.files[i] for i in np.random.default_rng(3).permutation(len(cands.files))]
+    readable = [p for p in order if p.name != "broken.png"]
+    assert crops.files + crops.check_files == readable[:20]
+    # the same 12 calibration crops as without a held-out set (the selection does not change)
+    plain = read_calibration_images(cands, 12, HW, PIXEL_MEAN, PIXEL_STD, seed=3, log=lambda m: None)
+    assert plain.files == crops.files and plain.check_files == []
+    np.testing.assert_array_equal(plain.images, crops.images)
+    tight = read_calibration_images(cands, 20, HW, PIXEL_MEAN, PIXEL_STD, seed=3, log=lambda m: None, held_out=8)
+    assert len(tight.files) == 20 and tight.check_files == [] and len(tight.check_images) == 0
+
+
+def test_accuracy_check_on_held_out_crops_and_the_note_without_them(tmp_path_factory, tmp_path, monkeypatch):
+    """quantize_encoder checks the quantised file on crops it did not calibrate on (recorded in the
+    check and the cache); a folder with no spare crop checks calibration crops and says so."""
+    import calibration.quantize as quantize_module
+
+    _, build = random_small_export(tmp_path_factory)
+    model_dir = fresh_copy(build, tmp_path / "build")
+    seen = []
+    real = quantize_module.check_accuracy
+
+    def spy(src, quantized, images):
+        seen.append(np.array(images))
+        return real(src, quantized, images)
+    monkeypatch.setattr(quantize_module, "check_accuracy", spy)
+    crops = _crops(tmp_path / "crops", 24)
+    notes = []
+    kw = dict(size_hw=HW, mean=PIXEL_MEAN, std=PIXEL_STD, count=16, cache_dir=model_dir, log=notes.append,
+              method="minmax")
+    record = quantize_encoder(model_dir / "encoder.onnx", tmp_path / "a.onnx", crops, **kw)
+    assert record["check"]["held_out"] is True and record["check"]["crops"] == quantize_module.CHECK_CROPS
+    entry = json.loads(Path(record["cache"]).read_text())
+    held = read_calibration_images(list_candidates(crops), 16, HW, PIXEL_MEAN, PIXEL_STD, log=lambda m: None,
+                                   held_out=quantize_module.CHECK_CROPS)
+    assert entry["check_images"] == [p.name for p in held.check_files]
+    np.testing.assert_array_equal(seen[-1], held.check_images)
+    assert not any("accuracy check embeds calibration crops" in n for n in notes)
+    # a cache entry whose check_images overlap its calibration images is damaged (recomputed)
+    bad = dict(entry, check_images=entry["images"][:8])
+    bad["content_sha256"] = calib_cache.content_digest({k: v for k, v in bad.items() if k != "content_sha256"})
+    Path(record["cache"]).write_text(json.dumps(bad))
+    again = quantize_encoder(model_dir / "encoder.onnx", tmp_path / "b.onnx", crops, **kw)
+    assert not again["cache_hit"] and any("check_images" in n for n in notes), notes
+    # every crop calibrated on: the check embeds calibration crops, with a note
+    notes.clear()
+    small = _crops(tmp_path / "small", 16)
+    record = quantize_encoder(model_dir / "encoder.onnx", tmp_path / "c.onnx", small, **kw)
+    assert record["check"]["held_out"] is False
+    assert any("accuracy check embeds calibration crops" in n for n in notes), notes
+    assert json.loads(Path(record["cache"]).read_text())["check_images"] == []
+
+
+def test_cache_entries_from_before_the_held_out_check_are_still_read(tmp_path_factory, tmp_path, monkeypatch):
+    """A version 2 entry without check_images / held_out (written before them) is used; its check
+    re-runs on its first calibration crops, as it did."""
+    _, build = random_small_export(tmp_path_factory)
+    model_dir = fresh_copy(build, tmp_path / "build")
+    crops = _crops(tmp_path / "crops", 24)
+    kw = dict(size_hw=HW, mean=PIXEL_MEAN, std=PIXEL_STD, count=16, cache_dir=model_dir, log=lambda m: None,
+              method="minmax")
+    first = quantize_encoder(model_dir / "encoder.onnx", tmp_path / "a.onnx", crops, **kw)
+    entry = json.loads(Path(first["cache"]).read_text())
+    old = {k: v for k, v in entry.items() if k not in ("check_images", "content_sha256")}
+    old["check"] = {k: v for k, v in old["check"].items() if k != "held_out"}
+    Path(first["cache"]).write_text(json.dumps({**old, "content_sha256": calib_cache.content_digest(old)}))
+    read = []
+    real_load = calib_images.load_image
+    monkeypatch.setattr(calib_images, "load_image", lambda p: read.append(p.name) or real_load(p))
+    second = quantize_encoder(model_dir / "encoder.onnx", tmp_path / "b.onnx", crops, **kw)
+    assert second["cache_hit"] and second["check"]["held_out"] is False
+    assert read == [n.split("/")[-1] for n in entry["images"][:8]]
