@@ -410,7 +410,12 @@ class NeighborIndex:
                 self._cand_key[:n], self._cand_uid[:n], self._count[:n] = saved
 
     def state(self) -> dict[str, np.ndarray]:
-        """The lists, to save next to the rows (loading then needs no O(N^2) scan)."""
+        """The lists, to save next to the rows (loading then needs no O(N^2) scan).  Not of a
+        one-shot index (:func:`one_shot_index`): some of its keys are float32 approximations, which
+        :meth:`from_state` would take for damage."""
+        if self._lists_only:
+            raise InputError("a one-shot index (one_shot_index / reciprocal_neighbors) keeps approximate keys and "
+                             "cannot be saved; build a NeighborIndex and add() the rows to keep lists")
         n = self._n
         return {"k": np.int64(self.k), "reserve": np.int64(self.reserve),
                 "uid": self._uid[:n].copy() if n else np.zeros(0, np.int64),
@@ -457,10 +462,37 @@ class NeighborIndex:
             # lists saved with an older key: recompute them (O(N^2 d) once) rather than trust them
             index._scan(np.arange(n))
             return index
+        index._check_saved_lists(keys, cand_uid, present)
         index._cand_key[:n] = state["cand_key"]
         index._cand_uid[:n] = cand_uid
         index._count[:n] = count
         return index
+
+    def _check_saved_lists(self, keys: np.ndarray, cand_uid: np.ndarray, present: np.ndarray) -> None:
+        """Saved lists (rows already appended) must be lists of these rows: each row's entries first,
+        in (key desc, uid asc) order, and each key within ``2 delta`` of the pair's key recomputed
+        here (both lie within ``delta`` of the canonical key).  A list whose neighbours were shuffled
+        or swapped, even with the file's checksum re-signed, fails; O(N c d), far below a rescan.
+        (That every row's neighbours are its *best* ones needs the O(N^2 d) rescan; not checked.)"""
+        n = len(keys)
+        damaged = "the saved lists are damaged or were edited"
+        if (present[:, 1:] & ~present[:, :-1]).any():
+            raise InputError(f"the saved neighbour lists have gaps before listed neighbours: {damaged}")
+        r, slot = np.nonzero(present)
+        cols = np.searchsorted(self._uid[:n], cand_uid[r, slot])
+        with np.errstate(invalid="ignore", over="ignore"):
+            off = np.abs(keys[r, slot] - self._fast_keys(r, cols)) > 2 * self._delta[r]
+        if off.any():
+            at = int(np.flatnonzero(off)[0])
+            raise InputError(f"the saved neighbour key of row {int(r[at])} and neighbour uid "
+                             f"{int(cand_uid[r[at], slot[at]])} is not the key of that pair: {damaged}")
+        both = present[:, 1:]
+        k0, k1 = keys[:, :-1], keys[:, 1:]
+        with np.errstate(invalid="ignore"):
+            wrong = both & ((k1 > k0) | ((k1 == k0) & (cand_uid[:, 1:] < cand_uid[:, :-1])))
+        if wrong.any():
+            row = int(np.flatnonzero(wrong.any(axis=1))[0])
+            raise InputError(f"the saved neighbour list of row {row} is not in (key desc, uid asc) order: {damaged}")
 
     # ---- internals ----
 

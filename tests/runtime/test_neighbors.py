@@ -12,7 +12,7 @@ import torch
 from export.contract.errors import InputError
 from export.reference.reciprocal_neighbors import reciprocal_neighbors as reference
 from export.reference.testing import clustered_features
-from runtime.neighbors import NORM_EPS, NeighborIndex, reciprocal_neighbors
+from runtime.neighbors import NORM_EPS, NeighborIndex, one_shot_index, reciprocal_neighbors
 
 
 def expected(x: np.ndarray, k: int):
@@ -207,3 +207,39 @@ def test_saved_lists_with_bad_keys_or_repeated_rows_are_refused():
             s["cand_uid"][4, 0] = s["uid"][4]
         with pytest.raises(InputError, match="damaged"):
             NeighborIndex.from_state(x, s)
+
+
+def test_saved_lists_that_are_not_these_rows_lists_are_refused():
+    """A list whose neighbours were shuffled or swapped (keys left in place, as an edit that re-signs
+    the file's checksum leaves them) is refused: each key is checked against its pair, and the order."""
+    from export.contract.errors import InputError
+
+    x = awkward_rows(200, seed=21)
+    index = NeighborIndex(20)
+    index.add(x)
+    index.remove([5, 6])
+    rows, state = index.rows(), index.state()
+    NeighborIndex.from_state(rows, state)                    # as saved: fine
+    for damage, match in (("shuffle", "not the key of that pair"), ("swap_rows", "not the key of that pair"),
+                          ("reorder", "order"), ("gap", "gaps")):
+        s = {k: np.array(v, copy=True) for k, v in state.items()}
+        if damage == "shuffle":                               # one row's neighbours permuted, keys kept
+            s["cand_uid"][7, :10] = s["cand_uid"][7, :10][::-1]
+        elif damage == "swap_rows":                           # two rows' lists exchanged (keys follow the uids)
+            a, b = next((a, b) for a in range(len(rows)) for b in range(a + 1, len(rows))
+                        if s["uid"][a] not in s["cand_uid"][b] and s["uid"][b] not in s["cand_uid"][a]
+                        and s["count"][a] == s["count"][b])
+            for name in ("cand_uid", "cand_key"):
+                s[name][[a, b]] = s[name][[b, a]]
+        elif damage == "reorder":                             # pairs and keys together, out of order
+            for name in ("cand_uid", "cand_key"):
+                s[name][9, [0, 5]] = s[name][9, [5, 0]]
+        else:                                                 # an entry removed from the middle of a list
+            s["cand_uid"][3, 2], s["cand_key"][3, 2] = -1, -np.inf
+            s["count"][3] -= 1
+        with pytest.raises(InputError, match=match):
+            NeighborIndex.from_state(rows, s)
+    one_shot = one_shot_index(x, 20)
+    with pytest.raises(InputError, match="cannot be saved"):
+        one_shot.state()
+
