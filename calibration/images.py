@@ -15,15 +15,15 @@ Files that are not images (by suffix) and images that do not decode are reported
 A directory with no readable image is an :class:`InputError`; one with fewer readable images than
 asked for is calibrated on all of them, with a note saying how many.  Selection is deterministic:
 a seeded permutation of the candidates, decoded in that order until ``count`` images are read; the
-next ``held_out`` readable ones in that order (when the folder has them) are the accuracy check's
-crops, which the ranges never saw.
+next readable ones in that order (when the folder has them) are the accuracy check's crops, which
+the ranges never saw (``read_held_out``).
 
 Imports no torch.
 """
 from __future__ import annotations
 
 import hashlib
-import re
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -64,21 +64,19 @@ class Candidates:
         h = hashlib.sha256(self.layout.encode())
         for path in self.files:
             st = path.stat()
-            h.update(f"\0{_relative(path, self.root)}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+            # os.fsencode: a name that is not UTF-8 (surrogate escapes) is hashed as its bytes
+            h.update(b"\0" + os.fsencode(_relative(path, self.root)) + f"\0{st.st_size}\0{st.st_mtime_ns}".encode())
         return h.hexdigest()
 
 
 @dataclass
 class CalibrationImages:
-    """Preprocessed crops float32 [count, 3, H, W] and where they came from; ``check_files`` /
-    ``check_images``: the held-out crops of the accuracy check (none when the folder had no others)."""
+    """Preprocessed crops float32 [count, 3, H, W] and where they came from."""
     root: Path
     layout: str
     files: list[Path]
     images: np.ndarray
     skipped: list[Skipped]
-    check_files: list[Path] = field(default_factory=list)
-    check_images: np.ndarray | None = None
 
     def summary(self) -> dict:
         return {"source": str(self.root), "layout": self.layout, "images": len(self.files),
@@ -129,33 +127,25 @@ FEW_IMAGES = 32
 
 
 def read_calibration_images(candidates: Candidates, count: int, size_hw, mean, std, seed: int = 0,
-                            log: Callable[[str], None] = print, held_out: int = 0) -> CalibrationImages:
-    """Decode and preprocess ``count`` candidates (seeded order), skipping and reporting bad files;
-    then up to ``held_out`` more in the same order for the accuracy check (not calibrated on)."""
+                            log: Callable[[str], None] = print) -> CalibrationImages:
+    """Decode and preprocess ``count`` candidates (seeded order), skipping and reporting bad files."""
     if count < 1:
         raise InputError(f"the number of calibration images must be >= 1, got {count}")
     order = np.random.default_rng(seed).permutation(len(candidates.files))
-    images = np.empty((count, 3, *size_hw), np.float32)
-    check = np.empty((max(held_out, 0), 3, *size_hw), np.float32)
+    images = np.empty((min(count, len(candidates.files)), 3, *size_hw), np.float32)
     used: list[Path] = []
-    check_files: list[Path] = []
     skipped = list(candidates.skipped)
     for i in order:
-        if len(used) == count and len(check_files) >= held_out:
+        if len(used) == count:
             break
         path = candidates.files[i]
         try:
             img = load_image(path)
         except InputError as err:
-            detail = re.search(r"\((.*)\); remove it", str(err))
-            skipped.append(Skipped(path, f"cannot decode: {detail.group(1) if detail else err}"))
+            skipped.append(Skipped(path, _skip_reason(err, path)))
             continue
-        if len(used) < count:
-            images[len(used)] = preprocess(img, size_hw, mean, std)
-            used.append(path)
-        else:
-            check[len(check_files)] = preprocess(img, size_hw, mean, std)
-            check_files.append(path)
+        images[len(used)] = preprocess(img, size_hw, mean, std)
+        used.append(path)
     if skipped:
         log(f"calibration: {describe_skipped(skipped, candidates.root)}")
     if not used:
@@ -167,10 +157,41 @@ def read_calibration_images(candidates: Candidates, count: int, size_hw, mean, s
         images = images[:len(used)]
     if len(used) < FEW_IMAGES:
         log(f"calibration: caution: {len(used)} calibration crop(s) only; INT8 ranges from so few may not fit the crops "
-            f"you serve{'' if check_files else ', and the accuracy check sees only these'} (use {FEW_IMAGES} or more, "
-            "and run `runtime parity`)")
-    return CalibrationImages(candidates.root, candidates.layout, used, images, skipped, check_files,
-                             check[:len(check_files)])
+            f"you serve (use {FEW_IMAGES} or more, and run `runtime parity`)")
+    return CalibrationImages(candidates.root, candidates.layout, used, images, skipped)
+
+
+def read_held_out(candidates: Candidates, calibrated: set[str], size_hw, mean, std, count: int,
+                  seed: int = 0) -> tuple[list[Path], np.ndarray]:
+    """The accuracy check's crops: the first ``count`` readable candidates of the seeded order (the
+    calibration's order) whose relative names are not in ``calibrated`` -- crops the ranges never
+    saw; fewer (or none) when the folder has no others.  Chosen here, never by a cache entry (an
+    untrusted file), so an edited entry cannot pick the crops its ranges are judged on."""
+    order = np.random.default_rng(seed).permutation(len(candidates.files))
+    files: list[Path] = []
+    images = np.empty((count, 3, *size_hw), np.float32)
+    for i in order:
+        if len(files) == count:
+            break
+        path = candidates.files[i]
+        if _relative(path, candidates.root) in calibrated:
+            continue
+        try:
+            images[len(files)] = preprocess(load_image(path), size_hw, mean, std)
+        except InputError:
+            continue
+        files.append(path)
+    return files, images[:len(files)]
+
+
+def _skip_reason(err: InputError, path: Path) -> str:
+    """Why ``load_image`` refused ``path``, without the path and the advice (the skip list names the file)."""
+    text = str(err)
+    for advice in ("; remove it", "; crop the person"):
+        text = text.split(advice)[0]
+    where = str(path)
+    text = text[len(where):].strip() if text.startswith(where) else text
+    return f"cannot decode: {text}"
 
 
 def read_check_crops(candidates: Candidates, names: list[str], size_hw, mean, std, count: int) -> np.ndarray | None:

@@ -58,7 +58,7 @@ from export.contract.files import sha256_file, work_dir
 from export.contract.variants import CALIBRATED_PRECISIONS
 
 from calibration import cache as calib_cache
-from calibration.images import list_candidates, read_calibration_images
+from calibration.images import list_candidates, read_calibration_images, read_held_out
 
 METHODS = ("entropy", "percentile", "minmax")
 DEFAULT_METHOD = "entropy"
@@ -167,11 +167,9 @@ def quantize_encoder(src: str | Path, dst: str | Path, calib_data: str | Path, *
     candidates = list_candidates(calib_data)
     if count < 1:
         raise InputError(f"--calib-images must be >= 1, got {count}")
-    if len(candidates.files) < count:   # fewer crops than asked for: all of them, with a note
-        log(f"calibration: note: {count} images asked for (--calib-images) but {candidates.root} holds "
-            f"{len(candidates.files)} candidate image(s): calibrating on all of them")
-        count = len(candidates.files)
-    key = calib_cache.cache_key(sha256_file(src), method, options, candidates.digest(), count, seed)
+    # fewer crops than asked for: all of them (read_calibration_images says so when it reads them)
+    key = calib_cache.cache_key(sha256_file(src), method, options, candidates.digest(),
+                                min(count, len(candidates.files)), seed)
     # the TensorRT file's entries keep their name ("encoder.<method>.<digest>"); version 1 entries are recomputed
     path = calib_cache.cache_path(cache_dir or dst.parent, "encoder" if precision == "int8" else "encoder.cpu", key)
     entry = calib_cache.load(path, key, tensors=_tensor_names(src), log=log)
@@ -191,10 +189,12 @@ def quantize_encoder(src: str | Path, dst: str | Path, calib_data: str | Path, *
                 # the check runs again on the first crops it lists (only these are read)
                 from calibration.images import read_check_crops
 
-                # (the held-out crops it lists; an entry from before they were kept: its first calibration crops)
-                held_out = bool(entry.get("check_images"))
-                names = entry["check_images"] if held_out else entry["images"]
-                crops = read_check_crops(candidates, names, size_hw, mean, std, CHECK_CROPS)
+                # on held-out crops chosen here as for fresh ranges (not the ones the entry lists); with
+                # none in the folder, on the first calibration crops the entry lists
+                _, crops = read_held_out(candidates, set(entry["images"]), size_hw, mean, std, CHECK_CROPS, seed)
+                held_out = len(crops) > 0
+                if not held_out:
+                    crops = read_check_crops(candidates, entry["images"], size_hw, mean, std, CHECK_CROPS)
                 check = check_accuracy(src, work / "model.onnx", crops) if crops is not None else None
                 if check is not None:
                     check["held_out"] = held_out
@@ -208,14 +208,16 @@ def quantize_encoder(src: str | Path, dst: str | Path, calib_data: str | Path, *
                     log(f"calibration: ranges from cache {path} ({check['crops']} check crops read)")
                     used, skipped = entry["images"], entry["skipped"]
         if entry is None:
-            crops = read_calibration_images(candidates, count, size_hw, mean, std, seed, log, held_out=CHECK_CROPS)
+            crops = read_calibration_images(candidates, count, size_hw, mean, std, seed, log)
             log(f"calibration: {method} ranges from {len(crops.files)} crops of {candidates.root} ({candidates.layout})")
             ranges = work / "ranges.json"
             _quantize(src, work / "model.onnx", ImageBatches(crops.images, INPUT_NAME, batch_size), ranges, precision,
                       method, percentile)
             # the check embeds crops the ranges never saw, where the folder holds more than were calibrated on
-            held_out = len(crops.check_files) > 0
-            check = check_accuracy(src, work / "model.onnx", crops.check_images if held_out else crops.images)
+            used = [str(p.relative_to(candidates.root)) for p in crops.files]
+            check_files, held = read_held_out(candidates, set(used), size_hw, mean, std, CHECK_CROPS, seed)
+            held_out = len(check_files) > 0
+            check = check_accuracy(src, work / "model.onnx", held if held_out else crops.images)
             check["held_out"] = held_out
             if not held_out:
                 log(f"calibration: note: {candidates.root} holds no readable crop beyond the {len(crops.files)} "
@@ -229,10 +231,9 @@ def quantize_encoder(src: str | Path, dst: str | Path, calib_data: str | Path, *
                     f"fp32 encoder's, expected >= {MIN_COSINE} (INT8 usually gives about 0.997); nothing was written "
                     f"or cached. Calibrate on crops like the ones served (--calib-data {candidates.root}), on more of "
                     "them (--calib-images) or with another --calib-method, or build --precision fp16")
-            used = [str(p.relative_to(candidates.root)) for p in crops.files]
             skipped = crops.summary()["skipped"]
             calib_cache.save(path, key, json.loads(ranges.read_text()), used, skipped, check,
-                             [str(p.relative_to(candidates.root)) for p in crops.check_files])
+                             [str(p.relative_to(candidates.root)) for p in check_files])
         shutil.move(str(work / "model.onnx"), dst)
     return {"method": method, "options": options, "images": len(used), "seed": seed,
             "source": str(candidates.root), "layout": candidates.layout, "skipped": len(skipped),

@@ -315,21 +315,23 @@ def test_cached_ranges_that_fail_the_accuracy_check_are_recomputed(tmp_path_fact
 def test_held_out_crops_follow_the_calibration_order_and_are_never_calibrated_on(tmp_path):
     """The accuracy check's crops are the next readable ones of the same seeded order: a bad file
     among them is skipped, none is a calibration crop, and a folder without spare crops gives none."""
+    from calibration.images import read_held_out
+
     folder = _crops(tmp_path / "crops", 20)
     (folder / "broken.png").write_bytes(b"\x89PNG not really")
     cands = list_candidates(folder)
-    crops = read_calibration_images(cands, 12, HW, PIXEL_MEAN, PIXEL_STD, seed=3, log=lambda m: None, held_out=8)
-    assert len(crops.files) == 12 and len(crops.check_files) == 8 and crops.check_images.shape == (8, 3, *HW)
-    assert not set(crops.files) & set(crops.check_files)
+    crops = read_calibration_images(cands, 12, HW, PIXEL_MEAN, PIXEL_STD, seed=3, log=lambda m: None)
+    names = {p.name for p in crops.files}
+    files, images = read_held_out(cands, names, HW, PIXEL_MEAN, PIXEL_STD, 8, seed=3)
+    assert len(crops.files) == 12 and len(files) == 8 and images.shape == (8, 3, *HW)
+    assert not names & {p.name for p in files}
     order = [cands.files[i] for i in np.random.default_rng(3).permutation(len(cands.files))]
     readable = [p for p in order if p.name != "broken.png"]
-    assert crops.files + crops.check_files == readable[:20]
-    # the same 12 calibration crops as without a held-out set (the selection does not change)
-    plain = read_calibration_images(cands, 12, HW, PIXEL_MEAN, PIXEL_STD, seed=3, log=lambda m: None)
-    assert plain.files == crops.files and plain.check_files == []
-    np.testing.assert_array_equal(plain.images, crops.images)
-    tight = read_calibration_images(cands, 20, HW, PIXEL_MEAN, PIXEL_STD, seed=3, log=lambda m: None, held_out=8)
-    assert len(tight.files) == 20 and tight.check_files == [] and len(tight.check_images) == 0
+    assert crops.files + files == readable[:20]
+    np.testing.assert_array_equal(images[0], preprocess(calib_images.load_image(files[0]), HW, PIXEL_MEAN, PIXEL_STD))
+    every = {p.name for p in cands.files}
+    none, empty = read_held_out(cands, every, HW, PIXEL_MEAN, PIXEL_STD, 8, seed=3)
+    assert none == [] and empty.shape == (0, 3, *HW)
 
 
 def test_accuracy_check_on_held_out_crops_and_the_note_without_them(tmp_path_factory, tmp_path, monkeypatch):
@@ -353,10 +355,12 @@ def test_accuracy_check_on_held_out_crops_and_the_note_without_them(tmp_path_fac
     record = quantize_encoder(model_dir / "encoder.onnx", tmp_path / "a.onnx", crops, **kw)
     assert record["check"]["held_out"] is True and record["check"]["crops"] == quantize_module.CHECK_CROPS
     entry = json.loads(Path(record["cache"]).read_text())
-    held = read_calibration_images(list_candidates(crops), 16, HW, PIXEL_MEAN, PIXEL_STD, log=lambda m: None,
-                                   held_out=quantize_module.CHECK_CROPS)
-    assert entry["check_images"] == [p.name for p in held.check_files]
-    np.testing.assert_array_equal(seen[-1], held.check_images)
+    from calibration.images import read_held_out
+
+    files, held = read_held_out(list_candidates(crops), set(entry["images"]), HW, PIXEL_MEAN, PIXEL_STD,
+                                quantize_module.CHECK_CROPS)
+    assert entry["check_images"] == [p.name for p in files] and not set(files) & set(entry["images"])
+    np.testing.assert_array_equal(seen[-1], held)
     assert not any("accuracy check embeds calibration crops" in n for n in notes)
     # a cache entry whose check_images overlap its calibration images is damaged (recomputed)
     bad = dict(entry, check_images=entry["images"][:8])
@@ -373,9 +377,13 @@ def test_accuracy_check_on_held_out_crops_and_the_note_without_them(tmp_path_fac
     assert json.loads(Path(record["cache"]).read_text())["check_images"] == []
 
 
-def test_cache_entries_from_before_the_held_out_check_are_still_read(tmp_path_factory, tmp_path, monkeypatch):
-    """A version 2 entry without check_images / held_out (written before them) is used; its check
-    re-runs on its first calibration crops, as it did."""
+def test_cached_ranges_are_checked_on_crops_chosen_here_not_by_the_entry(tmp_path_factory, tmp_path, monkeypatch):
+    """The cache is untrusted: an entry re-signed to list one image (so that its check would embed
+    one crop of the editor's choosing) still gets 8 held-out crops chosen by the seeded order; an
+    entry from before the held-out check (no check_images, no held_out) is read and checked the same way."""
+    from calibration.images import read_held_out
+    from calibration.quantize import CHECK_CROPS
+
     _, build = random_small_export(tmp_path_factory)
     model_dir = fresh_copy(build, tmp_path / "build")
     crops = _crops(tmp_path / "crops", 24)
@@ -383,12 +391,43 @@ def test_cache_entries_from_before_the_held_out_check_are_still_read(tmp_path_fa
               method="minmax")
     first = quantize_encoder(model_dir / "encoder.onnx", tmp_path / "a.onnx", crops, **kw)
     entry = json.loads(Path(first["cache"]).read_text())
-    old = {k: v for k, v in entry.items() if k not in ("check_images", "content_sha256")}
-    old["check"] = {k: v for k, v in old["check"].items() if k != "held_out"}
-    Path(first["cache"]).write_text(json.dumps({**old, "content_sha256": calib_cache.content_digest(old)}))
-    read = []
     real_load = calib_images.load_image
-    monkeypatch.setattr(calib_images, "load_image", lambda p: read.append(p.name) or real_load(p))
-    second = quantize_encoder(model_dir / "encoder.onnx", tmp_path / "b.onnx", crops, **kw)
-    assert second["cache_hit"] and second["check"]["held_out"] is False
-    assert read == [n.split("/")[-1] for n in entry["images"][:8]]
+    for edit in ("one_image", "old_format"):
+        if edit == "one_image":
+            forged = dict(entry, images=entry["images"][:1], check_images=[])
+            forged["check"] = dict(entry["check"], held_out=False, crops=1)
+        else:
+            forged = {k: v for k, v in entry.items() if k != "check_images"}
+            forged["check"] = {k: v for k, v in entry["check"].items() if k != "held_out"}
+        forged.pop("content_sha256", None)
+        Path(first["cache"]).write_text(json.dumps({**forged, "content_sha256": calib_cache.content_digest(forged)}))
+        read = []
+        monkeypatch.setattr(calib_images, "load_image", lambda p: read.append(p.name) or real_load(p))
+        again = quantize_encoder(model_dir / "encoder.onnx", tmp_path / f"{edit}.onnx", crops, **kw)
+        monkeypatch.setattr(calib_images, "load_image", real_load)
+        want, _ = read_held_out(list_candidates(crops), set(forged["images"]), HW, PIXEL_MEAN, PIXEL_STD, CHECK_CROPS)
+        assert again["cache_hit"] and again["check"]["held_out"] is True and again["check"]["crops"] == CHECK_CROPS
+        assert read == [p.name for p in want], (edit, read)
+
+
+def test_odd_file_names_and_the_notes_about_skipped_files(tmp_path_factory, tmp_path):
+    """A file name that is not UTF-8 was a UnicodeEncodeError traceback (the cache key's digest); a
+    non-image named .jpg was reported with PIL's format list as its reason; with files skipped, the
+    note said the clamped count had been asked for instead of --calib-images."""
+    import os
+
+    _, build = random_small_export(tmp_path_factory)
+    model_dir = fresh_copy(build, tmp_path / "build")
+    crops = _crops(tmp_path / "crops", 6)
+    os.rename(crops / "005.png", os.path.join(os.fsencode(crops), b"caf\xe9.png"))
+    (crops / "x.jpg").write_text("not an image at all")
+    result = _build_cli(model_dir, crops)          # --calib-images 8
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    skip = [ln for ln in result.output.splitlines() if "skipped 1 file" in ln]
+    assert skip and "x.jpg (cannot decode: is not an image in a format PIL reads" in skip[0], result.output
+    assert "8 images asked for (--calib-images) but" in result.output and "holds 6 readable" in result.output
+    assert "ranges from 6 crops" in result.output
+    entry = json.loads(next((model_dir / calib_cache.CACHE_DIR).glob("encoder.cpu.*.json")).read_text())
+    assert "caf\udce9.png" in entry["images"]
+    again = _build_cli(model_dir, crops)           # the cache entry names it and is used
+    assert again.exit_code == 0 and "ranges from cache" in again.output, again.output
