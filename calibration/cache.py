@@ -42,8 +42,9 @@ from typing import Callable
 
 from export.contract.errors import InputError
 from export.contract.files import write_json_atomic
+from export.contract.manifest import CALIBRATION_CACHE_DIR
 
-CACHE_DIR = "calibration_cache"
+CACHE_DIR = CALIBRATION_CACHE_DIR
 FORMAT = "nformer-trt/calibration-cache"
 FORMAT_VERSION = 2
 #: most held-out crops an entry may list (the accuracy check reads 8; room to grow)

@@ -22,6 +22,9 @@ from export.contract.errors import InputError
 from export.contract.files import sha256_file
 
 MANIFEST_NAME = "manifest.json"
+#: the model directory's own folders (written by `runtime build`): no output may land in them
+CALIBRATION_CACHE_DIR = "calibration_cache"
+MODEL_SUBDIRS = (CALIBRATION_CACHE_DIR,)
 FORMAT = "nformer-trt/manifest"
 FORMAT_VERSION = 1
 
@@ -324,7 +327,8 @@ def _listed_paths(manifest: dict | None) -> list[str]:
 def refuse_model_file(path: str | Path, model_dir: str | Path, manifest: dict | None = None,
                       what: str = "the output") -> None:
     """InputError when writing ``path`` would replace a file of the model directory: its manifest, a
-    file the manifest lists, or any other file directly in it (calibration caches, build records).
+    file the manifest lists, any other file directly in it (build records), or anything in its own
+    folders (``MODEL_SUBDIRS``: the calibration cache).
     Writes rename a new file over the name, so a name is compared by its folder's real location:
     a symbolic link to the model directory is caught, a link that merely points at a model file is
     replaced itself and leaves the model alone."""
@@ -338,6 +342,11 @@ def refuse_model_file(path: str | Path, model_dir: str | Path, manifest: dict | 
     def where(p: Path) -> Path:
         return p.parent.resolve() / p.name
     target = where(path)
+    for sub in MODEL_SUBDIRS:
+        folder = (model_dir / sub).resolve()
+        if target.parent == folder or folder in target.parent.parents:
+            raise InputError(f"{what} {path} would be written into {sub}/ of the model directory {model_dir}, "
+                             "which `runtime build` keeps; write it somewhere else")
     for file in protected:
         if where(file) == target:
             raise InputError(f"{what} {path} would replace {file.name}, a file of the model directory {model_dir}; "

@@ -674,6 +674,17 @@ def test_embed_and_refine_never_replace_a_file_of_the_model(small_export, crop_f
               "would replace manifest.json")
     np.save(tmp_path / "x.npy", np.ones((3, 128), np.float32))
     one_error(cli("refine", model, tmp_path / "x.npy", "--out", model / "nformer.onnx"), "would replace nformer.onnx")
+    assert tree(model) == before
+    # nor anything in the model's own folders: the calibration cache (a cache entry replaced by .npy bytes
+    # made the next build recalibrate), new names in it too, and through a link to it
+    cache = model / "calibration_cache"
+    cache.mkdir()
+    (cache / "encoder.entropy.0123.json").write_text("{}")
+    (tmp_path / "cache_link").symlink_to(cache)
+    before = tree(model)
+    for out in (cache / "encoder.entropy.0123.json", cache / "new.npy", tmp_path / "cache_link" / "x.npy"):
+        one_error(cli("refine", model, tmp_path / "x.npy", "--out", out), "calibration_cache/", "somewhere else")
+    one_error(cli("embed", model, crop_folder, "--out", cache / "e.npy"), "calibration_cache/")
     assert tree(model) == before and not (tmp_path / "e.npy").exists()
 
 
