@@ -56,16 +56,19 @@ from export.contract.manifest import MANIFEST_NAME, io_spec, load_manifest
 from export.contract.variants import (  # noqa: F401  (names of the variants' contract)
     CALIBRATED_PRECISIONS, NETWORKS, PRECISIONS, REFINE_PRECISIONS, VARIANTS_KEY, refinement_precision,
     variant_file, variant_name)
-from export.contract.files import staged_file, sha256_file, write_json_atomic
+from export.contract.files import dir_lock, staged_file, sha256_file, write_json_atomic
 
 from calibration.quantize import DEFAULT_IMAGES, DEFAULT_METHOD, DEFAULT_PERCENTILE, quantize_encoder
 
 def update_manifest_section(model_dir: str | Path, key: str, entries: dict) -> dict:
-    """Merge ``entries`` into ``manifest[key]`` and write the manifest atomically; returns it."""
+    """Merge ``entries`` into ``manifest[key]`` and write the manifest atomically; returns it.
+    Read, merge and write hold the model directory's lock: two builds into one directory (an fp16
+    and an int8-cpu build side by side) each keep the other's entries."""
     path = Path(model_dir) / MANIFEST_NAME
-    manifest = load_manifest(model_dir)
-    manifest.setdefault(key, {}).update(entries)
-    write_json_atomic(path, manifest)
+    with dir_lock(model_dir):
+        manifest = load_manifest(model_dir)
+        manifest.setdefault(key, {}).update(entries)
+        write_json_atomic(path, manifest)
     return manifest
 
 

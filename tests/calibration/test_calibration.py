@@ -431,3 +431,17 @@ def test_odd_file_names_and_the_notes_about_skipped_files(tmp_path_factory, tmp_
     assert "caf\udce9.png" in entry["images"]
     again = _build_cli(model_dir, crops)           # the cache entry names it and is used
     assert again.exit_code == 0 and "ranges from cache" in again.output, again.output
+
+
+def test_manifest_updates_from_two_processes_keep_each_others_entries(tmp_path_factory, tmp_path):
+    """Read-merge-write of manifest.json without a lock lost entries when two builds wrote one model
+    directory at once (a review's two processes kept 57 and 98 of 150 entries each)."""
+    _, build = random_small_export(tmp_path_factory)
+    model_dir = fresh_copy(build, tmp_path / "build")
+    code = ("import sys; from calibration.variants import update_manifest_section as u\n"
+            "for i in range(60): u(sys.argv[1], 'race_' + sys.argv[2], {str(i): {}})\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(model_dir), tag]) for tag in "ab"]
+    for p in procs:
+        assert p.wait(timeout=300) == 0
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    assert len(manifest["race_a"]) == 60 and len(manifest["race_b"]) == 60
