@@ -56,7 +56,7 @@ from export.contract.manifest import MANIFEST_NAME, io_spec, load_manifest
 from export.contract.variants import (  # noqa: F401  (names of the variants' contract)
     CALIBRATED_PRECISIONS, NETWORKS, PRECISIONS, REFINE_PRECISIONS, VARIANTS_KEY, refinement_precision,
     variant_file, variant_name)
-from export.contract.files import dir_lock, staged_file, sha256_file, write_json_atomic
+from export.contract.files import dir_lock, remove_stale_temp_files, staged_file, sha256_file, write_json_atomic
 
 from calibration.quantize import DEFAULT_IMAGES, DEFAULT_METHOD, DEFAULT_PERCENTILE, quantize_encoder
 
@@ -125,6 +125,7 @@ def write_variants(model_dir: str | Path, precision: str, *, refine_precision: s
     manifest = load_manifest(model_dir)
     config = manifest["model"]
     files = manifest["files"]
+    remove_stale_temp_files(model_dir)     # what builds killed while writing a file left (SIGKILL, power loss)
     written = {}
     if precision == "fp32":
         written["encoder"] = _fp32_entry(model_dir, manifest, "encoder")

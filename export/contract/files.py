@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -96,11 +97,13 @@ def sha256_file(path: str | Path) -> str:
 
 def _publish(path: str | Path, fill) -> None:
     """``fill(f)`` writes a temporary file beside ``path``; it is fsynced, given the umask's mode and
-    renamed over ``path`` (removed on any failure)."""
+    renamed over ``path`` (removed on any failure).  The temporary file is held with ``flock`` until
+    then, so :func:`remove_stale_temp_files` removes only those of killed processes."""
     path = Path(path)
     check_target(path)
     with _as_write_error(path):
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp")
+        held = _lock_file(tmp)
         try:
             os.fchmod(fd, 0o666 & ~current_umask())
             with os.fdopen(fd, "wb") as f:
@@ -111,6 +114,60 @@ def _publish(path: str | Path, fill) -> None:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        finally:
+            if held is not None:
+                os.close(held)
+
+
+#: the temporary files of :func:`_publish` and :func:`staged_file`: ``.<name>.<8 random>.tmp``
+_TEMP_FILE = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+
+
+def _lock_file(path) -> int | None:
+    """An fd holding ``flock`` on file ``path``; None when another process holds it, or when locks
+    are not available here."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def remove_stale_temp_files(parent: str | Path) -> list[Path]:
+    """Remove the temporary files of :func:`_publish` / :func:`staged_file` in ``parent`` that no
+    process holds (their writer was killed: SIGKILL, power loss).  Files a running writer holds,
+    files younger than :data:`STALE_GRACE_S`, links and names of another pattern are left alone."""
+    removed = []
+    try:
+        entries = [p for p in Path(parent).iterdir() if _TEMP_FILE.fullmatch(p.name)]
+    except OSError:
+        return removed
+    now = time.time()
+    for path in entries:
+        try:
+            st = path.lstat()
+        except OSError:
+            continue
+        if not stat.S_ISREG(st.st_mode) or now - st.st_mtime < STALE_GRACE_S:
+            continue
+        fd = _lock_file(path)
+        if fd is None:
+            continue
+        try:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+        finally:
+            os.close(fd)
+    return removed
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
@@ -218,6 +275,7 @@ def work_dir(parent: str | Path, prefix: str):
     :func:`remove_stale_work_dirs` (called here first) removes only the leftovers of killed
     processes, never a running build's."""
     remove_stale_work_dirs(parent, prefix)
+    remove_stale_temp_files(parent)
     path = make_temp_dir(parent, prefix)
     fd = _try_lock(path, blocking=True)
     try:
@@ -241,6 +299,7 @@ def staged_file(path: str | Path, _together: tuple = ()):
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp")
         os.close(fd)
     tmp = Path(tmp)
+    held = _lock_file(tmp)            # until published or removed (remove_stale_temp_files)
     try:
         # the caller's own writes into tmp (np.save, onnx.save ...) too; outputs staged together are
         # named together (which of them a failed write was into is not known here)
@@ -253,6 +312,9 @@ def staged_file(path: str | Path, _together: tuple = ()):
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        if held is not None:
+            os.close(held)
 
 
 @contextlib.contextmanager

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import pytest
 
-from export.contract.files import STALE_GRACE_S, WORK_MARKER, remove_stale_work_dirs, staged_files, work_dir
+from export.contract.files import STALE_GRACE_S, WORK_MARKER, remove_stale_work_dirs, staged_file, staged_files, work_dir
 
 
 def _aged(path, seconds=STALE_GRACE_S + 60):
@@ -64,3 +65,36 @@ def test_a_killed_builds_folder_is_removed_by_the_next_build_but_a_running_one_i
         assert remove_stale_work_dirs(tmp_path, ".build-") == []
         assert running.is_dir()
     assert sorted(p.name for p in tmp_path.iterdir()) == [".build-just-made", ".build-my-backup", "keep-me"]
+
+
+def test_temporary_files_of_killed_writers_are_removed_but_a_running_writers_are_not(tmp_path):
+    """staged_file / write_bytes_atomic leave `.name.XXXXXXXX.tmp` behind when their process is
+    SIGKILLed; the next build's sweep (work_dir, runtime build) removes those, never one that a live
+    writer holds, a young one, or a user's file of another name."""
+    import signal
+    import subprocess
+    import sys
+
+    from export.contract.files import remove_stale_temp_files
+
+    code = ("import sys, time; from export.contract.files import staged_file\n"
+            "with staged_file(sys.argv[1]) as tmp:\n"
+            "    open(tmp, 'wb').write(b'half'); print(tmp, flush=True); time.sleep(60)\n")
+    killed = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "encoder.int8.onnx")],
+                              stdout=subprocess.PIPE, text=True)
+    left = Path(killed.stdout.readline().strip())
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(timeout=30)
+    assert left.is_file() and left.name.startswith(".encoder.int8.onnx.") and left.name.endswith(".tmp")
+    _aged(left)
+    own = tmp_path / ".notes.tmp"                        # the user's own hidden file: another pattern
+    own.write_text("keep")
+    _aged(own)
+    with staged_file(tmp_path / "running.onnx") as running:   # a live writer's, aged: held, so kept
+        running.write_bytes(b"x")
+        _aged(running)
+        young = tmp_path / ".other.onnx.abcd1234.tmp"     # a killed writer's, but too young to judge
+        young.write_bytes(b"y")
+        assert remove_stale_temp_files(tmp_path) == [left]
+        assert running.is_file() and young.is_file() and own.is_file() and not left.exists()
+    assert (tmp_path / "running.onnx").read_bytes() == b"x"
