@@ -274,6 +274,8 @@ def work_dir(parent: str | Path, prefix: str):
     KeyboardInterrupt, SystemExit); held with ``flock`` meanwhile, so that a later
     :func:`remove_stale_work_dirs` (called here first) removes only the leftovers of killed
     processes, never a running build's."""
+    # a prefix from a long output name would not fit the file system's 255-byte names with mkdtemp's suffix
+    prefix = prefix if len(os.fsencode(prefix)) <= _NAME_ROOM else ".nformer-work-"
     remove_stale_work_dirs(parent, prefix)
     remove_stale_temp_files(parent)
     path = make_temp_dir(parent, prefix)

@@ -1443,3 +1443,13 @@ def test_image_files_without_market_names_are_counted_and_reported(tmp_path):
     assert len(data.query) == 1 and data.summary()["query"]["unnamed_skipped"] == 2
     assert data.notes() == ["query: 2 image file(s) skipped, their names are not PPPP_cC... Market-1501 names"]
     assert data.summary()["gallery"]["unnamed_skipped"] == 0
+
+
+def test_triton_repo_with_a_long_output_name_the_file_system_accepts(small_export, tmp_path):
+    """A 250-byte OUT_DIR name was refused ("File name too long"): the work folder's name was
+    ".<name>.tmp-XXXXXXXX", past 255 bytes."""
+    out = tmp_path / ("r" * 250)
+    result = cli("triton-repo", small_export, out)
+    assert result.exit_code == 0, result.output
+    assert len(list(out.rglob("config.pbtxt"))) == 2                      # encoder and refinement
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]      # no work folder left
