@@ -32,7 +32,7 @@ def load_image(path, name: str | None = None) -> Image.Image:
             if w * h > MAX_CROP_PIXELS:
                 raise InputError(f"{where} is larger than a crop may be ({w}x{h} pixels, limit {MAX_CROP_PIXELS:,}); "
                                  "crop the person out of the frame first")
-            return img.convert("RGB")
+            return _to_rgb(img, where)
     except FileNotFoundError:
         raise InputError(f"crop not found: {where}") from None
     except Image.DecompressionBombError as err:
@@ -44,6 +44,24 @@ def load_image(path, name: str | None = None) -> Image.Image:
     except (OSError, ValueError, SyntaxError) as err:
         raise InputError(f"{where} is not a decodable image ({type(err).__name__}: {err}); remove it or "
                          "replace it with a JPEG/PNG crop") from None
+
+
+def _to_rgb(img: Image.Image, where) -> Image.Image:
+    """RGB of a decoded image.  8-bit modes (RGB, L, P, CMYK, LA, ...) convert as PIL does (the
+    original's reader).  16-bit greyscale (PNG, TIFF: modes I;16*, and I from a PNG, whose samples are
+    at most 16 bits) is scaled to 8 bits (v / 257): ``convert`` would clip every value above 255 to
+    white.  32-bit integer and float images (I, F from TIFF) have no defined range: refused."""
+    mode = img.mode
+    if mode.startswith("I;16") or (mode == "I" and img.format == "PNG"):
+        v = np.asarray(img, dtype=np.float64)
+        if v.min() < 0 or v.max() > 65535:
+            raise InputError(f"{where} holds {mode} samples outside 0..65535; convert the crop to 8-bit RGB")
+        return Image.fromarray(np.rint(v / 257.0).astype(np.uint8), "L").convert("RGB")
+    if mode in ("I", "F"):
+        kind = "32-bit integer" if mode == "I" else "floating-point"
+        raise InputError(f"{where} is a {kind} image (mode {mode}) with no defined 0..255 range; convert the crop "
+                         "to 8-bit (or 16-bit) RGB or greyscale")
+    return img.convert("RGB")
 
 
 def decode_image(data: bytes, name: str = "crop") -> Image.Image:

@@ -30,6 +30,7 @@ and every model's work is serialised by the gallery or batched by Triton anyway.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -42,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from export.contract.errors import InputError
+from export.contract.preprocess import preprocess_batch
 from export.contract.files import scratch_dir
 
 log = logging.getLogger(__name__)
@@ -72,8 +74,15 @@ def stub_environment(env: dict | None = None) -> dict:
 def check_ports(host: str, ports: dict) -> None:
     """InputError naming the first port that cannot be bound on ``host`` (another server holds it):
     tritonserver would otherwise only log it, and PyTriton would talk to whatever answers there."""
+    import ipaddress
     import socket
 
+    try:
+        if ipaddress.ip_address(host.strip("[]")).version == 6:
+            raise InputError(f"--host {host!r} is an IPv6 address, which PyTriton's clients cannot address; give an "
+                             "IPv4 address (127.0.0.1 for this machine only, 0.0.0.0 for every interface) or a host name")
+    except ValueError:
+        pass                                            # a host name (or an IPv4 address): checked below
     for option, port in ports.items():
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -86,6 +95,9 @@ def check_ports(host: str, ports: dict) -> None:
             try:
                 probe.bind(address)
             except OSError as err:
+                if err.errno == errno.EADDRNOTAVAIL:
+                    raise InputError(f"--host {host} is not an address of this machine ({err.strerror}); give one of "
+                                     "its addresses, 127.0.0.1, or 0.0.0.0 for every interface") from None
                 raise InputError(f"{option} {port} on {host} is not free ({err.strerror or err}): another server "
                                  "listens there; stop it or choose other ports") from None
 
@@ -143,22 +155,39 @@ def _per_request(handler):
     return _refusing(lambda requests: [handler(r) for r in requests])
 
 
+def _finite(embeddings: np.ndarray, model: str) -> np.ndarray:
+    """The encoder's output, or an InputError when a row is not finite (pixels far outside the
+    normalised range overflow inside the network: 3e38 gave all-NaN embeddings and a success)."""
+    bad = ~np.isfinite(embeddings).all(axis=1)
+    if bad.any():
+        raise InputError(f"{model}: the encoder's embeddings of {int(bad.sum())} image(s) (first: image "
+                         f"{int(np.flatnonzero(bad)[0])} of the batch) are not finite; the pixels are far outside the "
+                         "preprocessed range (normalised with the model's mean/std, about -3..3): send preprocessed crops")
+    return embeddings
+
+
 def bind_models(triton, service, max_batch: int = 32, max_queue_delay_us: int = 2000) -> None:
     """Bind the five models of ``service`` to a PyTriton ``Triton``."""
     _, _, ModelConfig, Tensor, DynamicBatcher = import_pytriton()
     d = service.width
     h, w = service.pipe.config.input_size_hw
 
+    c = service.pipe.config
+
     def embed(requests):
-        sizes, crops = [], []
+        # each request's crops are preprocessed as soon as they are decoded: a batch then holds
+        # [n, 3, H, W] arrays rather than full-size images (the per-request pixel cap bounded one
+        # request, not the batch: 8 requests of one 7000 x 7000 crop took the server to 1.5 GB)
+        sizes, parts = [], []
         for n, r in enumerate(requests):
             try:
-                crops.append(service.decode(r["crops"]))
+                parts.append(preprocess_batch(service.decode(r["crops"]), c.input_size_hw, c.pixel_mean, c.pixel_std))
             except InputError as err:
                 raise InputError(f"request {n + 1} of the {len(requests)} batched together: {err}") \
                     if len(requests) > 1 else err from None
-            sizes.append(len(crops[-1]))
-        out = service.embed_images([img for part in crops for img in part])
+            sizes.append(len(parts[-1]))
+        # the encoder's batches, as Pipeline.embed runs them (same batch_size, same order)
+        out = _finite(service.pipe.encoder.embed_images(np.concatenate(parts)), "embed")
         return [{"embeddings": part} for part in np.split(out, np.cumsum(sizes)[:-1])]
 
     def encoder(requests):
@@ -167,7 +196,7 @@ def bind_models(triton, service, max_batch: int = 32, max_queue_delay_us: int = 
             if not np.isfinite(r["images"]).all():
                 raise InputError(f"encoder: images hold NaN or infinite values (request {n + 1} of the "
                                  f"{len(requests)} batched together); send preprocessed finite pixels")
-        out = service.encode(np.concatenate([r["images"] for r in requests]))
+        out = _finite(service.encode(np.concatenate([r["images"] for r in requests])), "encoder")
         return [{"embeddings": part} for part in np.split(out, np.cumsum(sizes)[:-1])]
 
     def gallery_add(request):
@@ -280,12 +309,17 @@ def serve(model_dir, gallery_dir=None, *, host: str = "127.0.0.1", http_port: in
             if not triton.is_alive():
                 raise InputError("the Triton server stopped on its own; see its log above")
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        # a second SIGINT/SIGTERM during the shutdown (timeout signals the whole group, an impatient
+        # operator presses Ctrl-C again) must not kill the process before the gallery is saved: the
+        # handlers stay on (they only set the event) until Triton is stopped and the store closed
         try:
             if "triton" in locals():
                 triton.stop()
         finally:
-            service.close()
-            shutil.rmtree(scratch, ignore_errors=True)
+            try:
+                service.close()
+                shutil.rmtree(scratch, ignore_errors=True)
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
         log_fn(f"stopped; gallery {gallery_dir} saved with {len(service.store)} items")

@@ -50,3 +50,35 @@ def test_calibration_skips_a_bomb_with_a_note(tmp_path):
     assert len(got.images) == 3
     assert any("zz_bomb.png" in n and "larger than a crop may be" in n for n in notes)
     assert any("4 images asked for" in n for n in notes)
+
+
+def test_16_bit_greyscale_is_scaled_and_32_bit_images_are_refused(tmp_path):
+    """A 16-bit PNG (thermal cameras) was clipped by PIL's convert: 30000 of 65535 (46% grey) became
+    white.  16-bit samples are scaled to 8 bits (v / 257); 32-bit integer and float TIFFs, which have
+    no defined range, are refused with the file named."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from export.contract.errors import InputError
+    from export.contract.preprocess import decode_image, load_image
+
+    grey = np.array([[0, 257, 30000, 65535]], np.uint16).repeat(4, axis=0)
+    buf = io.BytesIO()
+    Image.fromarray(grey).save(buf, format="PNG")
+    img = decode_image(buf.getvalue())
+    assert img.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(img)[0, :, 0], [0, 1, 117, 255])
+    assert (np.asarray(img)[..., 0] == np.asarray(img)[..., 2]).all()
+    tiff = tmp_path / "g16.tif"
+    Image.fromarray(grey).save(tiff)
+    np.testing.assert_array_equal(np.asarray(load_image(tiff))[0, :, 1], [0, 1, 117, 255])
+    # 8-bit images convert exactly as before
+    rgb = np.random.default_rng(0).integers(0, 256, (5, 6, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    np.testing.assert_array_equal(np.asarray(load_image(tmp_path / "rgb.png")), rgb)
+    for name, arr in (("f.tif", np.full((4, 4), 0.5, np.float32)), ("i.tif", np.full((4, 4), 70000, np.int32))):
+        Image.fromarray(arr).save(tmp_path / name)
+        with pytest.raises(InputError, match=f"{name}.*no defined 0..255 range"):
+            load_image(tmp_path / name)

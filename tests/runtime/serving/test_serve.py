@@ -136,7 +136,7 @@ def test_http_and_grpc_equal_the_in_process_pipeline_bitwise(server, reference):
 
 
 @pytest.mark.parametrize("case", ["dtype", "shape", "undecodable", "nan", "empty", "over_max", "unknown_ids",
-                                  "topn", "mode", "repeated_id"])
+                                  "topn", "mode", "repeated_id", "overflowing_pixels"])
 def test_a_bad_request_gets_a_triton_error_and_the_server_keeps_serving(server, case):
     client = server.client()
     try:
@@ -157,11 +157,15 @@ def test_a_bad_request_gets_a_triton_error_and_the_server_keeps_serving(server, 
             "topn": lambda: search(client, good, [0, 0], 0),
             "mode": lambda: search(client, good, [0, 0], 1, mode="fastest"),
             "repeated_id": lambda: add(client, good, ["same", "same"], [0, 0]),
+            # finite pixels that overflow inside the network: all-NaN embeddings came back as a success
+            "overflowing_pixels": lambda: infer(client, "encoder", {"images": (np.full((1, 3, 256, 128), 3e38,
+                                                                                       np.float32), "FP32")},
+                                                ["embeddings"]),
         }
         reasons = {"dtype": "data-type", "shape": "unexpected shape", "undecodable": "not an image",
                    "nan": "NaN", "empty": "", "over_max": "batch-size must be <=",
                    "unknown_ids": "unknown id", "topn": "topn must be 1..", "mode": "mode must be one of",
-                   "repeated_id": "ids must be unique"}
+                   "repeated_id": "ids must be unique", "overflowing_pixels": "are not finite"}
         with pytest.raises(InferenceServerException) as err:
             calls[case]()
         assert reasons[case] in str(err.value), str(err.value)[-600:]
@@ -321,4 +325,61 @@ def test_a_port_in_use_is_one_clear_error_before_anything_is_written(model_dir, 
         result = CliRunner().invoke(runtime_cli, ["serve", str(model_dir), "--gallery", str(tmp_path / "g"),
                                                   "--grpc-port", str(port)])
     assert result.exit_code == 2 and f"--grpc-port {port}" in result.output and "not free" in result.output
+    assert not (tmp_path / "g").exists()
+
+
+def test_a_batch_of_embed_requests_holds_one_requests_decoded_images_at_a_time(model_dir, tmp_path):
+    """The per-request pixel cap bounded one request, but a dynamic batch kept every request's
+    full-size decoded images until the encoder ran (8 requests of one 7000 x 7000 crop: 1.5 GB).
+    Each request's images are now preprocessed and released before the next request is decoded;
+    the embeddings are those of the in-process pipeline."""
+    import gc
+    import weakref
+
+    from runtime.serving.triton_server import bind_models, open_service
+
+    class FakeTriton:
+        def __init__(self):
+            self.models = {}
+
+        def bind(self, name, fn, **kwargs):
+            self.models[name] = fn
+
+    gc.disable()                                   # reference counting alone must free them
+    try:
+        service = open_service(model_dir, tmp_path / "g", max_batch=MAX_BATCH)
+        try:
+            triton = FakeTriton()
+            bind_models(triton, service, MAX_BATCH)
+            alive, real_decode = [], service.decode
+
+            def decode(crops):
+                assert not [r for r in alive if r() is not None], "an earlier request's images are still held"
+                images = real_decode(crops)
+                alive.extend(weakref.ref(img) for img in images)
+                return images
+            service.decode = decode
+            crops = [png(i, size=(900, 400)) for i in range(4)]
+            out = triton.models["embed"]([{"crops": np.array([c], dtype=object)} for c in crops])
+            with Pipeline.load(model_dir, batch_size=MAX_BATCH, backend="onnxruntime") as pipe:
+                want = pipe.embed([Image.open(io.BytesIO(c)) for c in crops])
+            np.testing.assert_array_equal(np.concatenate([o["embeddings"] for o in out]), want)
+        finally:
+            service.close()
+    finally:
+        gc.enable()
+
+
+@pytest.mark.parametrize("host, words", [("::1", "IPv6"), ("[::1]", "IPv6"),
+                                         ("10.255.255.1", "not an address of this machine")])
+def test_hosts_serve_cannot_use_are_one_clear_error_before_anything_is_written(model_dir, tmp_path, host, words):
+    """An IPv6 literal ended in PyTriton's traceback after the gallery was created; an address of
+    another machine was reported as a port another server holds."""
+    from click.testing import CliRunner
+
+    from runtime.cli import main as runtime_cli
+
+    result = CliRunner().invoke(runtime_cli, ["serve", str(model_dir), "--gallery", str(tmp_path / "g"),
+                                              "--host", host])
+    assert result.exit_code == 2 and words in result.output and "Traceback" not in result.output, result.output
     assert not (tmp_path / "g").exists()
