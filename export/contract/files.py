@@ -4,8 +4,9 @@ Every write goes through a temporary file beside its target, is fsynced and rena
 leaves the old file or the new one, never half of one.  Files and directories get the permissions
 the process's umask gives a plain ``open()`` / ``mkdir()`` (``mkstemp``/``mkdtemp`` alone would make
 them 0600 / 0700, unreadable to a container running as another user).  Outputs that belong
-together are published together (``staged_files``); a build's temporary folder (``work_dir``) is
-removed on any exception, and a killed process's is removed by the next build into the same folder.
+together are published together (``staged_files``; ``publish_files`` for files a tool wrote by
+name in a work folder); a build's temporary folder (``work_dir``) is removed on any exception, and
+a killed process's is removed by the next build into the same folder.
 """
 from __future__ import annotations
 
@@ -329,6 +330,17 @@ def staged_files(*paths: str | Path):
     together = tuple(Path(p) for p in paths)
     with contextlib.ExitStack() as stack:
         yield tuple(stack.enter_context(staged_file(p, together)) for p in paths)
+
+
+def publish_files(files: dict) -> None:
+    """Publish files that a tool wrote by name in a :func:`work_dir` (``{target: written}``, each
+    ``written`` on its target's file system) together, as :func:`staged_files` does: each is renamed
+    (not copied) to a temporary name beside its target, given the umask's permissions (the tool may
+    have used others), fsynced and renamed over the target; on any failure none is published (and
+    the written files already moved are removed, like the rest of the work folder)."""
+    with staged_files(*files) as temps:
+        for tmp, written in zip(temps, files.values()):
+            os.replace(written, tmp)
 
 
 def scratch_dir(prefix: str) -> Path:

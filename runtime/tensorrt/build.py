@@ -4,7 +4,10 @@ Place in the flow: the last step before serving.  ``calibration.variants`` write
 ONNX files beside the export's fp32 ones; this module turns the pair a precision needs (encoder +
 refinement) into TensorRT engines, where TensorRT is available:
 
-* with ``trtexec`` when it is on PATH (the exact command line is printed and stored in the record):
+* with ``trtexec`` when it is on PATH (the command line is printed and stored in the record, with the
+  final paths: trtexec writes the engine, its log and an updated copy of the timing cache into a
+  private work folder ``.trtexec-*`` of the model directory, renamed into place only once it
+  succeeded, so a killed build never leaves half an engine under its name):
   ``--onnx``, ``--saveEngine``, ``--minShapes/--optShapes/--maxShapes``, ``--timingCacheFile``,
   ``--dynamicPlugins=<plugin library>`` when it is built (``plugins.plugin_library_path()``),
   ``--stronglyTyped`` on TensorRT 10 (11 is always strongly typed and marks the flag a no-op),
@@ -52,7 +55,8 @@ beside it.  **Build record** (``format`` ``nformer-trt/engine-record``, version 
      "gpu": {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"},
      "profiles": {"images": {"min": [1, 3, 256, 128], "opt": [32, ...], "max": [128, ...]}},
      "plugin_library": {"path": "/.../libnformer_plugins.so", "sha256": "..."} | null,
-     "builder": {"tool": "trtexec", "command": [...], "command_line": "trtexec --onnx=..."}
+     "builder": {"tool": "trtexec", "command": [...], "command_line": "trtexec --onnx=...", "log": "....engine.log",
+                 "staged_outputs": ["--saveEngine", "--timingCacheFile"]}
               | {"tool": "tensorrt-python", "calls": ["Builder.create_network(flags=...)", ...]},
      "timing_cache": "timing.nvidia-h100-80gb-hbm3.9.0.trt10.8.0.cache",
      "rebuild": "runtime build build/ --precision int8 ...",
@@ -100,7 +104,8 @@ from typing import Callable
 
 import plugins
 from export.contract.errors import InputError, NFormerError
-from export.contract.files import copy_file_atomic, sha256_file, staged_file, write_bytes_atomic, write_json_atomic
+from export.contract.files import (check_target, copy_file_atomic, publish_files, sha256_file, staged_file, work_dir,
+                                   write_bytes_atomic, write_json_atomic)
 from export.contract.manifest import load_manifest
 from export.contract.ops import OP_DOMAIN, OP_TYPE
 from export.contract.variants import CALIBRATED_PRECISIONS, CPU_PRECISIONS
@@ -116,6 +121,8 @@ ENGINE_TOOLS = ("auto", "trtexec", "python", "none")
 DEFAULT_BATCH = (1, 32, 128)
 DEFAULT_N = (1, 20_000, 100_000)
 MIN_TENSORRT_MAJOR = 10
+#: the private work folders of trtexec builds in a model directory (export.contract.files.work_dir)
+TRTEXEC_WORK_PREFIX = ".trtexec-"
 
 
 #: the former name of :class:`~runtime.tensorrt.lib.EngineUnusable` (one type: an engine that cannot be used here)
@@ -302,19 +309,42 @@ def parse_trtexec_device(log: str) -> dict | None:
 
 def build_with_trtexec(trtexec: Trtexec, onnx_path: Path, engine_path: Path, profile: dict, timing_cache: Path,
                        plugin_library: Path | None, log: Callable[[str], None]) -> dict:
-    """Run trtexec (output in ``<engine>.log``); the record keeps the exact argument list."""
-    cmd = trtexec_command(trtexec, onnx_path, engine_path, profile, timing_cache, plugin_library)
-    line = shlex.join(cmd)
+    """Run trtexec (output in ``<engine>.log``); the record keeps the argument list.
+
+    trtexec writes its outputs by name and in place, so it gets a private work folder in the model
+    directory (:func:`~export.contract.files.work_dir`, prefix :data:`TRTEXEC_WORK_PREFIX`): the
+    engine and the log are written there, and the timing cache, which trtexec reads and updates,
+    is a copy of the existing one.  Only after trtexec succeeded and the engine exists are they
+    renamed over their final names (fsynced, umask permissions); a failed run publishes its log
+    alone.  A killed build leaves the previous engine and cache as they were; its work folder is
+    removed by the next build.  The command printed and recorded names the final paths (the
+    command that builds this engine by hand); ``staged_outputs`` says which arguments pointed
+    into the work folder when it ran.
+    """
+    shown = trtexec_command(trtexec, onnx_path, engine_path, profile, timing_cache, plugin_library)
+    line = shlex.join(shown)
     log(f"$ {line}")
     log_path = engine_path.with_name(engine_path.name + ".log")
-    with open(log_path, "w") as fh:
-        result = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT)
-    text = log_path.read_text(errors="replace")
-    if result.returncode != 0 or not engine_path.is_file():
+    for target in (engine_path, timing_cache, log_path):
+        check_target(target)            # before the build, not after it
+    with work_dir(engine_path.parent, TRTEXEC_WORK_PREFIX) as work:
+        staged = {engine_path: work / engine_path.name, timing_cache: work / timing_cache.name,
+                  log_path: work / log_path.name}
+        if timing_cache.is_file():
+            copy_file_atomic(timing_cache, staged[timing_cache])
+        cmd = trtexec_command(trtexec, onnx_path, staged[engine_path], profile, staged[timing_cache], plugin_library)
+        with open(staged[log_path], "w") as fh:
+            result = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT)
+        text = staged[log_path].read_text(errors="replace")
+        ok = result.returncode == 0 and staged[engine_path].is_file()
+        # a failed run publishes its log only (the message points at it); a cache trtexec did not write stays as it is
+        publish_files({final: tmp for final, tmp in staged.items() if (ok or final == log_path) and tmp.is_file()})
+    if not ok:
         tail = " | ".join(text.strip().splitlines()[-5:])
         raise NFormerError(f"trtexec failed (exit {result.returncode}) building {engine_path.name} from "
                            f"{onnx_path.name}: {tail}; full log: {log_path}")
-    return {"tool": "trtexec", "command": cmd, "command_line": line, "log": log_path.name,
+    return {"tool": "trtexec", "command": shown, "command_line": line, "log": log_path.name,
+            "staged_outputs": ["--saveEngine", "--timingCacheFile"],
             "tensorrt_version": trtexec.full_version, "gpu_from_log": parse_trtexec_device(text)}
 
 
@@ -635,7 +665,7 @@ def build(model_dir: str | Path, options: BuildOptions, log: Callable[[str], Non
         log(f"building {engine_path.name} from {parse_path.name} ({kind}) ...")
         plugin_path = Path(plugin["path"]) if plugin else None
         if kind == "trtexec":
-            # the printed command is the one that runs: trtexec writes the engine only once it is built
+            # trtexec writes into a work folder; the engine, cache and log are renamed into place after it succeeded
             info = build_with_trtexec(tool, parse_path, engine_path, profiles[network], timing_cache, plugin_path, log)
         else:
             # writes the engine atomically (export.contract.files) once TensorRT has built it

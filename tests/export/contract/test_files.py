@@ -4,12 +4,14 @@ process's by the next build), without touching a running build's."""
 from __future__ import annotations
 
 import os
+import stat
 import time
 from pathlib import Path
 
 import pytest
 
-from export.contract.files import STALE_GRACE_S, WORK_MARKER, remove_stale_work_dirs, staged_file, staged_files, work_dir
+from export.contract.files import (STALE_GRACE_S, WORK_MARKER, WriteError, publish_files, remove_stale_work_dirs,
+                                   staged_file, staged_files, work_dir)
 
 
 def _aged(path, seconds=STALE_GRACE_S + 60):
@@ -32,6 +34,26 @@ def test_staged_files_publish_all_or_nothing(tmp_path):
     with pytest.raises(ValueError, match="distinct"):
         with staged_files(a, tmp_path / "." / "e.npy"):
             pass
+
+
+def test_files_a_tool_wrote_in_a_work_dir_are_published_together_with_the_umask(tmp_path):
+    engine, cache = tmp_path / "a.engine", tmp_path / "timing.cache"
+    engine.write_bytes(b"old engine")
+    old = os.umask(0o027)
+    try:
+        with work_dir(tmp_path, ".tool-") as work:
+            for name in ("a.engine", "timing.cache", "other.engine"):   # as a tool that ignores the umask writes
+                os.close(os.open(work / name, os.O_WRONLY | os.O_CREAT, 0o600))
+                (work / name).write_bytes(b"new " + name.encode())
+            with pytest.raises(WriteError, match="missing"):   # one of them missing: neither is published
+                publish_files({engine: work / "other.engine", cache: work / "missing"})
+            assert engine.read_bytes() == b"old engine" and not cache.exists()
+            publish_files({engine: work / "a.engine", cache: work / "timing.cache"})
+    finally:
+        os.umask(old)
+    assert engine.read_bytes() == b"new a.engine" and cache.read_bytes() == b"new timing.cache"
+    assert [stat.S_IMODE(p.stat().st_mode) for p in (engine, cache)] == [0o640, 0o640]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.engine", "timing.cache"]   # nothing else left
 
 
 @pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt, SystemExit])

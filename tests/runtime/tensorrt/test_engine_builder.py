@@ -11,15 +11,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import stat
+import subprocess
 import sys
 import textwrap
+import time
 import types
 from pathlib import Path
 
 import pytest
 
 import plugins
+from export.contract.files import STALE_GRACE_S
 from runtime.tensorrt import build as eb
 from runtime.tensorrt import cuda_memory
 from runtime.tensorrt.build import (BuildOptions, EngineMismatchError, Trtexec, build, build_with_python_api,
@@ -33,6 +37,7 @@ from precision_support import fresh_copy, random_small_export
 CONFIG = {"input_size_hw": [256, 128], "n_embd": 256, "n_layer": 4, "landmarks": 5}
 BANNER_10 = "&&&& RUNNING TensorRT.trtexec [TensorRT v101300] [b35] # trtexec --help"
 BANNER_11 = "&&&& RUNNING TensorRT.trtexec [TensorRT v110100] [b106] # trtexec --help"
+CACHE = "timing.fake-gpu-80gb.9.0.trt10.13.0.cache"
 
 
 @pytest.fixture(autouse=True)
@@ -132,8 +137,11 @@ def test_python_api_calls(strongly_typed, flags, tmp_path):
 
 FAKE_TRTEXEC = '''\
 #!{python}
-"""Stand-in for trtexec: prints TensorRT's banner and device lines, writes --saveEngine."""
-import json, os, sys
+"""Stand-in for trtexec: prints TensorRT's banner and device lines, writes --saveEngine (mode 0600, as
+a writer that ignores the umask would) and appends to --timingCacheFile in place, as trtexec does.
+FAKE_TRTEXEC_HANG=<file>: write half of the engine and of the cache update, then write <file> and
+wait to be killed (a build interrupted while trtexec writes)."""
+import json, os, sys, time
 print("&&&& RUNNING TensorRT.trtexec [TensorRT v101300] [b35] # trtexec " + " ".join(sys.argv[1:]))
 if "--help" in sys.argv:
     print("  --stronglyTyped   Create a strongly typed network.")
@@ -145,9 +153,17 @@ if os.environ.get("FAKE_TRTEXEC_FAIL"):
     print("[E] Error[4]: fake parse failure")
     sys.exit(1)
 print("[I] Selected Device: Fake GPU 80GB")
-print("[I] Compute Capability: 9.0")
-open(args["saveEngine"], "wb").write(b"ENGINE:" + open(args["onnx"], "rb").read()[:64])
-open(args["timingCacheFile"], "ab").write(b"t")
+print("[I] Compute Capability: 9.0", flush=True)
+engine = b"ENGINE:" + open(args["onnx"], "rb").read()[:64]
+with open(os.open(args["saveEngine"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out, \\
+        open(os.open(args["timingCacheFile"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as cache:
+    if os.environ.get("FAKE_TRTEXEC_HANG"):
+        out.write(engine[:len(engine) // 2]); out.flush()
+        cache.write(b"half"); cache.flush()
+        open(os.environ["FAKE_TRTEXEC_HANG"], "w").write(str(os.getpid()))
+        time.sleep(600)
+    out.write(engine)
+    cache.write(b"t")
 '''
 
 
@@ -189,9 +205,18 @@ def test_build_with_trtexec_writes_engines_records_and_manifest(fake_trtexec, mo
     for argv, name in zip(calls, ("encoder.fp16", "nformer.fp16")):
         entry = manifest["engines"][name]
         record = json.loads((model_dir / entry["record"]).read_text())
-        assert record["builder"]["command"] == argv  # the exact command that ran is stored ...
-        assert f"$ {record['builder']['command_line']}" in messages  # ... and printed
+        # trtexec wrote into a private work folder of the model directory; the command stored and printed
+        # is the one that ran with the final paths in place of that folder's (the work folder is gone)
+        work = Path(next(a for a in argv if a.startswith("--saveEngine=")).split("=", 1)[1]).parent
+        assert work.parent == model_dir and work.name.startswith(eb.TRTEXEC_WORK_PREFIX) and not work.exists()
+        assert record["builder"]["command"] == [a.replace(f"{work}/", f"{model_dir}/") for a in argv]
+        assert record["builder"]["staged_outputs"] == ["--saveEngine", "--timingCacheFile"]
+        assert f"$ {record['builder']['command_line']}" in messages
+        argv = record["builder"]["command"]
         assert f"--saveEngine={model_dir / entry['path']}" in argv and "--stronglyTyped" in argv
+        # the encoder's build learns the GPU from trtexec's log; the refinement's uses the keyed cache
+        cache = "timing.unknown-gpu.trt10.13.0.cache" if name == "encoder.fp16" else CACHE
+        assert f"--timingCacheFile={model_dir / cache}" in argv
         # the refinement is parsed from its TensorRT copy without the op's local function (see build.py)
         parsed = "nformer.fp16.trt.onnx" if name.startswith("nformer") else "encoder.fp16.onnx"
         assert f"--onnx={model_dir / parsed}" in argv
@@ -219,6 +244,112 @@ def test_failed_trtexec_build_is_an_error_with_the_log(fake_trtexec, model_dir, 
     with pytest.raises(eb.NFormerError, match=r"trtexec failed \(exit 1\).*fake parse failure.*full log"):
         build(model_dir, BuildOptions(precision="fp32"), log=lambda m: None)
     assert "engines" not in json.loads((model_dir / "manifest.json").read_text())
+    # the log the message points at is published; nothing else of the failed run is left
+    assert "fake parse failure" in (model_dir / "encoder.fp32.engine.log").read_text()
+    assert not list(model_dir.glob("*.engine")) and not list(model_dir.glob("timing.*"))
+    assert not _leftovers(model_dir)
+
+
+def _leftovers(model_dir: Path) -> list[str]:
+    """Work folders and temporary files of the writers in ``model_dir``."""
+    return sorted(p.name for p in model_dir.iterdir()
+                  if p.name.startswith((eb.TRTEXEC_WORK_PREFIX, ".")) or p.name.endswith(".tmp"))
+
+
+def test_trtexec_outputs_are_published_with_the_umask(fake_trtexec, model_dir):
+    """trtexec writes its files 0600 into the work folder; engine, log and timing cache arrive at their
+    final names with the umask's permissions, and no work folder or temporary file stays behind."""
+    old = os.umask(0o027)
+    try:
+        result = build(model_dir, BuildOptions(precision="fp32", engine_tool="trtexec"), log=lambda m: None)
+    finally:
+        os.umask(old)
+    assert set(result["engines"]) == {"encoder.fp32", "nformer.fp32"}
+    for entry in result["engines"].values():
+        engine = model_dir / entry["path"]
+        assert engine.read_bytes().startswith(b"ENGINE:")
+        log = engine.with_name(engine.name + ".log")
+        assert "Selected Device: Fake GPU 80GB" in log.read_text()
+        for path in (engine, log, model_dir / entry["record"]):
+            assert stat.S_IMODE(path.stat().st_mode) == 0o640, path.name
+    cache = model_dir / CACHE
+    assert cache.read_bytes() == b"tt" and stat.S_IMODE(cache.stat().st_mode) == 0o640
+    assert not _leftovers(model_dir)
+
+
+KILLABLE_BUILD = '''\
+import sys
+from pathlib import Path
+from runtime.tensorrt import build as eb
+from runtime.cli import main
+
+lib = Path(sys.argv[2])
+eb.gpu_facts = lambda device=None: {"name": "Fake GPU 80GB", "compute_capability": "9.0"}
+eb.plugin_library_facts = lambda: {"path": str(lib), "sha256": eb.sha256_file(lib)}
+main(["build", sys.argv[1], "--precision", "fp32", "--engine-tool", "trtexec"])
+'''
+
+
+@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGTERM"])
+def test_a_build_killed_while_trtexec_writes_keeps_the_previous_engine(signal_name, fake_trtexec, model_dir,
+                                                                       monkeypatch):
+    """`runtime build` interrupted while trtexec writes the engine and updates the timing cache: the
+    previous engine, cache, log, record and manifest are untouched.  SIGTERM unwinds (trtexec is
+    stopped, the work folder removed at once); SIGKILL of the whole process group leaves the work
+    folder, which the next build removes once it is no longer locked."""
+    # the GPU is known before the build (as with nvidia-smi), so trtexec is given the existing cache to update
+    monkeypatch.setattr(eb, "gpu_facts", lambda device=None: {"name": "Fake GPU 80GB", "compute_capability": "9.0"})
+    build(model_dir, BuildOptions(precision="fp32", engine_tool="trtexec"), log=lambda m: None)
+    before = {p.name: p.read_bytes() for p in model_dir.iterdir() if p.is_file()}
+    assert {"encoder.fp32.engine", "encoder.fp32.engine.log", CACHE} <= set(before)
+    hidden_before = _leftovers(model_dir)
+    script = fake_trtexec / "killable_build.py"
+    script.write_text(KILLABLE_BUILD)
+    marker = fake_trtexec / "trtexec_writing"
+    monkeypatch.setenv("FAKE_TRTEXEC_HANG", str(marker))
+    proc = subprocess.Popen([sys.executable, str(script), str(model_dir), str(fake_trtexec / "libnformer_plugins.so")],
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists() or not marker.read_text():
+            assert proc.poll() is None, proc.stdout.read().decode(errors="replace")
+            assert time.monotonic() < deadline, "the stand-in trtexec never started writing"
+            time.sleep(0.05)
+        trtexec_pid = int(marker.read_text())
+        work = [p for p in model_dir.iterdir() if p.name.startswith(eb.TRTEXEC_WORK_PREFIX)]
+        # half an engine and a half-updated copy of the cache, in the work folder
+        assert len(work) == 1 and (work[0] / "encoder.fp32.engine").is_file()
+        assert (work[0] / CACHE).read_bytes() == before[CACHE] + b"half"
+        if signal_name == "SIGKILL":
+            os.killpg(proc.pid, signal.SIGKILL)   # the build and trtexec, as a container stop or the OOM killer would
+        else:
+            proc.send_signal(signal.SIGTERM)     # the build alone, as `timeout` would
+        proc.wait(timeout=60)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=60)
+    after = {p.name: p.read_bytes() for p in model_dir.iterdir() if p.is_file()}
+    assert after == before  # the previous engine, cache, log, records and manifest, byte for byte
+    if signal_name == "SIGTERM":
+        assert proc.returncode == 128 + signal.SIGTERM
+        with pytest.raises(ProcessLookupError):   # subprocess.run stopped trtexec on the way out
+            os.kill(trtexec_pid, 0)
+        assert _leftovers(model_dir) == hidden_before
+    else:
+        assert [p.name for p in model_dir.iterdir() if p.name.startswith(eb.TRTEXEC_WORK_PREFIX)] == [work[0].name]
+        # the next build sweeps the killed run's folder (once older than the grace period for new folders)
+        old = time.time() - 2 * STALE_GRACE_S
+        os.utime(work[0], (old, old))
+    monkeypatch.delenv("FAKE_TRTEXEC_HANG")
+    result = build(model_dir, BuildOptions(precision="fp32", engine_tool="trtexec"), log=lambda m: None)
+    assert _leftovers(model_dir) == hidden_before
+    assert (model_dir / CACHE).read_bytes() == before[CACHE] + b"tt"  # updated by both builds, never "half"
+    for entry in result["engines"].values():
+        record = json.loads((model_dir / entry["record"]).read_text())
+        assert check_engine(model_dir / entry["path"], _running(record), model_dir=model_dir) == record
 
 
 @pytest.mark.parametrize("case", ["tensorrt", "gpu_name", "compute_capability", "no_gpu", "plugin_changed",
