@@ -13,6 +13,7 @@ from export.contract.files import staged_files
 from export.contract.manifest import refuse_model_file
 from export.contract.variants import PRECISIONS
 from runtime.cli.options import batch_size_option, check_writable, load_npy, model_dir_arg, save_npy_atomic, threads_option
+from runtime.tensorrt.build import MAX_PROFILE_BATCH, MAX_PROFILE_N
 
 #: what str.splitlines() ends a line at: a name holding one would not be one line of the names file
 _LINE_BREAKS = frozenset("\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
@@ -122,14 +123,17 @@ def refine(model_dir, embeddings, out, seed, landmarks_file, raw, threads):
 @click.option("--calib-images", type=click.IntRange(1), default=512, show_default=True,
               help="Calibration crops to read (a seeded selection when the folder holds more, all of them "
                    "with a note when it holds fewer).")
-@click.option("--min-batch", type=click.IntRange(1), default=1, show_default=True, help="Encoder engine profile.")
-@click.option("--opt-batch", type=click.IntRange(1), default=32, show_default=True, help="Encoder engine profile.")
-@click.option("--max-batch", type=click.IntRange(1), default=128, show_default=True, help="Encoder engine profile.")
-@click.option("--min-n", type=click.IntRange(1), default=1, show_default=True,
+@click.option("--min-batch", type=click.IntRange(1, MAX_PROFILE_BATCH), default=1, show_default=True,
+              help="Encoder engine profile: smallest batch.")
+@click.option("--opt-batch", type=click.IntRange(1, MAX_PROFILE_BATCH), default=32, show_default=True,
+              help="Encoder engine profile: batch the kernels are tuned for.")
+@click.option("--max-batch", type=click.IntRange(1, MAX_PROFILE_BATCH), default=128, show_default=True,
+              help="Encoder engine profile: largest batch.")
+@click.option("--min-n", type=click.IntRange(1, MAX_PROFILE_N), default=1, show_default=True,
               help="Refinement engine profile: smallest set size N.")
-@click.option("--opt-n", type=click.IntRange(1), default=20000, show_default=True,
+@click.option("--opt-n", type=click.IntRange(1, MAX_PROFILE_N), default=20000, show_default=True,
               help="Refinement engine profile: N the kernels are tuned for.")
-@click.option("--max-n", type=click.IntRange(1), default=100000, show_default=True,
+@click.option("--max-n", type=click.IntRange(1, MAX_PROFILE_N), default=100000, show_default=True,
               help="Refinement engine profile: largest N.")
 @click.option("--engine-tool", type=click.Choice(["auto", "trtexec", "python", "none"]), default="auto",
               show_default=True, help="auto: trtexec when on PATH, else the TensorRT Python API, else ONNX "

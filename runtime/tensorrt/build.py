@@ -35,8 +35,8 @@ Without TensorRT the command still writes the ONNX files and says how to build t
 A CPU precision (``int8-cpu``: uint8 activations, which TensorRT rejects) writes its ONNX file and
 never an engine.
 
-Shape profiles: encoder ``images`` [batch, 3, H, W] with batch min/opt/max 1/32/128; refinement
-``features`` [1, N, D] with N 1/20,000/100,000 and ``landmarks`` [n_layer, l] with l from 1 to the
+Shape profiles: encoder ``images`` [batch, 3, H, W] with batch min/opt/max 1/32/128 (at most 4,096);
+refinement ``features`` [1, N, D] with N 1/20,000/100,000 (at most 1,000,000) and ``landmarks`` [n_layer, l] with l from 1 to the
 model's landmark count (l <= N).  One timing cache per model directory, device and TensorRT version
 (``timing.<gpu-name-slug>.<compute capability>.trt<version>.cache``, e.g.
 ``timing.nvidia-h100-80gb-hbm3.9.0.trt10.13.0.cache``): a model directory copied to another GPU never
@@ -120,6 +120,11 @@ CUSTOM_OP = f"{OP_DOMAIN}::{OP_TYPE}"
 ENGINE_TOOLS = ("auto", "trtexec", "python", "none")
 DEFAULT_BATCH = (1, 32, 128)
 DEFAULT_N = (1, 20_000, 100_000)
+#: largest encoder batch of a profile (the serving batchers' largest, ``runtime serve --max-batch``): a
+#: value past TensorRT's 32-bit dimensions would otherwise reach trtexec's command line and overflow there
+MAX_PROFILE_BATCH = 4096
+#: largest refinement set N of a profile: the largest set refined on a GPU (N = 1,000,000, README)
+MAX_PROFILE_N = 1_000_000
 MIN_TENSORRT_MAJOR = 10
 #: the private work folders of trtexec builds in a model directory (export.contract.files.work_dir)
 TRTEXEC_WORK_PREFIX = ".trtexec-"
@@ -136,17 +141,20 @@ class ProfileRange:
     max: int
 
     @classmethod
-    def of(cls, values, what: str) -> "ProfileRange":
+    def of(cls, values, what: str, largest: int) -> "ProfileRange":
         lo, opt, hi = (int(v) for v in values)
         if not 1 <= lo <= opt <= hi:
             raise InputError(f"{what} profile must satisfy 1 <= min <= opt <= max, got min={lo} opt={opt} max={hi}")
+        if hi > largest:
+            raise InputError(f"{what} profile max must be at most {largest:,}, got {hi:,}; give a smaller max")
         return cls(lo, opt, hi)
 
 
 def shape_profiles(config: dict, batch=DEFAULT_BATCH, n=DEFAULT_N) -> dict[str, dict[str, dict[str, list[int]]]]:
-    """``{network: {input: {"min": shape, "opt": shape, "max": shape}}}`` for both networks."""
-    b = ProfileRange.of(batch, "encoder batch")
-    rows = ProfileRange.of(n, "refinement N")
+    """``{network: {input: {"min": shape, "opt": shape, "max": shape}}}`` for both networks (batch up
+    to :data:`MAX_PROFILE_BATCH`, N up to :data:`MAX_PROFILE_N`)."""
+    b = ProfileRange.of(batch, "encoder batch", MAX_PROFILE_BATCH)
+    rows = ProfileRange.of(n, "refinement N", MAX_PROFILE_N)
     h, w = config["input_size_hw"]
     d, n_layer, l = config["n_embd"], config["n_layer"], config["landmarks"]
     return {

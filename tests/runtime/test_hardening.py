@@ -571,6 +571,20 @@ def test_triton_values_its_parser_rejects_are_refused(small_export, tmp_path, op
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("option, value", [("--max-n", "99999999999999999999"), ("--max-n", "1000001"),
+                                           ("--opt-n", str(2**31)), ("--min-n", str(2**63)),
+                                           ("--max-batch", "4097"), ("--opt-batch", str(2**31)),
+                                           ("--min-batch", "99999999999999999999")])
+def test_engine_profile_sizes_past_the_largest_profile_are_refused(small_export, tmp_path, option, value):
+    """TensorRT's dimensions are 32-bit: a profile size past the largest (batch 4096, N 1,000,000) is
+    one error before anything is written, not a number that overflows in trtexec."""
+    before = tree(small_export)
+    line = one_error(cli("build", small_export, "--precision", "fp16", "--engine-tool", "none", option, value),
+                     option, value)
+    assert ("1<=x<=4096" if "batch" in option else "1<=x<=1000000") in line
+    assert tree(small_export) == before and list(tmp_path.iterdir()) == []
+
+
 def test_triton_extremes_triton_accepts_parse_and_the_library_checks_too(small_export, tmp_path):
     from runtime.serving.exports import write_triton_repository
 

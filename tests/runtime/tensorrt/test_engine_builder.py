@@ -61,6 +61,14 @@ def test_shape_profiles_defaults_and_validation():
     assert shape_profiles(CONFIG, n=(1, 3, 4))["nformer"]["landmarks"]["opt"] == [4, 3]  # l <= N
     with pytest.raises(eb.InputError, match="min <= opt <= max"):
         shape_profiles(CONFIG, batch=(8, 4, 16))
+    # TensorRT's dimensions are 32-bit: sizes past the largest profile are refused before any work
+    largest = shape_profiles(CONFIG, batch=(1, 1, eb.MAX_PROFILE_BATCH), n=(1, 1, eb.MAX_PROFILE_N))
+    assert largest["nformer"]["features"]["max"] == [1, 1_000_000, 256]
+    assert largest["encoder"]["images"]["max"] == [4096, 3, 256, 128]
+    with pytest.raises(eb.InputError, match="refinement N profile max must be at most 1,000,000, got 1,000,001"):
+        shape_profiles(CONFIG, n=(1, 1, eb.MAX_PROFILE_N + 1))
+    with pytest.raises(eb.InputError, match="encoder batch profile max must be at most 4,096"):
+        shape_profiles(CONFIG, batch=(1, 32, 10**20))
 
 
 @pytest.mark.parametrize("version,help_text,strongly", [
