@@ -24,7 +24,10 @@ is written); a second gets a clear error instead of two journals racing.  A fail
 disk, a failed fsync) is cut off again before the error is returned, so the journal never holds
 a change that was not acknowledged ahead of ones that were; if even that fails, the store refuses
 further changes.  A snapshot that fails (``compact``) is logged and retried later: the change that
-triggered it is already durable in the journal and is acknowledged.
+triggered it is already durable in the journal and is acknowledged.  Expiries (``enforce_limits``, run
+before every search with ``ttl_seconds``) never fail a search: on a full disk, or in a store that
+stopped taking changes, the expired items leave the in-memory gallery at once and their record is
+written later (one warning, repeated at most every ``EXPIRY_WARN_EVERY_S``).
 """
 from __future__ import annotations
 
@@ -52,6 +55,10 @@ _HEAD = struct.Struct("<4sIQ32s")
 JOURNAL = re.compile(r"journal\.(v\d+)\.log")
 #: records after which the journal is folded into a new snapshot
 COMPACT_EVERY = 1000
+#: seconds between attempts to journal expiries that a full disk refused (searches; a change retries at once)
+EXPIRY_RETRY_S = 1.0
+#: seconds between warnings that expiries are still not journalled
+EXPIRY_WARN_EVERY_S = 600.0
 #: meta key holding an item's timestamp (UNIX seconds)
 TIMESTAMP = "timestamp"
 #: how far in the future an item's timestamp may lie (clock skew between cameras and the server)
@@ -141,6 +148,11 @@ class GalleryStore:
         self._records = 0
         self._next_compaction = self.compact_every
         self._failed: str | None = None
+        # ids already taken out of the in-memory gallery by the limits whose record the journal has not
+        # taken yet (a full disk): the next record written is theirs (see enforce_limits)
+        self._unrecorded: list = []
+        self._retry_at = 0.0
+        self._warned_at: float | None = None
         self.replayed = 0
         self.dropped_torn_bytes = 0
         self._open()
@@ -297,7 +309,16 @@ class GalleryStore:
             return len(self.gallery)
 
     def enforce_limits(self) -> int:
-        """Expire items older than ``ttl_seconds`` and evict beyond ``max_items``; returns how many."""
+        """Expire items older than ``ttl_seconds`` and evict beyond ``max_items``; returns how many.
+
+        Never fails for want of disk space: the items leave the in-memory gallery first (so no search
+        sees them), then their record is journalled.  Where the journal cannot take it (a full disk, a
+        store that stopped taking changes) the record waits: the next change writes it before its own
+        record, and searches retry it every ``EXPIRY_RETRY_S``; a warning says so, at most every
+        ``EXPIRY_WARN_EVERY_S``.  This is safe because an expiry acknowledges nothing: it follows from
+        the journalled timestamps and the clock, so a restart before it is recorded expires the same
+        items again, and the journal still replays (the waiting record comes before any later one, so
+        the ids it removes are there when it is replayed)."""
         with self._lock:
             drop: list = []
             if self.ttl_seconds is not None and len(self.gallery):
@@ -311,8 +332,21 @@ class GalleryStore:
                     dropped = set(drop)
                     drop += [i for i in self._oldest(over + len(drop)) if i not in dropped][:over]
             if drop:
-                self._commit({"op": "remove", "ids": drop, "reason": "limits"}, None)
+                self.gallery.remove(drop)
+                self._unrecorded.extend(drop)
+            self._try_record_expiries()
             return len(drop)
+
+    def search(self, queries, topn: int, camids=None, refined: bool = True) -> list:
+        """``Gallery.search`` after enforcing ``ttl_seconds``: no item that had expired when the
+        search began is a hit, whether or not its expiry could be journalled yet.  The search itself
+        runs under the gallery's lock only (not behind an add's fsync): an add that lands meanwhile
+        brings no expired item, adds past ``ttl_seconds`` are refused.  An empty gallery gives no
+        lists (``[]``)."""
+        if self.ttl_seconds is not None:
+            self.enforce_limits()
+        gallery = self.gallery
+        return [] if len(gallery) == 0 else gallery.search(queries, topn, camids, refined=refined)
 
     def _stamps(self) -> np.ndarray:
         return np.array([m.get(TIMESTAMP, 0.0) for m in self.gallery.meta], np.float64)
@@ -328,6 +362,17 @@ class GalleryStore:
         """Journal (fsync), then apply: a change is acknowledged only once it is on disk."""
         if self._journal_fd < 0:
             raise InputError(self._failed or "the gallery store is closed")
+        try:
+            self._record_expiries()                 # waiting expiries first: the journal keeps the order
+            self._append(header, rows)
+        except OSError as err:
+            raise InputError(f"cannot record the change in {self.path} ({err.strerror or err}); nothing was changed: "
+                             "free disk space or fix the directory, then retry") from None
+        self._apply(header, rows)
+        self._compact_if_due()
+
+    def _append(self, header: dict, rows: np.ndarray | None) -> None:
+        """Append one record and fsync it; on failure cut it off again and raise the OSError."""
         record = encode_record(header, rows)
         start = os.lseek(self._journal_fd, 0, os.SEEK_END)
         try:
@@ -338,17 +383,53 @@ class GalleryStore:
             os.fsync(self._journal_fd)
         except OSError as err:
             self._cut_back(start, err)
-            raise InputError(f"cannot record the change in {self.path} ({err.strerror or err}); nothing was changed: "
-                             "free disk space or fix the directory, then retry") from None
-        self._apply(header, rows)
+            raise
         self._records += 1
-        if self._records >= self._next_compaction:
-            try:
-                self.compact()
-            except (InputError, OSError) as err:      # the change is durable in the journal: still acknowledged
-                self._next_compaction = self._records + self.compact_every
-                log.warning("%s: could not fold the journal into a snapshot (%s); retrying after %d more changes",
-                            self.path, err, self.compact_every)
+
+    def _record_expiries(self) -> None:
+        """Journal the expiries that ``enforce_limits`` applied but could not record (raises OSError)."""
+        if not self._unrecorded:
+            return
+        self._append({"op": "remove", "ids": self._unrecorded, "reason": "limits"}, None)
+        count, self._unrecorded, self._retry_at = len(self._unrecorded), [], 0.0
+        if self._warned_at is not None:
+            self._warned_at = None
+            log.warning("%s: the expiry of %d item(s) is journalled now", self.path, count)
+
+    def _try_record_expiries(self) -> None:
+        if not self._unrecorded:
+            return
+        if self._journal_fd < 0:
+            self._warn_unrecorded(self._failed or "the gallery store is closed")
+            return
+        if time.monotonic() < self._retry_at:
+            return
+        try:
+            self._record_expiries()
+        except OSError as err:
+            self._retry_at = time.monotonic() + EXPIRY_RETRY_S
+            self._warn_unrecorded(str(err.strerror or err))
+            return
+        self._compact_if_due()
+
+    def _warn_unrecorded(self, reason: str) -> None:
+        now = time.monotonic()
+        if self._warned_at is not None and now - self._warned_at < EXPIRY_WARN_EVERY_S:
+            return
+        self._warned_at = now
+        log.warning("%s: cannot journal the expiry of %d item(s) (%s); searches leave them out already, the record "
+                    "is retried with the next change or search (a restart before then expires them again)",
+                    self.path, len(self._unrecorded), reason)
+
+    def _compact_if_due(self) -> None:
+        if self._records < self._next_compaction:
+            return
+        try:
+            self.compact()
+        except (InputError, OSError) as err:      # the changes are durable in the journal: still acknowledged
+            self._next_compaction = self._records + self.compact_every
+            log.warning("%s: could not fold the journal into a snapshot (%s); retrying after %d more changes",
+                        self.path, err, self.compact_every)
 
     def _cut_back(self, offset: int, cause: OSError) -> None:
         """Remove a failed append, so that later records never follow an unacknowledged one."""
@@ -401,6 +482,11 @@ class GalleryStore:
             self._journal_fd = fd
             self.version = saved.name
             self._records = 0
+            if self._unrecorded:                    # the snapshot left them out: their expiry is durable now
+                self._unrecorded, self._retry_at = [], 0.0
+                if self._warned_at is not None:
+                    self._warned_at = None
+                    log.warning("%s: the waiting expiries are recorded by snapshot %s", self.path, saved.name)
             self._next_compaction = self.compact_every
             self._remove_stale_journals()
 
@@ -408,7 +494,7 @@ class GalleryStore:
         """Compact (by default) and release the journal and the directory."""
         with self._lock:
             try:
-                if compact and self._journal_fd >= 0 and self._records:
+                if compact and self._journal_fd >= 0 and (self._records or self._unrecorded):
                     self.compact()
             finally:
                 if self._journal_fd >= 0:

@@ -139,10 +139,8 @@ class ReidService:
             raise InputError(f"gallery_search: topn must be 1..{MAX_TOPN}, found {topn}")
         ids = np.full((len(q), topn), b"", dtype=object)
         dist = np.full((len(q), topn), np.inf, np.float32)
-        if self.store.ttl_seconds is not None:
-            self.store.enforce_limits()
-        gallery = self.store.gallery
-        hits = [] if len(gallery) == 0 else gallery.search(q, topn, cams.astype(np.int64), refined=mode == "refined")
+        # expired items never answer; a full disk delays only the expiry's record, never the search
+        hits = self.store.search(q, topn, cams.astype(np.int64), refined=mode == "refined")
         for r, row in enumerate(hits):
             for c, hit in enumerate(row):
                 ids[r, c] = str(hit.id).encode()

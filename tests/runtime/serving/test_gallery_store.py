@@ -423,3 +423,126 @@ def test_a_journal_timestamp_beyond_any_float_is_one_clear_error(pipe, tmp_path)
         {"op": "add", "ids": ["b"], "camids": [0], "timestamps": [10 ** 400], "evict": [], "dim": d}, rows(1, d, seed=2)))
     with pytest.raises(InputError, match="timestamps must be 1 finite numbers"):
         GalleryStore(tmp_path / "g", pipe)
+
+
+def _full_disk(monkeypatch, store_module):
+    """A full disk as the journal sees it: every write fails with ENOSPC (its cut-back still works)."""
+    import errno
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store_module.os, "write", full)
+
+
+def _expiry_warnings(caplog):
+    return [r for r in caplog.records if "cannot journal the expiry" in r.getMessage()]
+
+
+def test_searches_on_a_full_disk_leave_expired_items_out_and_the_expiry_is_recorded_later(
+        pipe, tmp_path, monkeypatch, caplog):
+    """With --ttl-seconds a search journals expiries; on a full disk the search itself failed ("cannot
+    record the change ... free disk space"), a read refused for want of space to write."""
+    import logging
+
+    import runtime.serving.gallery_store as store_module
+    from runtime.serving.service import ReidService
+
+    d = pipe.config.n_embd
+    caplog.set_level(logging.WARNING, logger=store_module.__name__)
+    monkeypatch.setattr(store_module, "EXPIRY_RETRY_S", 0.0)       # retry at every search, not once a second
+    real_write = os.write
+    clock = Clock(10_000.0)
+    x = rows(6, d, seed=7)
+    old, new = ["old0", "old1", "old2"], ["new0", "new1", "new2"]
+    s = GalleryStore(tmp_path / "g", pipe, ttl_seconds=100, clock=clock)
+    service = ReidService(pipe, s)
+    s.add(x[:3], old, [0, 0, 0], timestamps=[9_950.0] * 3)
+    s.add(x[3:], new, [1, 1, 1], timestamps=[9_990.0] * 3)
+    journal = tmp_path / "g" / "journal.v000001.log"
+    size = journal.stat().st_size
+
+    _full_disk(monkeypatch, store_module)
+    clock.t = 10_060.0                                      # old* are past the ttl, new* are not
+    reference = pipe.gallery()                              # what a gallery of new* alone answers
+    reference.add(x[3:], ids=new, camids=[1, 1, 1])
+    for mode in ("refined", "encoder") * 3:
+        ids, dist, unknown = service.search(x, np.full(6, -1), 10, mode)
+        assert {i for i in ids.ravel() if i} == {n.encode() for n in new}
+        expect = reference.search(x, 10, np.full(6, -1), refined=mode == "refined")
+        np.testing.assert_allclose(dist[:, :3], [[h.distance for h in row] for row in expect], rtol=1e-5, atol=1e-6)
+        assert not unknown.any()
+    assert len(_expiry_warnings(caplog)) == 1                # one warning, not one per search
+    assert s.gallery.ids == new and journal.stat().st_size == size
+    with pytest.raises(InputError, match="No space left"):
+        service.add(rows(1, d, seed=9), ["late"], [0])        # changes still fail clearly
+    with pytest.raises(InputError, match="No space left"):
+        service.remove(["new0"])
+    assert s.gallery.ids == new and journal.stat().st_size == size
+
+    crash(s)                                                # killed before the expiry could be recorded
+    s = GalleryStore(tmp_path / "g", pipe, ttl_seconds=100, clock=Clock(10_000.0))
+    assert s.gallery.ids == old + new                        # every acknowledged add is there ...
+    crash(s)
+    s = GalleryStore(tmp_path / "g", pipe, ttl_seconds=100, clock=clock)
+    assert s.gallery.ids == new                              # ... and the restart expires old* again (disk still full)
+    assert len(_expiry_warnings(caplog)) == 2                # which this process says once
+    service = ReidService(pipe, s)
+
+    monkeypatch.setattr(store_module.os, "write", real_write)   # space again: the next change records the expiry first
+    service.add(rows(1, d, seed=9), ["late"], [0])
+    records = [h for h, _ in read_records(journal)[0]]
+    assert [h["op"] for h in records[-2:]] == ["remove", "add"] and records[-2]["ids"] == old
+    assert s.gallery.ids == new + ["late"]
+
+    _full_disk(monkeypatch, store_module)
+    clock.t = 10_095.0                                       # now new* expire too
+    for _ in range(3):
+        ids, _, _ = service.search(x[:2], np.full(2, -1), 5, "encoder")
+        assert {i for i in ids.ravel() if i} == {b"late"}
+    assert len(_expiry_warnings(caplog)) == 3                # a new outage warns once more
+    monkeypatch.setattr(store_module.os, "write", real_write)
+    service.search(x[:1], [-1], 5, "encoder")                # space again: this search records the expiry
+    last = read_records(journal)[0][-1][0]
+    assert last == {"op": "remove", "ids": new, "reason": "limits"}
+    assert any("journalled now" in r.getMessage() for r in caplog.records)
+    crash(s)
+    with GalleryStore(tmp_path / "g", pipe, ttl_seconds=100, clock=Clock(10_000.0)) as s2:
+        assert s2.gallery.ids == ["late"]                    # the expiries are in the journal, not re-derived
+        assert_exact_lists(s2)
+
+
+def test_searches_go_on_when_the_store_stopped_taking_changes(pipe, tmp_path, monkeypatch, caplog):
+    """A failed append that could not be cut off stops the store; every search then failed too."""
+    import errno
+    import logging
+
+    import runtime.serving.gallery_store as store_module
+    from runtime.serving.service import ReidService
+
+    d = pipe.config.n_embd
+    caplog.set_level(logging.WARNING, logger=store_module.__name__)
+    clock = Clock(10_000.0)
+    x = rows(4, d, seed=8)
+    s = GalleryStore(tmp_path / "g", pipe, ttl_seconds=100, clock=clock)
+    service = ReidService(pipe, s)
+    s.add(x[:2], ["a", "b"], [0, 0], timestamps=[9_950.0] * 2)
+    s.add(x[2:], ["c", "d"], [0, 0], timestamps=[9_990.0] * 2)
+    _full_disk(monkeypatch, store_module)
+
+    def no_truncate(fd, length):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(store_module.os, "ftruncate", no_truncate)
+    clock.t = 10_060.0
+    for _ in range(4):
+        ids, _, _ = service.search(x, np.full(4, -1), 4, "refined")
+        assert {i for i in ids.ravel() if i} == {b"c", b"d"}
+    assert s._failed and len(_expiry_warnings(caplog)) == 1
+    with pytest.raises(InputError, match="stopped taking changes"):
+        service.add(rows(1, d, seed=3), ["e"], [0])
+    monkeypatch.undo()
+    s.close()                                               # nothing to write with: closes without a snapshot
+    with GalleryStore(tmp_path / "g", pipe, ttl_seconds=100, clock=Clock(10_000.0)) as s2:
+        assert s2.gallery.ids == ["a", "b", "c", "d"]        # nothing acknowledged is lost
+
