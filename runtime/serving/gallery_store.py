@@ -5,9 +5,11 @@ change (an add with the items it evicts, a remove, an expiry) is one record appe
 ``journal.<version>.log`` in the gallery directory and fsynced *before* the change is applied and
 acknowledged; ``<version>`` names the snapshot (``CURRENT``) the journal continues.  Opening the
 store loads that snapshot and replays its journal, so a restart serves exactly the acknowledged
-changes.  ``compact()`` (every ``compact_every`` records, and at ``close()``) saves a new snapshot
-through ``Gallery.save`` (atomic: a crash keeps the old snapshot and its journal) and starts an
-empty journal for it; journals of older snapshots are deleted afterwards.
+changes.  ``compact()`` (every ``compact_every`` records, once the journal's bytes pass
+``max(compact_bytes, COMPACT_SNAPSHOT_RATIO * the snapshot's bytes)``, at opening when the journal is
+over either bound, and at ``close()``) saves a new snapshot through ``Gallery.save`` (atomic: a crash
+keeps the old snapshot and its journal) and starts an empty journal for it; journals of older
+snapshots are deleted afterwards.
 
 A record is ``MAGIC | u32 header length | u64 payload length | sha256(header + payload) | header
 (JSON) | payload (float32 rows)``.  A crash while appending leaves at most one torn record at the end:
@@ -55,6 +57,10 @@ _HEAD = struct.Struct("<4sIQ32s")
 JOURNAL = re.compile(r"journal\.(v\d+)\.log")
 #: records after which the journal is folded into a new snapshot
 COMPACT_EVERY = 1000
+#: journal bytes after which it is folded into a new snapshot, at the least (see ``GalleryStore``)
+COMPACT_BYTES = 256 << 20
+#: ... or this multiple of the snapshot's bytes on disk, where that is more
+COMPACT_SNAPSHOT_RATIO = 1.0
 #: seconds between attempts to journal expiries that a full disk refused (searches; a change retries at once)
 EXPIRY_RETRY_S = 1.0
 #: seconds between warnings that expiries are still not journalled
@@ -128,10 +134,26 @@ def read_records(path: Path) -> tuple[list[tuple[dict, np.ndarray | None]], int,
 
 
 class GalleryStore:
-    """``Gallery`` + journal: every acknowledged change survives a crash.  Thread-safe."""
+    """``Gallery`` + journal: every acknowledged change survives a crash.  Thread-safe.
+
+    Compaction is due after ``compact_every`` records or once the journal holds
+    ``max(compact_bytes, COMPACT_SNAPSHOT_RATIO * bytes of the snapshot it continues)`` bytes,
+    whichever comes first.  Records alone do not bound the journal: one add may carry 65536 rows
+    (tens of MB), so 1000 of them made journals of many GB whose replay (all read into memory, every
+    add re-run through the neighbour lists) took hours.  A fixed byte bound alone would make a large
+    gallery rewrite its whole snapshot every ``compact_bytes`` (a 10 GB snapshot every 256 MB: 40
+    times the journal's writes); a multiple of the snapshot alone would compact a small gallery at
+    nearly every add.  With both, the snapshot rewritten is never larger than the journal bytes it
+    folds (at most one write more per journal byte), and the journal a restart replays holds at most
+    about as many bytes as the snapshot it continues, or ``compact_bytes``, plus one record (a
+    snapshot stores a row about three times over: raw, normalised, neighbour lists; so that is at
+    most about three galleries' worth of added rows; ``read_records`` holds no more in memory).  The
+    snapshot's size is known exactly: it is the version directory ``Gallery.save`` returned (or
+    ``CURRENT`` names at opening), summed once per compaction.
+    """
 
     def __init__(self, path: str | Path, pipe, max_items: int | None = None, ttl_seconds: float | None = None,
-                 compact_every: int = COMPACT_EVERY, clock=time.time):
+                 compact_every: int = COMPACT_EVERY, clock=time.time, compact_bytes: int = COMPACT_BYTES):
         if max_items is not None and max_items < 1:
             raise InputError(f"max_items must be >= 1, found {max_items}")
         if ttl_seconds is not None and not (np.isfinite(ttl_seconds) and ttl_seconds > 0):
@@ -141,12 +163,16 @@ class GalleryStore:
         self.max_items = max_items
         self.ttl_seconds = ttl_seconds
         self.compact_every = max(1, int(compact_every))
+        self.compact_bytes = max(1, int(compact_bytes))
         self.clock = clock
         self._lock = threading.RLock()
         self._lock_fd = -1
         self._journal_fd = -1
         self._records = 0
+        self._journal_bytes = 0
+        self._snapshot_bytes = 0
         self._next_compaction = self.compact_every
+        self._next_compaction_bytes = self.compact_bytes
         self._failed: str | None = None
         # ids already taken out of the in-memory gallery by the limits whose record the journal has not
         # taken yet (a full disk): the next record written is theirs (see enforce_limits)
@@ -186,7 +212,10 @@ class GalleryStore:
                 self._replay(journal)
             self._open_journal(journal)
             self._remove_stale_journals()
+            self._snapshot_bytes = _dir_bytes(self.path / self.version)
+            self._next_compaction_bytes = self._byte_bound()
             self.enforce_limits()
+            self._compact_if_due()          # a journal left over its bounds (an older version, failed snapshots)
         except BaseException:
             self.close(compact=False)
             raise
@@ -218,6 +247,7 @@ class GalleryStore:
                                  "the gallery directory was changed by hand: restore it from a backup") from None
         self.replayed = len(records)
         self._records = len(records)
+        self._journal_bytes = good
         if good < size:
             self.dropped_torn_bytes = size - good
             log.warning("%s: dropped a torn last record (%d bytes) left by a crash; it was never acknowledged",
@@ -385,6 +415,7 @@ class GalleryStore:
             self._cut_back(start, err)
             raise
         self._records += 1
+        self._journal_bytes = start + len(record)
 
     def _record_expiries(self) -> None:
         """Journal the expiries that ``enforce_limits`` applied but could not record (raises OSError)."""
@@ -421,15 +452,19 @@ class GalleryStore:
                     "is retried with the next change or search (a restart before then expires them again)",
                     self.path, len(self._unrecorded), reason)
 
+    def _byte_bound(self) -> int:
+        return max(self.compact_bytes, int(COMPACT_SNAPSHOT_RATIO * self._snapshot_bytes))
+
     def _compact_if_due(self) -> None:
-        if self._records < self._next_compaction:
+        if self._records < self._next_compaction and self._journal_bytes < self._next_compaction_bytes:
             return
         try:
             self.compact()
         except (InputError, OSError) as err:      # the changes are durable in the journal: still acknowledged
             self._next_compaction = self._records + self.compact_every
-            log.warning("%s: could not fold the journal into a snapshot (%s); retrying after %d more changes",
-                        self.path, err, self.compact_every)
+            self._next_compaction_bytes = self._journal_bytes + self._byte_bound()
+            log.warning("%s: could not fold the journal into a snapshot (%s); retrying after %d more changes or "
+                        "%d more journal bytes", self.path, err, self.compact_every, self._byte_bound())
 
     def _cut_back(self, offset: int, cause: OSError) -> None:
         """Remove a failed append, so that later records never follow an unacknowledged one."""
@@ -481,13 +516,15 @@ class GalleryStore:
             os.close(self._journal_fd)
             self._journal_fd = fd
             self.version = saved.name
-            self._records = 0
+            self._records = self._journal_bytes = 0
             if self._unrecorded:                    # the snapshot left them out: their expiry is durable now
                 self._unrecorded, self._retry_at = [], 0.0
                 if self._warned_at is not None:
                     self._warned_at = None
                     log.warning("%s: the waiting expiries are recorded by snapshot %s", self.path, saved.name)
+            self._snapshot_bytes = _dir_bytes(saved)
             self._next_compaction = self.compact_every
+            self._next_compaction_bytes = self._byte_bound()
             self._remove_stale_journals()
 
     def close(self, compact: bool = True) -> None:
@@ -509,6 +546,15 @@ class GalleryStore:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _dir_bytes(folder: Path) -> int:
+    """Bytes of the files directly in ``folder`` (a snapshot's version directory); 0 if unreadable."""
+    try:
+        with os.scandir(folder) as entries:
+            return sum(e.stat(follow_symlinks=False).st_size for e in entries if e.is_file(follow_symlinks=False))
+    except OSError:
+        return 0
 
 
 def _is_stamp(value) -> bool:

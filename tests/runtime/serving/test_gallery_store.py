@@ -546,3 +546,56 @@ def test_searches_go_on_when_the_store_stopped_taking_changes(pipe, tmp_path, mo
     with GalleryStore(tmp_path / "g", pipe, ttl_seconds=100, clock=Clock(10_000.0)) as s2:
         assert s2.gallery.ids == ["a", "b", "c", "d"]        # nothing acknowledged is lost
 
+
+def test_the_journal_is_folded_once_its_bytes_pass_the_bound(pipe, tmp_path, monkeypatch):
+    """Compaction counted records only: 1000 adds of 65536 rows made a journal of tens of GB before
+    the first snapshot, and a restart replayed all of it."""
+    import runtime.serving.gallery_store as store_module
+
+    monkeypatch.setattr(store_module, "COMPACT_SNAPSHOT_RATIO", 0.0)     # the fixed bound alone
+    d = pipe.config.n_embd
+    one = len(encode_record({"op": "add", "ids": [f"r{i}" for i in range(20)], "camids": [0] * 20,
+                             "timestamps": [0.0] * 20, "evict": [], "dim": d}, rows(20, d)))
+    bound = 3 * one - 100                   # the third 20-row add passes it
+    s = GalleryStore(tmp_path / "g", pipe, compact_bytes=bound)        # compact_every: 1000
+    for n in range(7):
+        s.add(rows(20, d, seed=n, dup=2 if n == 4 else 0), [f"r{n}-{i}" for i in range(20)], np.arange(20) % 3)
+        assert (tmp_path / "g" / f"journal.{s.version}.log").stat().st_size < bound
+    assert s.version == "v000003"                            # folded after adds 3 and 6
+    journal = tmp_path / "g" / "journal.v000003.log"
+    assert len(read_records(journal)[0]) == 1 and journal.stat().st_size == s._journal_bytes
+    expect_ids, expect_raw = s.gallery.ids, s.gallery.embeddings
+    crash(s)                                                 # kill -9 after the folds
+    s2 = GalleryStore(tmp_path / "g", pipe, compact_bytes=bound)
+    assert s2.replayed == 1 and s2.gallery.ids == expect_ids
+    np.testing.assert_array_equal(s2.gallery.embeddings, expect_raw)
+    assert_exact_lists(s2)
+    crash(s2)
+
+    # a journal already over its bound when the store opens (an older version wrote it) is folded at once
+    s3 = GalleryStore(tmp_path / "g", pipe, compact_bytes=one // 2)
+    assert s3.replayed == 1 and s3.version == "v000004" and journal.with_name("journal.v000004.log").stat().st_size == 0
+    assert not journal.exists() and s3.gallery.ids == expect_ids
+    s3.close()
+
+
+def test_the_byte_bound_grows_with_the_snapshot(pipe, tmp_path):
+    """The bound is max(compact_bytes, the snapshot's bytes): a large gallery does not rewrite its
+    whole snapshot for every few MB of journal, and the journal stays within about a snapshot."""
+    from runtime.serving.gallery_store import _dir_bytes
+
+    d = pipe.config.n_embd
+    s = GalleryStore(tmp_path / "g", pipe, compact_bytes=1)
+    versions = ["v000001"]
+    for n in range(16):
+        s.add(rows(10, d, seed=n), [f"r{n}-{i}" for i in range(10)], np.zeros(10, np.int64))
+        snapshot = _dir_bytes(tmp_path / "g" / s.version)
+        assert s._next_compaction_bytes == max(1, snapshot)
+        assert s._journal_bytes < snapshot                    # folded whenever it reached the snapshot's size
+        versions.append(s.version)
+    folds = [n for n in range(1, len(versions)) if versions[n] != versions[n - 1]]
+    assert len(folds) >= 3 and (np.diff(np.diff(folds)) > 0).all()   # less often as the gallery grows
+    expect = s.gallery.ids
+    crash(s)
+    with GalleryStore(tmp_path / "g", pipe) as s2:
+        assert s2.gallery.ids == expect
