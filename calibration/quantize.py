@@ -234,7 +234,9 @@ def quantize_encoder(src: str | Path, dst: str | Path, calib_data: str | Path, *
             skipped = crops.summary()["skipped"]
             calib_cache.save(path, key, json.loads(ranges.read_text()), used, skipped, check,
                              [str(p.relative_to(candidates.root)) for p in check_files])
-        shutil.move(str(work / "model.onnx"), dst)
+        # copied into dst (the staged name the caller holds a lock on), not moved: a rename would put
+        # an unlocked inode under that name, which another build's sweep could take for a killed one's
+        shutil.copyfile(work / "model.onnx", dst)
     return {"method": method, "options": options, "images": len(used), "seed": seed,
             "source": str(candidates.root), "layout": candidates.layout, "skipped": len(skipped),
             "cache": str(path), "cache_hit": entry is not None, "check": check}

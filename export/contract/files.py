@@ -34,8 +34,13 @@ class WriteError(InputError, OSError):
 _NAME_ROOM = 200
 
 
+#: in every temporary file name this module makes: what :func:`remove_stale_temp_files` may remove
+_TEMP_MARK = "nformer-tmp-"
+
+
 def _temp_prefix(path: Path) -> str:
-    return f".{path.name}." if len(os.fsencode(path.name)) <= _NAME_ROOM else ".nformer-out."
+    name = path.name if len(os.fsencode(path.name)) <= _NAME_ROOM else "nformer-out"
+    return f".{name}.{_TEMP_MARK}"
 
 
 def check_target(path: str | Path) -> None:
@@ -120,8 +125,9 @@ def _publish(path: str | Path, fill) -> None:
                 os.close(held)
 
 
-#: the temporary files of :func:`_publish` and :func:`staged_file`: ``.<name>.<8 random>.tmp``
-_TEMP_FILE = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+#: the temporary files of :func:`_publish` and :func:`staged_file`: ``.<name>.nformer-tmp-<8 random>.tmp``
+#: (the mark: a user's or another program's ``.x.tmp`` files are never taken for ours)
+_TEMP_FILE = re.compile(r"\..+\." + re.escape(_TEMP_MARK) + r"[a-z0-9_]{8}\.tmp")
 
 
 def _lock_file(path) -> int | None:
@@ -334,13 +340,20 @@ def staged_files(*paths: str | Path):
 
 def publish_files(files: dict) -> None:
     """Publish files that a tool wrote by name in a :func:`work_dir` (``{target: written}``, each
-    ``written`` on its target's file system) together, as :func:`staged_files` does: each is renamed
-    (not copied) to a temporary name beside its target, given the umask's permissions (the tool may
-    have used others), fsynced and renamed over the target; on any failure none is published (and
-    the written files already moved are removed, like the rest of the work folder)."""
-    with staged_files(*files) as temps:
-        for tmp, written in zip(temps, files.values()):
-            os.replace(written, tmp)
+    ``written`` on its target's file system): each is given the umask's permissions (the tool may
+    have used others) and fsynced where it lies, inside the work folder (flocked: no sweep touches
+    it); only then are they renamed over their targets, one after the other.  A failure before the
+    renames publishes none.  (Renamed straight from the work folder: a staged name beside the target
+    would hold an inode that its flock does not cover.)"""
+    for written in files.values():
+        with _as_write_error(*files):
+            os.chmod(written, 0o666 & ~current_umask())
+            with open(written, "rb+") as f:
+                os.fsync(f.fileno())
+    for target, written in files.items():
+        with _as_write_error(target):
+            check_target(target)
+            os.replace(written, target)
 
 
 def scratch_dir(prefix: str) -> Path:

@@ -90,7 +90,7 @@ def test_a_killed_builds_folder_is_removed_by_the_next_build_but_a_running_one_i
 
 
 def test_temporary_files_of_killed_writers_are_removed_but_a_running_writers_are_not(tmp_path):
-    """staged_file / write_bytes_atomic leave `.name.XXXXXXXX.tmp` behind when their process is
+    """staged_file / write_bytes_atomic leave `.name.nformer-tmp-XXXXXXXX.tmp` behind when their process is
     SIGKILLed; the next build's sweep (work_dir, runtime build) removes those, never one that a live
     writer holds, a young one, or a user's file of another name."""
     import signal
@@ -109,14 +109,15 @@ def test_temporary_files_of_killed_writers_are_removed_but_a_running_writers_are
     killed.wait(timeout=30)
     assert left.is_file() and left.name.startswith(".encoder.int8.onnx.") and left.name.endswith(".tmp")
     _aged(left)
-    own = tmp_path / ".notes.tmp"                        # the user's own hidden file: another pattern
-    own.write_text("keep")
-    _aged(own)
+    own = [tmp_path / n for n in (".notes.tmp", ".x.abcd1234.tmp", ".report.pdf.download.tmp")]
+    for f in own:                                        # the user's own / another program's: never ours
+        f.write_text("keep")
+        _aged(f)
     with staged_file(tmp_path / "running.onnx") as running:   # a live writer's, aged: held, so kept
         running.write_bytes(b"x")
         _aged(running)
-        young = tmp_path / ".other.onnx.abcd1234.tmp"     # a killed writer's, but too young to judge
+        young = tmp_path / ".other.onnx.nformer-tmp-abcd1234.tmp"   # a killed writer's, but too young to judge
         young.write_bytes(b"y")
         assert remove_stale_temp_files(tmp_path) == [left]
-        assert running.is_file() and young.is_file() and own.is_file() and not left.exists()
+        assert running.is_file() and young.is_file() and all(f.is_file() for f in own) and not left.exists()
     assert (tmp_path / "running.onnx").read_bytes() == b"x"
