@@ -161,6 +161,24 @@ def read_calibration_images(candidates: Candidates, count: int, size_hw, mean, s
     return CalibrationImages(candidates.root, candidates.layout, used, images, skipped)
 
 
+def is_seeded_selection(candidates: Candidates, images: list, skipped: list, count: int, seed: int = 0) -> bool:
+    """Whether ``images`` (relative names, as a calibration cache lists them) are what
+    :func:`read_calibration_images` selects from these candidates: the first ``count`` of the seeded
+    order, passing over the names in ``skipped`` (files that did not decode).  Names only, nothing is
+    read.  A cache entry whose list is not the selection is not trusted: the accuracy check's
+    held-out crops are the ones after the selection, and an edited list would move them."""
+    order = np.random.default_rng(seed).permutation(len(candidates.files))
+    passed = set(skipped)
+    want = []
+    for i in order:
+        if len(want) == count:
+            break
+        name = _relative(candidates.files[i], candidates.root)
+        if name not in passed:
+            want.append(name)
+    return list(images) == want
+
+
 def read_held_out(candidates: Candidates, calibrated: set[str], size_hw, mean, std, count: int,
                   seed: int = 0) -> tuple[list[Path], np.ndarray]:
     """The accuracy check's crops: the first ``count`` readable candidates of the seeded order (the

@@ -58,7 +58,7 @@ from export.contract.files import sha256_file, work_dir
 from export.contract.variants import CALIBRATED_PRECISIONS
 
 from calibration import cache as calib_cache
-from calibration.images import list_candidates, read_calibration_images, read_held_out
+from calibration.images import is_seeded_selection, list_candidates, read_calibration_images, read_held_out
 
 METHODS = ("entropy", "percentile", "minmax")
 DEFAULT_METHOD = "entropy"
@@ -173,6 +173,11 @@ def quantize_encoder(src: str | Path, dst: str | Path, calib_data: str | Path, *
     # the TensorRT file's entries keep their name ("encoder.<method>.<digest>"); version 1 entries are recomputed
     path = calib_cache.cache_path(cache_dir or dst.parent, "encoder" if precision == "int8" else "encoder.cpu", key)
     entry = calib_cache.load(path, key, tensors=_tensor_names(src), log=log)
+    if entry is not None and not is_seeded_selection(candidates, entry["images"],
+                                                     [s["path"] for s in entry["skipped"]], key["count"], seed):
+        log(f"calibration: note: the calibration cache {path} is not usable (its image list is not the seeded "
+            "selection of the folder's crops); recomputing the ranges from the crops")
+        entry = None
     # a flocked work folder: removed whatever ends the block; a SIGKILLed run's is swept by the next one
     with work_dir(dst.parent, ".quantize-") as work:
         if entry is not None:
@@ -186,7 +191,7 @@ def quantize_encoder(src: str | Path, dst: str | Path, calib_data: str | Path, *
                 entry = None
             else:
                 # the ranges passed the accuracy check when they were made; the file is untrusted, so
-                # the check runs again on the first crops it lists (only these are read)
+                # the check runs again (only its crops are read)
                 from calibration.images import read_check_crops
 
                 # on held-out crops chosen here as for fresh ranges (not the ones the entry lists); with

@@ -378,36 +378,47 @@ def test_accuracy_check_on_held_out_crops_and_the_note_without_them(tmp_path_fac
 
 
 def test_cached_ranges_are_checked_on_crops_chosen_here_not_by_the_entry(tmp_path_factory, tmp_path, monkeypatch):
-    """The cache is untrusted: an entry re-signed to list one image (so that its check would embed
-    one crop of the editor's choosing) still gets 8 held-out crops chosen by the seeded order; an
-    entry from before the held-out check (no check_images, no held_out) is read and checked the same way."""
+    """The cache is untrusted: an entry re-signed to list other images than the seeded selection (so
+    that the held-out crops after it would move, or its check would embed crops of the editor's
+    choosing) is not used; an entry from before the held-out check (no check_images, no held_out) is
+    read, and its check embeds the 8 held-out crops chosen by the seeded order."""
     from calibration.images import read_held_out
     from calibration.quantize import CHECK_CROPS
 
     _, build = random_small_export(tmp_path_factory)
     model_dir = fresh_copy(build, tmp_path / "build")
     crops = _crops(tmp_path / "crops", 24)
-    kw = dict(size_hw=HW, mean=PIXEL_MEAN, std=PIXEL_STD, count=16, cache_dir=model_dir, log=lambda m: None,
+    notes = []
+    kw = dict(size_hw=HW, mean=PIXEL_MEAN, std=PIXEL_STD, count=16, cache_dir=model_dir, log=notes.append,
               method="minmax")
     first = quantize_encoder(model_dir / "encoder.onnx", tmp_path / "a.onnx", crops, **kw)
     entry = json.loads(Path(first["cache"]).read_text())
     real_load = calib_images.load_image
-    for edit in ("one_image", "old_format"):
+    for edit in ("one_image", "other_images", "old_format"):
         if edit == "one_image":
             forged = dict(entry, images=entry["images"][:1], check_images=[])
             forged["check"] = dict(entry["check"], held_out=False, crops=1)
+        elif edit == "other_images":             # the held-out crops listed as calibrated, and the other way round
+            forged = dict(entry, images=entry["images"][8:] + entry["check_images"], check_images=entry["images"][:8])
         else:
             forged = {k: v for k, v in entry.items() if k != "check_images"}
             forged["check"] = {k: v for k, v in entry["check"].items() if k != "held_out"}
         forged.pop("content_sha256", None)
         Path(first["cache"]).write_text(json.dumps({**forged, "content_sha256": calib_cache.content_digest(forged)}))
-        read = []
+        read, notes[:] = [], []
         monkeypatch.setattr(calib_images, "load_image", lambda p: read.append(p.name) or real_load(p))
         again = quantize_encoder(model_dir / "encoder.onnx", tmp_path / f"{edit}.onnx", crops, **kw)
         monkeypatch.setattr(calib_images, "load_image", real_load)
-        want, _ = read_held_out(list_candidates(crops), set(forged["images"]), HW, PIXEL_MEAN, PIXEL_STD, CHECK_CROPS)
-        assert again["cache_hit"] and again["check"]["held_out"] is True and again["check"]["crops"] == CHECK_CROPS
-        assert read == [p.name for p in want], (edit, read)
+        if edit == "old_format":
+            want, _ = read_held_out(list_candidates(crops), set(entry["images"]), HW, PIXEL_MEAN, PIXEL_STD,
+                                    CHECK_CROPS)
+            assert again["cache_hit"] and again["check"]["held_out"] is True
+            assert read == [p.name for p in want] == entry["check_images"], read
+        else:
+            assert not again["cache_hit"], edit
+            assert any("not the seeded selection" in n for n in notes), notes
+            assert again["check"]["held_out"] is True and again["check"]["crops"] == CHECK_CROPS
+        assert json.loads(Path(first["cache"]).read_text())["images"] == entry["images"]     # as recomputed
 
 
 def test_odd_file_names_and_the_notes_about_skipped_files(tmp_path_factory, tmp_path):
