@@ -102,31 +102,6 @@ def check_ports(host: str, ports: dict) -> None:
                                  "listens there; stop it or choose other ports") from None
 
 
-def sweep_dead_shared_memory(shm: Path = Path("/dev/shm")) -> list[Path]:
-    """Remove PyTriton's shared-memory blocks (``pytrtion<pid>-*``) left by servers that were
-    killed (``kill -9``, the OOM killer: about 20 MB a server): blocks of this user whose pid no
-    longer runs.  A running server's blocks, and other users', are left alone."""
-    removed = []
-    try:
-        blocks = list(shm.glob("pytrtion*-*"))
-    except OSError:
-        return removed
-    for block in blocks:
-        digits = block.name[len("pytrtion"):].split("-", 1)[0]
-        if not digits.isdigit():
-            continue
-        try:
-            if block.lstat().st_uid != os.getuid():
-                continue
-            os.kill(int(digits), 0)
-        except ProcessLookupError:
-            block.unlink(missing_ok=True)
-            removed.append(block)
-        except (OSError, OverflowError):
-            continue                                 # alive (another user's process: EPERM) or unreadable
-    return removed
-
-
 def import_pytriton():
     try:
         from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
@@ -305,7 +280,6 @@ def serve(model_dir, gallery_dir=None, *, host: str = "127.0.0.1", http_port: in
     os.environ.update(stub_environment())          # the stub inherits the server's environment
     gallery_dir = Path(gallery_dir) if gallery_dir is not None else Path(model_dir) / "gallery"
     check_ports(host, {"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port})
-    sweep_dead_shared_memory()
     service = open_service(model_dir, gallery_dir, max_batch=max_batch, max_queue_delay_us=max_queue_delay_us,
                            max_items=max_items, ttl_seconds=ttl_seconds, unknown_distance=unknown_distance,
                            backend=backend, precision=precision)

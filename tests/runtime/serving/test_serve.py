@@ -383,22 +383,3 @@ def test_hosts_serve_cannot_use_are_one_clear_error_before_anything_is_written(m
                                               "--host", host])
     assert result.exit_code == 2 and words in result.output and "Traceback" not in result.output, result.output
     assert not (tmp_path / "g").exists()
-
-
-def test_shared_memory_of_killed_servers_is_swept_at_start(tmp_path):
-    """A kill -9'd server leaves ~20 MB of PyTriton blocks in /dev/shm (named after its pid) that no
-    later start removed; those of dead pids go, a running process's and other names stay."""
-    import subprocess
-    import sys
-
-    from runtime.serving.triton_server import sweep_dead_shared_memory
-
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    names = [f"pytrtion{dead.pid}-abc", f"pytrtion{dead.pid}-def", f"pytrtion{os.getpid()}-live", "pytrtionx-odd",
-             "psm_1234"]
-    for name in names:
-        (tmp_path / name).write_bytes(b"x")
-    removed = sweep_dead_shared_memory(tmp_path)
-    assert sorted(p.name for p in removed) == sorted(names[:2])
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[2:])
