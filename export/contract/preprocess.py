@@ -48,11 +48,11 @@ def load_image(path, name: str | None = None) -> Image.Image:
 
 def _to_rgb(img: Image.Image, where) -> Image.Image:
     """RGB of a decoded image.  8-bit modes (RGB, L, P, CMYK, LA, ...) convert as PIL does (the
-    original's reader).  16-bit greyscale (PNG, TIFF: modes I;16*, and I from a PNG, whose samples are
-    at most 16 bits) is scaled to 8 bits (v / 257): ``convert`` would clip every value above 255 to
+    original's reader).  16-bit greyscale (PNG, TIFF: modes I;16*; I from a PNG or a PGM, whose samples
+    are at most 16 bits) is scaled to 8 bits (v / 257): ``convert`` would clip every value above 255 to
     white.  32-bit integer and float images (I, F from TIFF) have no defined range: refused."""
     mode = img.mode
-    if mode.startswith("I;16") or (mode == "I" and img.format == "PNG"):
+    if mode.startswith("I;16") or (mode == "I" and img.format in ("PNG", "PPM")):
         v = np.asarray(img, dtype=np.float64)
         if v.min() < 0 or v.max() > 65535:
             raise InputError(f"{where} holds {mode} samples outside 0..65535; convert the crop to 8-bit RGB")

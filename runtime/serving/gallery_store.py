@@ -1,9 +1,11 @@
 """A gallery that survives ``kill -9``: the atomic snapshot of ``runtime.gallery`` plus a journal.
 
 Place in the flow: the serving end of ``runtime/`` (no torch), under ``runtime serve``.  Every
-change (an add with the items it evicts, a remove, an expiry) is one record appended to
+change a client asks for (an add with the items it evicts, a remove) is one record appended to
 ``journal.<version>.log`` in the gallery directory and fsynced *before* the change is applied and
-acknowledged; ``<version>`` names the snapshot (``CURRENT``) the journal continues.  Opening the
+acknowledged; ``<version>`` names the snapshot (``CURRENT``) the journal continues.  Expiries by
+``ttl_seconds`` (and evictions by ``enforce_limits``) are the exception: they are applied first and
+journalled after (below), since they follow from journalled timestamps and the clock.  Opening the
 store loads that snapshot and replays its journal, so a restart serves exactly the acknowledged
 changes.  ``compact()`` (every ``compact_every`` records, once the journal's bytes pass
 ``max(compact_bytes, COMPACT_SNAPSHOT_RATIO * the snapshot's bytes)``, at opening when the journal is
@@ -369,10 +371,11 @@ class GalleryStore:
 
     def search(self, queries, topn: int, camids=None, refined: bool = True) -> list:
         """``Gallery.search`` after enforcing ``ttl_seconds``: no item that had expired when the
-        search began is a hit, whether or not its expiry could be journalled yet.  The search itself
-        runs under the gallery's lock only (not behind an add's fsync): an add that lands meanwhile
-        brings no expired item, adds past ``ttl_seconds`` are refused.  An empty gallery gives no
-        lists (``[]``)."""
+        search began is a hit, whether or not its expiry could be journalled yet.  With
+        ``ttl_seconds`` the expiry takes the store's lock (it waits for an add's fsync, and may
+        write and fsync its own record); the search itself then runs under the gallery's lock only.
+        An add that lands in between brings no expired item: adds past ``ttl_seconds`` are refused.
+        An empty gallery gives no lists (``[]``)."""
         if self.ttl_seconds is not None:
             self.enforce_limits()
         gallery = self.gallery

@@ -90,6 +90,9 @@ def check_ports(host: str, ports: dict) -> None:
             raise InputError(f"--host {host!r} is not an address here ({err}); give an address such as 127.0.0.1") \
                 from None
         family, _, _, _, address = infos[0]
+        if family == socket.AF_INET6:                # a host name that resolves to IPv6 first (ip6-localhost)
+            raise InputError(f"--host {host!r} resolves to the IPv6 address {address[0]}, which PyTriton's clients "
+                             "cannot address; give an IPv4 address (127.0.0.1, 0.0.0.0) or a name that resolves to one")
         with socket.socket(family, socket.SOCK_STREAM) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
@@ -155,14 +158,18 @@ def _per_request(handler):
     return _refusing(lambda requests: [handler(r) for r in requests])
 
 
-def _finite(embeddings: np.ndarray, model: str) -> np.ndarray:
-    """The encoder's output, or an InputError when a row is not finite (pixels far outside the
-    normalised range overflow inside the network: 3e38 gave all-NaN embeddings and a success)."""
+def _finite(embeddings: np.ndarray, model: str, sizes: list[int]) -> np.ndarray:
+    """The encoder's output for requests of ``sizes`` rows batched together, or an InputError naming
+    the first request with a row that is not finite (pixels far outside the normalised range overflow
+    inside the network: 3e38 gave all-NaN embeddings and a success)."""
     bad = ~np.isfinite(embeddings).all(axis=1)
     if bad.any():
-        raise InputError(f"{model}: the encoder's embeddings of {int(bad.sum())} image(s) (first: image "
-                         f"{int(np.flatnonzero(bad)[0])} of the batch) are not finite; the pixels are far outside the "
-                         "preprocessed range (normalised with the model's mean/std, about -3..3): send preprocessed crops")
+        first = int(np.flatnonzero(bad)[0])
+        request = int(np.searchsorted(np.cumsum(sizes), first, side="right"))
+        where = f" (request {request + 1} of the {len(sizes)} batched together)" if len(sizes) > 1 else ""
+        raise InputError(f"{model}: the encoder's embeddings of {int(bad.sum())} image(s){where} are not finite; the "
+                         "pixels are far outside the preprocessed range (normalised with the model's mean/std, about "
+                         "-3..3): send preprocessed crops")
     return embeddings
 
 
@@ -187,7 +194,7 @@ def bind_models(triton, service, max_batch: int = 32, max_queue_delay_us: int = 
                     if len(requests) > 1 else err from None
             sizes.append(len(parts[-1]))
         # the encoder's batches, as Pipeline.embed runs them (same batch_size, same order)
-        out = _finite(service.pipe.encoder.embed_images(np.concatenate(parts)), "embed")
+        out = _finite(service.pipe.encoder.embed_images(np.concatenate(parts)), "embed", sizes)
         return [{"embeddings": part} for part in np.split(out, np.cumsum(sizes)[:-1])]
 
     def encoder(requests):
@@ -196,7 +203,7 @@ def bind_models(triton, service, max_batch: int = 32, max_queue_delay_us: int = 
             if not np.isfinite(r["images"]).all():
                 raise InputError(f"encoder: images hold NaN or infinite values (request {n + 1} of the "
                                  f"{len(requests)} batched together); send preprocessed finite pixels")
-        out = _finite(service.encode(np.concatenate([r["images"] for r in requests])), "encoder")
+        out = _finite(service.encode(np.concatenate([r["images"] for r in requests])), "encoder", sizes)
         return [{"embeddings": part} for part in np.split(out, np.cumsum(sizes)[:-1])]
 
     def gallery_add(request):

@@ -71,6 +71,10 @@ def test_16_bit_greyscale_is_scaled_and_32_bit_images_are_refused(tmp_path):
     assert img.mode == "RGB"
     np.testing.assert_array_equal(np.asarray(img)[0, :, 0], [0, 1, 117, 255])
     assert (np.asarray(img)[..., 0] == np.asarray(img)[..., 2]).all()
+    pgm = tmp_path / "g16.pgm"                                  # P5 with maxval 65535: Pillow's mode I
+    pgm.write_bytes(b"P5 4 4 65535\n" + grey.astype(">u2").tobytes())
+    assert Image.open(pgm).mode == "I"
+    np.testing.assert_array_equal(np.asarray(load_image(pgm))[0, :, 0], [0, 1, 117, 255])
     tiff = tmp_path / "g16.tif"
     Image.fromarray(grey).save(tiff)
     np.testing.assert_array_equal(np.asarray(load_image(tiff))[0, :, 1], [0, 1, 117, 255])

@@ -328,6 +328,31 @@ def test_a_port_in_use_is_one_clear_error_before_anything_is_written(model_dir, 
     assert not (tmp_path / "g").exists()
 
 
+def _resolves_to_ipv6(name):
+    import socket
+
+    try:
+        return socket.getaddrinfo(name, 80, type=socket.SOCK_STREAM)[0][0] == socket.AF_INET6
+    except OSError:
+        return False
+
+
+def test_non_finite_encoder_outputs_name_their_request():
+    from export.contract.errors import InputError
+    from runtime.serving.triton_server import _finite
+
+    x = np.zeros((6, 4), np.float32)
+    assert _finite(x, "encoder", [2, 3, 1]) is x
+    x[3, 1] = np.nan
+    with pytest.raises(InputError, match=r"1 image\(s\) \(request 2 of the 3 batched together\)"):
+        _finite(x, "encoder", [2, 3, 1])
+    x[3, 1], x[5, 0] = 0, np.inf
+    with pytest.raises(InputError, match="request 3 of the 3"):
+        _finite(x, "embed", [2, 3, 1])
+    with pytest.raises(InputError, match=r"embed: the encoder's embeddings of 1 image\(s\) are not finite"):
+        _finite(x, "embed", [6])
+
+
 def test_a_batch_of_embed_requests_holds_one_requests_decoded_images_at_a_time(model_dir, tmp_path):
     """The per-request pixel cap bounded one request, but a dynamic batch kept every request's
     full-size decoded images until the encoder ran (8 requests of one 7000 x 7000 crop: 1.5 GB).
@@ -371,7 +396,9 @@ def test_a_batch_of_embed_requests_holds_one_requests_decoded_images_at_a_time(m
 
 
 @pytest.mark.parametrize("host, words", [("::1", "IPv6"), ("[::1]", "IPv6"),
-                                         ("10.255.255.1", "not an address of this machine")])
+                                         ("10.255.255.1", "not an address of this machine")]
+                         + ([("ip6-localhost", "resolves to the IPv6 address")] if _resolves_to_ipv6("ip6-localhost")
+                            else []))
 def test_hosts_serve_cannot_use_are_one_clear_error_before_anything_is_written(model_dir, tmp_path, host, words):
     """An IPv6 literal ended in PyTriton's traceback after the gallery was created; an address of
     another machine was reported as a port another server holds."""
@@ -383,3 +410,17 @@ def test_hosts_serve_cannot_use_are_one_clear_error_before_anything_is_written(m
                                               "--host", host])
     assert result.exit_code == 2 and words in result.output and "Traceback" not in result.output, result.output
     assert not (tmp_path / "g").exists()
+
+
+def test_a_host_name_that_resolves_to_ipv6_first_is_refused(monkeypatch):
+    """Only IPv6 literals were refused; a name whose first address is IPv6 (ip6-localhost, or
+    localhost on some hosts) reached PyTriton and its traceback."""
+    import socket
+
+    from export.contract.errors import InputError
+    from runtime.serving.triton_server import check_ports
+
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, port, **kw: [
+        (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", port, 0, 0))])
+    with pytest.raises(InputError, match="'six-only-host' resolves to the IPv6 address ::1"):
+        check_ports("six-only-host", {"--http-port": 18000})
