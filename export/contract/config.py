@@ -13,6 +13,9 @@ INPUT_SIZE_HW = (256, 128)
 #: export's checks allocate
 MIN_INPUT_SIDE = 32
 MAX_INPUT_SIDE = 4096
+#: the largest encoder batch anything here takes: the serving batchers (`runtime serve --max-batch`)
+#: and TensorRT profiles (a larger value would reach TensorRT's 32-bit dimensions)
+MAX_BATCH = 4096
 PIXEL_MEAN = (0.485, 0.456, 0.406)
 PIXEL_STD = (0.229, 0.224, 0.225)
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import click
 
 from export.contract.cli import user_errors
+from export.contract.config import MAX_BATCH
 from export.contract.variants import PRECISIONS
 from runtime.cli.options import model_dir_arg, threads_option
 from runtime.serving.exports import INT32_MAX
@@ -25,7 +26,7 @@ def _port(name: str, default: int):
 @_port("http", 8000)
 @_port("grpc", 8001)
 @_port("metrics", 8002)
-@click.option("--max-batch", type=click.IntRange(1, 4096), default=32, show_default=True,
+@click.option("--max-batch", type=click.IntRange(1, MAX_BATCH), default=32, show_default=True,
               help="Largest encoder batch (Triton's dynamic batching for `encoder`, ours for `embed`).")
 @click.option("--max-queue-delay-us", type=click.IntRange(0, 10_000_000), default=2000, show_default=True,
               help="Longest a request waits for others to fill an encoder batch.")

@@ -103,6 +103,7 @@ from pathlib import Path
 from typing import Callable
 
 import plugins
+from export.contract.config import MAX_BATCH
 from export.contract.errors import InputError, NFormerError
 from export.contract.files import (check_target, copy_file_atomic, publish_files, sha256_file, staged_file, work_dir,
                                    write_bytes_atomic, write_json_atomic)
@@ -122,7 +123,7 @@ DEFAULT_BATCH = (1, 32, 128)
 DEFAULT_N = (1, 20_000, 100_000)
 #: largest encoder batch of a profile (the serving batchers' largest, ``runtime serve --max-batch``): a
 #: value past TensorRT's 32-bit dimensions would otherwise reach trtexec's command line and overflow there
-MAX_PROFILE_BATCH = 4096
+MAX_PROFILE_BATCH = MAX_BATCH
 #: largest refinement set N of a profile: the largest set refined on a GPU (N = 1,000,000, README)
 MAX_PROFILE_N = 1_000_000
 MIN_TENSORRT_MAJOR = 10
@@ -325,7 +326,9 @@ def build_with_trtexec(trtexec: Trtexec, onnx_path: Path, engine_path: Path, pro
     is a copy of the existing one.  Only after trtexec succeeded and the engine exists are they
     renamed over their final names (fsynced, umask permissions); a failed run publishes its log
     alone.  A killed build leaves the previous engine and cache as they were; its work folder is
-    removed by the next build.  The command printed and recorded names the final paths (the
+    removed by the next build.  Two builds at once into one model directory each update their own
+    copy of the cache: the one that finishes last publishes its copy, and the other's new entries are
+    lost (only later builds' speed: a timing cache holds measurements, never results).  The command printed and recorded names the final paths (the
     command that builds this engine by hand); ``staged_outputs`` says which arguments pointed
     into the work folder when it ran.
     """
