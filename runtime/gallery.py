@@ -84,6 +84,16 @@ SERVE_LOCK = ".serve.lock"
 LOCK_FILES = (".lock", SERVE_LOCK)
 _VERSION_DIR = re.compile(r"v[0-9]+")           # ASCII digits only ("v²" is no version)
 _TEMP_DIR = re.compile(r"\.v[0-9]+\.tmp-.*")
+
+
+def check_gallery_dir(path: Path) -> None:
+    """InputError unless ``path`` is a gallery, an empty directory or not there yet: a save (or a
+    service) never writes into a directory of other files."""
+    path = Path(path)
+    if path.is_dir() and not (path / POINTER).is_file() and any(
+            not _TEMP_DIR.fullmatch(p.name) and p.name not in LOCK_FILES for p in path.iterdir()):
+        raise InputError(f"{path} is a non-empty directory that is not a gallery (no {POINTER}); "
+                         "choose an empty or new directory")
 #: spare neighbours a row may keep (DEFAULT_RESERVE is 16; each costs N * 16 bytes)
 MAX_RESERVE = 1024
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -487,10 +497,7 @@ class Gallery:
             except OSError as err:
                 raise InputError(f"cannot create gallery directory {path}: {err.strerror or err}") from None
             with _not_served(path, served_by), _locked(path, exclusive=True):
-                if not (path / POINTER).is_file() and any(not _TEMP_DIR.fullmatch(p.name) and p.name not in LOCK_FILES
-                                                          for p in path.iterdir()):
-                    raise InputError(f"{path} is a non-empty directory that is not a gallery (no {POINTER}); "
-                                     "choose an empty or new directory")
+                check_gallery_dir(path)
                 previous = _read_pointer(path) if (path / POINTER).is_file() else None
                 numbers = [int(p.name[1:]) for p in path.iterdir() if _VERSION_DIR.fullmatch(p.name)]
                 if previous:

@@ -50,7 +50,7 @@ import numpy as np
 
 from export.contract.errors import InputError
 
-from runtime.gallery import POINTER, SERVE_LOCK, Gallery, id_list
+from runtime.gallery import POINTER, SERVE_LOCK, Gallery, check_gallery_dir, id_list
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +194,7 @@ class GalleryStore:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise InputError(f"cannot create gallery directory {self.path}: {err.strerror or err}") from None
+        check_gallery_dir(self.path)        # another folder is refused before its .serve.lock is made
         self._take_owner_lock()             # before anything is written: two servers never both save
         try:
             if not (self.path / POINTER).is_file():

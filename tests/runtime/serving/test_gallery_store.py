@@ -599,3 +599,16 @@ def test_the_byte_bound_grows_with_the_snapshot(pipe, tmp_path):
     crash(s)
     with GalleryStore(tmp_path / "g", pipe) as s2:
         assert s2.gallery.ids == expect
+
+
+def test_a_directory_that_is_not_a_gallery_is_refused_and_left_as_it_was(pipe, tmp_path):
+    """`runtime serve --gallery <model dir>` was refused, but left a .serve.lock in that directory
+    (the lock was taken before the directory was judged)."""
+    folder = tmp_path / "not_a_gallery"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="non-empty directory that is not a gallery"):
+        GalleryStore(folder, pipe)
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
+    with GalleryStore(tmp_path / "new", pipe) as store:      # a new or empty directory still works
+        assert len(store) == 0
