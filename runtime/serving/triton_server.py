@@ -38,6 +38,7 @@ import signal
 import sys
 import sysconfig
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,8 @@ log = logging.getLogger(__name__)
 MODELS = ("embed", "encoder", "gallery_add", "gallery_remove", "gallery_search")
 #: PyTriton's default is 30 s: a stop then waits that long for idle HTTP keep-alive connections
 EXIT_TIMEOUT_S = 5
+#: seconds to wait, after the models are bound, for their Python backend stubs to be found
+STUB_WAIT_S = 30
 
 
 def interpreter_library_dir() -> str:
@@ -103,6 +106,46 @@ def check_ports(host: str, ports: dict) -> None:
                                      "its addresses, 127.0.0.1, or 0.0.0.0 for every interface") from None
                 raise InputError(f"{option} {port} on {host} is not free ({err.strerror or err}): another server "
                                  "listens there; stop it or choose other ports") from None
+
+
+def stub_processes(root: int | None = None) -> dict[int, tuple[str, bytes]]:
+    """The Python backend stub processes (one per served model) below process ``root`` (default:
+    this one): ``{pid: (model, command line)}``; read from /proc (PyTriton runs on Linux only)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = {}, [root or os.getpid()]
+    while todo:
+        for pid in children.get(todo.pop(), []):
+            todo.append(pid)
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"triton_python_backend_stub" in cmd:
+                model = next((m for m in sorted(MODELS, key=len, reverse=True) if f"/{m}/".encode() in cmd
+                              or f"{m}_".encode() in cmd), "?")
+                found[pid] = (model, cmd)
+    return found
+
+
+def dead_stub(stubs: dict[int, tuple[str, bytes]]) -> str | None:
+    """The first of ``stubs`` (from :func:`stub_processes`) that is gone or a zombie, as "model (pid N)"."""
+    for pid, (model, cmd) in stubs.items():
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes() == cmd:     # a zombie's is empty; a reused pid's differs
+                continue
+        except OSError:
+            pass
+        return f"{model} (pid {pid})"
+    return None
 
 
 def import_pytriton():
@@ -311,10 +354,25 @@ def serve(model_dir, gallery_dir=None, *, host: str = "127.0.0.1", http_port: in
         log_fn("open set: " + (f"unknown beyond distance {t['refined']:.4f} (refined), {t['encoder']:.4f} "
                                "(encoder)" if t["refined"] is not None else
                                "no threshold (fit one with `runtime threshold`, or pass --unknown-distance)"))
+        # Triton reports a model ready even when its Python backend stub died (the OOM killer, a
+        # signal): it then answers every request with an error; the service stops instead (gallery
+        # saved), so that a supervisor restarts it.  The stubs are found before "ready" is said.
+        stubs, look_until = stub_processes(), time.monotonic() + STUB_WAIT_S
+        while len({m for m, _ in stubs.values()}) < len(MODELS) and time.monotonic() < look_until:
+            time.sleep(0.2)
+            stubs = stub_processes()
+        if len({m for m, _ in stubs.values()}) < len(MODELS):
+            log.warning("found the Python backend stubs of %s only: the others are not watched",
+                        ", ".join(sorted({m for m, _ in stubs.values()})) or "no model")
         log_fn("ready")
         while not stop.wait(1.0):
             if not triton.is_alive():
                 raise InputError("the Triton server stopped on its own; see its log above")
+            dead = dead_stub(stubs)
+            if dead:
+                raise InputError(f"the Python backend stub of model {dead} stopped (killed by a signal or the OOM "
+                                 "killer); that model cannot answer any more, so the service stops with its gallery "
+                                 "saved: restart it (run it under a supervisor that does)")
     finally:
         # a second SIGINT/SIGTERM during the shutdown (timeout signals the whole group, an impatient
         # operator presses Ctrl-C again) must not kill the process before the gallery is saved: the

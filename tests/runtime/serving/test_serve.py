@@ -424,3 +424,32 @@ def test_a_host_name_that_resolves_to_ipv6_first_is_refused(monkeypatch):
         (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", port, 0, 0))])
     with pytest.raises(InputError, match="'six-only-host' resolves to the IPv6 address ::1"):
         check_ports("six-only-host", {"--http-port": 18000})
+
+
+def test_a_dead_model_stub_stops_the_service_with_its_gallery_saved(model_dir, tmp_path):
+    """Killing one model's Python backend stub (the OOM killer would) left that model answering
+    "Stub process ... is not healthy" forever while Triton reported it ready; the service now stops
+    with an error naming the model, after saving its gallery, so that a supervisor restarts it."""
+    from runtime.serving.triton_server import MODELS, stub_processes
+
+    srv = Server(model_dir, tmp_path / "g", tmp_path / "serve.log")
+    try:
+        client = srv.client()
+        width = int(client.get_model_config("gallery_add")["input"][0]["dims"][1])
+        add(client, np.random.default_rng(3).standard_normal((3, width)).astype(np.float32), ["a", "b", "c"],
+            np.zeros(3))
+        client.close()
+        stubs = stub_processes(srv.proc.pid)
+        assert sorted(m for m, _ in stubs.values()) == sorted(MODELS), stubs
+        victim = next(pid for pid, (m, _) in stubs.items() if m == "gallery_search")
+        os.kill(victim, signal.SIGKILL)
+        rc = srv.proc.wait(timeout=120)
+    finally:
+        srv.kill()
+    out = srv.tail()
+    assert rc != 0 and "stub of model gallery_search" in out and "stopped; gallery" in out, out
+    assert "Traceback" not in out, out
+    from runtime.serving.gallery_store import GalleryStore
+
+    with Pipeline.load(model_dir, backend="onnxruntime") as pipe, GalleryStore(tmp_path / "g", pipe) as store:
+        assert store.gallery.ids == ["a", "b", "c"]
