@@ -323,8 +323,10 @@ def serve(model_dir, gallery_dir=None, *, host: str = "127.0.0.1", http_port: in
           max_items: int | None = None, ttl_seconds: float | None = None, unknown_distance: float | None = None,
           backend: str = "auto", precision: str | None = None, log_fn=None,
           stop_event: threading.Event | None = None) -> None:
-    """Serve until SIGINT/SIGTERM (or ``stop_event``), then stop Triton and fold the gallery's journal
-    into a snapshot.  ``gallery_dir`` None: a gallery in ``model_dir/gallery``."""
+    """Serve until SIGINT/SIGTERM (or ``stop_event``), or until Triton or one of the models' Python
+    backend stubs dies (the stubs below this process are watched: one server per process), then stop
+    Triton and fold the gallery's journal into a snapshot.  ``gallery_dir`` None: a gallery in
+    ``model_dir/gallery``."""
     Triton, TritonConfig, _, _, _ = import_pytriton()
     log_fn = log_fn or (lambda message: print(message, flush=True))
     os.environ.update(stub_environment())          # the stub inherits the server's environment
@@ -358,8 +360,8 @@ def serve(model_dir, gallery_dir=None, *, host: str = "127.0.0.1", http_port: in
         # signal): it then answers every request with an error; the service stops instead (gallery
         # saved), so that a supervisor restarts it.  The stubs are found before "ready" is said.
         stubs, look_until = stub_processes(), time.monotonic() + STUB_WAIT_S
-        while len({m for m, _ in stubs.values()}) < len(MODELS) and time.monotonic() < look_until:
-            time.sleep(0.2)
+        while len({m for m, _ in stubs.values()}) < len(MODELS) and time.monotonic() < look_until \
+                and not stop.wait(0.2):
             stubs = stub_processes()
         if len({m for m, _ in stubs.values()}) < len(MODELS):
             log.warning("found the Python backend stubs of %s only: the others are not watched",
