@@ -131,22 +131,9 @@ _TEMP_FILE = re.compile(r"\..+\." + re.escape(_TEMP_MARK) + r"[a-z0-9_]{8}\.tmp"
 
 
 def _lock_file(path) -> int | None:
-    """An fd holding ``flock`` on file ``path``; None when another process holds it, or when locks
-    are not available here."""
-    try:
-        import fcntl
-    except ImportError:
-        return None
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        return None
-    return fd
+    """An fd holding ``flock`` on file ``path`` (not through a link); None when another process holds
+    it, or when locks are not available here."""
+    return _try_lock(path, directory=False)
 
 
 def remove_stale_temp_files(parent: str | Path) -> list[Path]:
@@ -214,15 +201,17 @@ WORK_MARKER = ".nformer-work-dir"
 STALE_GRACE_S = 10.0
 
 
-def _try_lock(path: Path, blocking: bool = False) -> int | None:
-    """An fd holding ``flock`` on directory ``path``; None when another process holds it, or when
-    locks are not available here (then nobody can tell whether it is in use)."""
+def _try_lock(path: Path, blocking: bool = False, directory: bool = True) -> int | None:
+    """An fd holding ``flock`` on directory ``path`` (a file with ``directory=False``, not through a
+    link); None when another process holds it, or when locks are not available here (then nobody
+    can tell whether it is in use)."""
     try:
         import fcntl
     except ImportError:
         return None
+    flags = getattr(os, "O_DIRECTORY", 0) if directory else getattr(os, "O_NOFOLLOW", 0)
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        fd = os.open(path, os.O_RDONLY | flags)
     except OSError:
         return None
     try:
@@ -345,14 +334,14 @@ def publish_files(files: dict) -> None:
     it); only then are they renamed over their targets, one after the other.  A failure before the
     renames publishes none.  (Renamed straight from the work folder: a staged name beside the target
     would hold an inode that its flock does not cover.)"""
-    for written in files.values():
+    for target, written in files.items():
+        check_target(target)
         with _as_write_error(*files):
             os.chmod(written, 0o666 & ~current_umask())
             with open(written, "rb+") as f:
                 os.fsync(f.fileno())
     for target, written in files.items():
         with _as_write_error(target):
-            check_target(target)
             os.replace(written, target)
 
 
