@@ -53,10 +53,11 @@ def _to_rgb(img: Image.Image, where) -> Image.Image:
     white.  32-bit integer and float images (I, F from TIFF) have no defined range: refused."""
     mode = img.mode
     if mode.startswith("I;16") or (mode == "I" and img.format in ("PNG", "PPM")):
-        v = np.asarray(img, dtype=np.float64)
+        v = np.asarray(img)
         if v.min() < 0 or v.max() > 65535:
             raise InputError(f"{where} holds {mode} samples outside 0..65535; convert the crop to 8-bit RGB")
-        return Image.fromarray(np.rint(v / 257.0).astype(np.uint8), "L").convert("RGB")
+        # round(v / 257) in integers (4 bytes a pixel, not a float64 copy); v / 257 never ends in .5
+        return Image.fromarray(((v.astype(np.uint32) + 128) // 257).astype(np.uint8), "L").convert("RGB")
     if mode in ("I", "F"):
         kind = "32-bit integer" if mode == "I" else "floating-point"
         raise InputError(f"{where} is a {kind} image (mode {mode}) with no defined 0..255 range; convert the crop "
