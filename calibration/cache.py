@@ -26,7 +26,9 @@ finite numbers, ``lowest <= highest``, the calibration method of the key, tensor
 and treats an entry that does not validate as damaged: ignored with a one-line note, and the ranges
 are recomputed from the crops (then saved over it).  Version 1 entries (no checksum, no check) are
 recomputed the same way; version 2 entries from before the held-out check (no ``check_images``, no
-``held_out``) are read, and their check runs on their first calibration crops.
+``held_out``) are read.  ``check_images`` is a record only: a cache hit's check runs on held-out crops
+that ``calibration.quantize`` chooses itself (and uses an entry only when its ``images`` are the
+seeded selection of the folder's crops).
 
 Imports no torch.
 """

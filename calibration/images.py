@@ -126,12 +126,18 @@ def list_candidates(data_dir: str | Path) -> Candidates:
 FEW_IMAGES = 32
 
 
+def seeded_order(candidates: Candidates, seed: int = 0) -> np.ndarray:
+    """The order in which candidates are tried (indices into ``candidates.files``): the calibration
+    selection is its first readable ``count``, the accuracy check's crops the readable ones after."""
+    return np.random.default_rng(seed).permutation(len(candidates.files))
+
+
 def read_calibration_images(candidates: Candidates, count: int, size_hw, mean, std, seed: int = 0,
                             log: Callable[[str], None] = print) -> CalibrationImages:
     """Decode and preprocess ``count`` candidates (seeded order), skipping and reporting bad files."""
     if count < 1:
         raise InputError(f"the number of calibration images must be >= 1, got {count}")
-    order = np.random.default_rng(seed).permutation(len(candidates.files))
+    order = seeded_order(candidates, seed)
     images = np.empty((min(count, len(candidates.files)), 3, *size_hw), np.float32)
     used: list[Path] = []
     skipped = list(candidates.skipped)
@@ -167,7 +173,7 @@ def is_seeded_selection(candidates: Candidates, images: list, skipped: list, cou
     order, passing over the names in ``skipped`` (files that did not decode).  Names only, nothing is
     read.  A cache entry whose list is not the selection is not trusted: the accuracy check's
     held-out crops are the ones after the selection, and an edited list would move them."""
-    order = np.random.default_rng(seed).permutation(len(candidates.files))
+    order = seeded_order(candidates, seed)
     passed = set(skipped)
     want = []
     for i in order:
@@ -185,7 +191,7 @@ def read_held_out(candidates: Candidates, calibrated: set[str], size_hw, mean, s
     calibration's order) whose relative names are not in ``calibrated`` -- crops the ranges never
     saw; fewer (or none) when the folder has no others.  Chosen here, never by a cache entry (an
     untrusted file), so an edited entry cannot pick the crops its ranges are judged on."""
-    order = np.random.default_rng(seed).permutation(len(candidates.files))
+    order = seeded_order(candidates, seed)
     files: list[Path] = []
     images = np.empty((count, 3, *size_hw), np.float32)
     for i in order:

@@ -38,8 +38,9 @@ options and images reads only the ``CHECK_CROPS`` crops of the accuracy check.  
 before the file is written or the ranges cached: the quantised file embeds ``CHECK_CROPS`` held-out
 crops (the next ones of the seeded order, not calibrated on; the calibration crops themselves, with a
 note, when the folder holds no others) with a mean cosine to the fp32 encoder's of at least
-``MIN_COSINE`` (``check_accuracy``), or the build stops with what it found.  Cached ranges take the same check (the cache is a file on disk, so
-untrusted): an entry that does not validate or fails it is recomputed.  Imports no torch.
+``MIN_COSINE`` (``check_accuracy``), or the build stops with what it found.  Cached ranges take the
+same check (the cache is a file on disk, so untrusted): an entry that does not validate, whose image
+list is not the seeded selection, or that fails the check is recomputed.  Imports no torch.
 """
 from __future__ import annotations
 
