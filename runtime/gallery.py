@@ -85,6 +85,12 @@ LOCK_FILES = (".lock", SERVE_LOCK)
 _VERSION_DIR = re.compile(r"v[0-9]+")           # ASCII digits only ("v²" is no version)
 _TEMP_DIR = re.compile(r"\.v[0-9]+\.tmp-.*")
 
+#: spare neighbours a row may keep (DEFAULT_RESERVE is 16; each costs N * 16 bytes)
+MAX_RESERVE = 1024
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+log = logging.getLogger(__name__)
+
 
 def check_gallery_dir(path: Path) -> None:
     """InputError unless ``path`` is a gallery, an empty directory or not there yet: a save (or a
@@ -94,11 +100,6 @@ def check_gallery_dir(path: Path) -> None:
             not _TEMP_DIR.fullmatch(p.name) and p.name not in LOCK_FILES for p in path.iterdir()):
         raise InputError(f"{path} is a non-empty directory that is not a gallery (no {POINTER}); "
                          "choose an empty or new directory")
-#: spare neighbours a row may keep (DEFAULT_RESERVE is 16; each costs N * 16 bytes)
-MAX_RESERVE = 1024
-_SHA256 = re.compile(r"[0-9a-f]{64}")
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
