@@ -220,9 +220,8 @@ def bind_models(triton, service, max_batch: int = 32, max_queue_delay_us: int = 
     """Bind the five models of ``service`` to a PyTriton ``Triton``."""
     _, _, ModelConfig, Tensor, DynamicBatcher = import_pytriton()
     d = service.width
-    h, w = service.pipe.config.input_size_hw
-
     c = service.pipe.config
+    h, w = c.input_size_hw
 
     def embed(requests):
         # each request's crops are preprocessed as soon as they are decoded: a batch then holds
