@@ -243,3 +243,27 @@ def test_saved_lists_that_are_not_these_rows_lists_are_refused():
     with pytest.raises(InputError, match="cannot be saved"):
         one_shot.state()
 
+
+
+def test_lists_saved_where_float64_sums_round_one_way_load_where_they_round_the_other(monkeypatch):
+    """The load check compares each saved key with the pair's key recomputed here, within 2 delta: a
+    BLAS on another CPU sums in another order, and every order lies within delta of the canonical key.
+    Saved with every float64 score pushed +0.99 delta and loaded with -0.99 delta (the far ends of
+    what any summation order gives), the lists load and are the reference's."""
+    x = awkward_rows(160, seed=31)
+    real = NeighborIndex._fast_keys
+
+    def pushed(sign):
+        def fast_keys(self, rows, cols):
+            return real(self, rows, cols) + sign * 0.99 * self._delta[np.asarray(rows, np.int64)]
+        return fast_keys
+
+    monkeypatch.setattr(NeighborIndex, "_fast_keys", pushed(+1))
+    index = NeighborIndex(20)
+    index.add(x[:120])
+    index.add(x[120:])
+    index.remove([7, 8])
+    rows, state = index.rows(), index.state()
+    monkeypatch.setattr(NeighborIndex, "_fast_keys", pushed(-1))
+    loaded = NeighborIndex.from_state(rows, state)
+    assert_same(loaded.neighbors(), rows, 20, "saved +delta, loaded -delta")
