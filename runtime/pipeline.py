@@ -268,6 +268,22 @@ class Pipeline:
                 progress(len(chunk))
         return out
 
+    def embed_images(self, images) -> np.ndarray:
+        """Preprocessed images float32 [B, 3, H, W] (``export.contract.preprocess``) -> raw encoder
+        embeddings [B, 256]: the encoder's batches, or the dynamic batcher's when it is on."""
+        if self.batcher is None:
+            return self.encoder.embed_images(images)
+        h, w = self.config.input_size_hw
+        images = np.asarray(images)
+        if images.ndim != 4 or images.shape[1:] != (3, h, w):
+            raise InputError(f"images must be [batch, 3, {h}, {w}], found {images.shape}; use "
+                             "export.contract.preprocess to prepare crops")
+        step = self.batcher.max_batch
+        out = np.zeros((len(images), self.config.feature_dim), np.float32)
+        for s in range(0, len(images), step):
+            out[s:s + step] = self.batcher(np.ascontiguousarray(images[s:s + step], dtype=np.float32))
+        return out
+
     @property
     def layers_refiner(self):
         """The refinement with neighbour lists as inputs (``nformer_layers``), opened on first use."""

@@ -93,7 +93,7 @@ class ReidService:
             raise InputError(f"encoder: images must be float32 [n >= 1, 3, {h}, {w}], found {images.shape}")
         if not np.isfinite(images).all():
             raise InputError("encoder: images hold NaN or infinite values; send preprocessed finite pixels")
-        return self.pipe.encoder.embed_images(images.astype(np.float32, copy=False))
+        return self.pipe.embed_images(images.astype(np.float32, copy=False))
 
     # ---- gallery ----
 

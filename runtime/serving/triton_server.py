@@ -236,7 +236,7 @@ def bind_models(triton, service, max_batch: int = 32, max_queue_delay_us: int = 
                     if len(requests) > 1 else err from None
             sizes.append(len(parts[-1]))
         # the encoder's batches, as Pipeline.embed runs them (same batch_size, same order)
-        out = _finite(service.pipe.encoder.embed_images(np.concatenate(parts)), "embed", sizes)
+        out = _finite(service.pipe.embed_images(np.concatenate(parts)), "embed", sizes)
         return [{"embeddings": part} for part in np.split(out, np.cumsum(sizes)[:-1])]
 
     def encoder(requests):

@@ -153,3 +153,26 @@ def test_pipeline_embed_with_dynamic_batching(resnet18_export):
             pipe.embed([np.zeros((10, 10, 4), np.uint8)])
         assert pipe.embed([]).shape == (0, 256)
     assert pipe.batcher.closed
+
+
+def test_pipeline_embed_images_goes_through_the_batcher(resnet18_export):
+    """Preprocessed images (what Triton's embed and encoder models hand over) take the same road as
+    crops: the dynamic batcher when it is on, the encoder's batches otherwise."""
+    from export.contract.preprocess import preprocess_batch
+
+    rng = np.random.default_rng(5)
+    crops = [rng.integers(0, 256, size=(80, 40, 3), dtype=np.uint8) for _ in range(7)]
+    plain = Pipeline.load(resnet18_export[0], batch_size=3)
+    c = plain.config
+    images = preprocess_batch(crops, c.input_size_hw, c.pixel_mean, c.pixel_std)
+    want = plain.embed(crops)
+    np.testing.assert_allclose(plain.embed_images(images), want, rtol=1e-5, atol=1e-5)
+    with Pipeline.load(resnet18_export[0], dynamic_batching=True, max_batch=4, max_wait_ms=5) as pipe:
+        calls = []
+        real = pipe.batcher.submit
+        pipe.batcher.submit = lambda rows: calls.append(len(rows)) or real(rows)
+        np.testing.assert_allclose(pipe.embed_images(images), want, rtol=1e-5, atol=1e-5)
+        assert calls == [4, 3]
+        with pytest.raises(InputError, match=r"\[batch, 3, 256, 128\]"):
+            pipe.embed_images(images[:, :2])
+        assert pipe.embed_images(images[:0]).shape == (0, 256)
