@@ -54,8 +54,13 @@ class StageScores:
 
 
 def score(query, gallery, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50) -> StageScores:
-    """mAP and CMC of L2-normalised ``query`` [q, D] against ``gallery`` [g, D]."""
-    cmc, mAP = evaluate_rank(euclidean_distances(query, gallery), q_pids, g_pids, q_camids, g_camids, max_rank)
+    """mAP and CMC of L2-normalised ``query`` [q, D] against ``gallery`` [g, D].
+
+    The curve reaches at least the reported :data:`RANKS` (Rank-10) whatever ``max_rank`` says: a
+    curve cut at ``max_rank`` = 1 would report Rank-1 as Rank-5 and Rank-10 (:meth:`StageScores.rank`
+    reads the last point of a shorter curve, which is right only when the gallery is what cut it)."""
+    cmc, mAP = evaluate_rank(euclidean_distances(query, gallery), q_pids, g_pids, q_camids, g_camids,
+                             max(max_rank, max(RANKS)))
     return StageScores(float(mAP), cmc)
 
 

@@ -89,3 +89,20 @@ def test_score_is_the_market1501_protocol():
     x = l2_normalize(np.eye(4, dtype=np.float32) + 0.1)
     s = score(x[:2], x[2:], [1, 2], [1, 2], [0, 0], [1, 1])
     assert s.mAP == pytest.approx(evaluate_rank(euclidean_distances(x[:2], x[2:]), [1, 2], [1, 2], [0, 0], [1, 1])[1])
+
+
+@pytest.mark.parametrize("max_rank", [1, 3, 9])
+def test_short_max_rank_still_reports_true_rank5_and_rank10(max_rank):
+    """``runtime evaluate --max-rank 1`` reported Rank-1 under rank5 and rank10: the curve was cut at
+    max_rank and StageScores.rank(k) read its last point."""
+    rng = np.random.default_rng(3)
+    q = l2_normalize(rng.standard_normal((40, 8)))
+    g = l2_normalize(rng.standard_normal((200, 8)))
+    q_pids, g_pids = rng.integers(0, 20, 40), rng.integers(0, 20, 200)
+    q_cams, g_cams = np.zeros(40, int), np.ones(200, int)
+    full, mAP = evaluate_rank(euclidean_distances(q, g), q_pids, g_pids, q_cams, g_cams, 50)
+    assert full[0] < full[4] < full[9]                     # the case can tell the ranks apart
+    got = score(q, g, q_pids, g_pids, q_cams, g_cams, max_rank=max_rank)
+    assert got.as_dict() == {"mAP": pytest.approx(mAP), "rank1": pytest.approx(full[0]),
+                             "rank5": pytest.approx(full[4]), "rank10": pytest.approx(full[9])}
+    np.testing.assert_allclose(got.cmc[:max_rank], full[:max_rank])
