@@ -10,3 +10,11 @@ SHIPPED_CARD = SHIPPED.with_suffix(".json")
 
 def shipped_card() -> dict:
     return json.loads(SHIPPED_CARD.read_text())
+
+
+def shipped_training_split() -> tuple[int, int] | None:
+    """``(identities, seed)`` of the ``runtime synth`` data the shipped model was trained on (its
+    training half), or None where the card does not say."""
+    data = shipped_card().get("data", {})
+    identities, seed = data.get("identities"), data.get("seed")
+    return (identities, seed) if isinstance(identities, int) and isinstance(seed, int) else None

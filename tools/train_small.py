@@ -127,7 +127,8 @@ def write_card(checkpoint: Path, argv: list[str], seed: int, data: Path, identit
         "what": "A small NFormer trained on synthetic Market-1501-layout data by tools/train_small.py, "
                 "for the demo and the tests. Not a person re-identification model for real cameras.",
         "command": "python tools/train_small.py " + " ".join(argv),
-        "data": {"made_by": f"runtime synth DIR --identities {identities} --seed 0" if identities else str(data)},
+        "data": ({"made_by": f"runtime synth DIR --identities {identities} --seed 0", "identities": identities, "seed": 0}
+                 if identities else {"made_by": str(data)}),
         "seed": seed,
         "config": {**config.to_json(), "input_size_hw": list(SMALL.input_size_hw)},
         "export_options": {"input_size_hw": list(SMALL.input_size_hw), "n_head": SMALL.n_head, "topk": SMALL.topk,

@@ -21,13 +21,37 @@ from export.contract.errors import InputError, NFormerError
 from export.contract.files import WORK_MARKER
 from export.contract.manifest import load_manifest, model_config
 from export.contract.variants import PRECISIONS
-from export.shipped import SHIPPED, shipped_card
+from export.shipped import SHIPPED, shipped_card, shipped_training_split
 
 from export.contract.market1501 import read_market1501
 from runtime.evaluation.loop import STAGES, image_chunks, run_loop
 from runtime.evaluation.runners import Runner, onnxruntime_runner, pytorch_runner, tensorrt_runners
 
 REPORT_KEYS = ("backend", "precision", "stage", "mAP", "rank1", "images_per_s", "cosine_to_reference_mean")
+
+
+def split_note(identities: int, seed: int) -> str | None:
+    """Why the shipped model's scores on ``runtime synth --identities I --seed S`` data mean less
+    than on its own held-out split, or None for that split.  The synthetic people and cameras are
+    drawn from (seed, person id) and (seed, camera): another seed has other cameras and people,
+    which this small model never saw; another size of the same seed puts some of the people it was
+    trained on into the test split."""
+    from runtime.evaluation.synth import plan
+
+    trained = shipped_training_split()
+    if trained is None or (identities, seed) == trained:
+        return None
+    t_identities, t_seed = trained
+    own = f"--identities {t_identities} --seed {t_seed} is its held-out split"
+    if seed != t_seed:
+        return (f"note: the shipped model was trained on synthetic data of seed {t_seed}; seed {seed} draws other "
+                f"cameras and people, on which this small model is not expected to work (scores near chance); {own}")
+    seen = {e[0] for e in plan(t_identities, t_seed)["train"]}
+    tested = {e[0] for e in plan(identities, seed)["query"]}
+    if not tested & seen:
+        return None
+    return (f"note: {len(tested & seen)} of the {len(tested)} queried identities of --identities {identities} were in the "
+            f"shipped model's training data, so its scores here are optimistic; {own}")
 
 
 def ensure_data(work_dir: Path, identities: int, seed: int, log) -> Path:
@@ -187,6 +211,9 @@ def run_demo(work_dir: str | Path = "nformer-demo", report: str | Path | None = 
         raise InputError(f"--work-dir {work_dir} is a file (or lies under one); give a directory") from None
     except OSError as err:
         raise InputError(f"cannot create --work-dir {work_dir}: {err.strerror or err}") from None
+    note = split_note(identities, seed)
+    if note:
+        log(note)
     data_dir = ensure_data(work_dir, identities, seed, log)
     build = ensure_export(work_dir, log)
     rows, figure_data = evaluate_variants(data_dir, build, seed, log)

@@ -11,7 +11,8 @@ from export.reference.checkpoint import load_checkpoint
 from export.to_onnx import export_checkpoint
 from runtime.cli import main as runtime_cli
 from export.shipped import SHIPPED, shipped_card
-from runtime.evaluation.demo import REPORT_KEYS
+from runtime.evaluation.demo import REPORT_KEYS, split_note
+from runtime.evaluation.synth import plan
 
 
 def test_shipped_checkpoint_is_small_plain_and_documented():
@@ -21,6 +22,24 @@ def test_shipped_checkpoint_is_small_plain_and_documented():
     assert card["command"].startswith("python tools/train_small.py") and card["seed"] == 0
     model = load_checkpoint(SHIPPED, input_size_hw=tuple(card["export_options"]["input_size_hw"]))
     assert model.config.arch == "resnet18" and model.config.widths == (16, 32, 64, 128)
+
+
+def test_the_demo_says_when_its_split_is_not_the_models_held_out_one():
+    """The card names the data the shipped model was trained on; the demo notes a split where its
+    scores mean less: another seed (other cameras and people: near chance) or a size of the same
+    seed whose queried people include training people (optimistic)."""
+    data = shipped_card()["data"]
+    identities, seed = data["identities"], data["seed"]
+    assert data["made_by"] == f"runtime synth DIR --identities {identities} --seed {seed}"
+    trained, held_out = (plan(identities, seed)[s] for s in ("train", "query"))
+    assert not {e[0] for e in trained} & {e[0] for e in held_out}
+    assert split_note(identities, seed) is None
+    assert "seed 0" in split_note(identities, 3) and "near chance" in split_note(identities, 3)
+    overlap = {e[0] for e in trained} & {e[0] for e in plan(1000, seed)["query"]}
+    assert overlap and f"{len(overlap)} of the " in split_note(1000, seed)
+    for n in (4, 150):      # sizes whose queried people the model never saw: no note
+        if not {e[0] for e in trained} & {e[0] for e in plan(n, seed)["query"]}:
+            assert split_note(n, seed) is None
 
 
 def test_shipped_checkpoint_passes_the_exports_parity_check(tmp_path):
