@@ -46,6 +46,13 @@ def test_no_query_with_a_match_is_an_error():
         evaluate_rank(np.zeros((1, 2)), [1], [2, 3], [0], [1, 1])
 
 
+@pytest.mark.parametrize("max_rank", [0, -3, 2.5, True])
+def test_max_rank_must_be_a_positive_whole_number(max_rank):
+    with pytest.raises(InputError, match="max_rank"):
+        evaluate_rank(np.zeros((1, 3)), np.array([1]), np.array([1, 2, 1]), np.array([0]), np.array([1, 1, 1]),
+                      max_rank=max_rank)
+
+
 def test_shape_mismatch_is_an_error():
     with pytest.raises(InputError, match="distmat must be"):
         evaluate_rank(np.zeros((2, 2)), [1], [2, 3], [0], [1, 1])
