@@ -209,6 +209,15 @@ class GalleryStore:
                 raise InputError(f"gallery {self.path} has items whose '{TIMESTAMP}' metadata is not a finite number of "
                                  f"UNIX seconds (first ids {odd}); the service ages items by it: fix or remove those "
                                  "items' timestamps")
+            unstamped = [i for i, m in zip(self.gallery.ids, self.gallery.meta) if TIMESTAMP not in m]
+            if unstamped and self.ttl_seconds is not None:
+                # a gallery written by Gallery.save without timestamps: aged as of 1970, every such item
+                # would be expired (and the removal journalled) the moment the service starts
+                raise InputError(f"gallery {self.path} has {len(unstamped)} item(s) without '{TIMESTAMP}' metadata "
+                                 f"(first ids {unstamped[:3]}; saved by Gallery.save without timestamps), and "
+                                 f"--ttl-seconds {self.ttl_seconds:g} ages items by it: they would all expire at "
+                                 f"start; add them with meta={{'{TIMESTAMP}': UNIX seconds}}, or serve without "
+                                 "--ttl-seconds")
             self.version = json.loads((self.path / POINTER).read_text())["version"]
             journal = self.path / _journal_name(self.version)
             if journal.exists():

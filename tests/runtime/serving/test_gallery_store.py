@@ -375,6 +375,25 @@ def test_a_gallery_with_timestamps_the_service_cannot_age_is_one_clear_error(pip
         GalleryStore(tmp_path / "g", pipe, max_items=2)
 
 
+def test_a_saved_gallery_without_timestamps_is_refused_under_a_ttl_not_emptied(pipe, tmp_path):
+    """README's Python example saves a gallery with Gallery.save (no timestamps); serving it with
+    --ttl-seconds aged its items as of 1970 and journalled the removal of every one at start."""
+    d = pipe.config.n_embd
+    g = pipe.gallery()
+    g.add(rows(3, d), ids=["a", "b", "c"], meta=[{"frame": 1}, {"frame": 2}, {"frame": 3}])
+    g.save(tmp_path / "g")
+    with pytest.raises(InputError, match="3 item\\(s\\) without 'timestamp' metadata.*serve without --ttl-seconds"):
+        GalleryStore(tmp_path / "g", pipe, ttl_seconds=86400, clock=Clock(1e9))
+    assert not list(tmp_path.joinpath("g").glob("journal.*.log"))     # nothing journalled, nothing removed
+    with GalleryStore(tmp_path / "g", pipe, max_items=10) as s:       # no TTL: served as saved
+        assert s.gallery.ids == ["a", "b", "c"]
+    stamped = pipe.gallery()
+    stamped.add(rows(2, d), ids=["x", "y"], meta=[{"timestamp": 1e9 - 10}, {"timestamp": 1e9 - 20}])
+    stamped.save(tmp_path / "h")
+    with GalleryStore(tmp_path / "h", pipe, ttl_seconds=86400, clock=Clock(1e9)) as s:
+        assert s.gallery.ids == ["x", "y"]
+
+
 def test_a_record_planted_in_a_torn_payload_does_not_turn_the_tail_into_damage(pipe, tmp_path):
     """A client controls an add's floats: a complete fake record hidden in them made a crash during
     that append look like damage in the middle (the server would never start again).  A torn tail is
