@@ -263,6 +263,36 @@ def _exit_on_signal(signum, frame):
     sys.exit(128 + signum)
 
 
+#: options the checkpoint does not store, as a card's ``export_options`` (tools/train_small.py) names them
+CARD_OPTIONS = {"input_size_hw": "--input-size", "n_head": "--n-head", "topk": "--topk",
+                "landmarks": "--landmarks", "last_stride": "--last-stride"}
+
+
+def card_mismatches(checkpoint: Path, chosen: dict, defaulted: set) -> list[str]:
+    """The options left at their default that the checkpoint's card (``<stem>.json`` beside it, with
+    the checkpoint's sha256, as tools/train_small.py and the shipped model have) records otherwise,
+    as ``--option VALUE`` to pass.  A missing, unreadable or foreign card gives none: it is only a hint
+    (the shipped model exported at the default 256x128 passed every check and scored mAP 0.08)."""
+    import json
+
+    card = Path(checkpoint).with_suffix(".json")
+    try:
+        data = json.loads(card.read_text())
+        options = data["export_options"]
+        if not isinstance(options, dict) or data.get("sha256") != sha256_file(checkpoint):
+            return []
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return []
+    out = []
+    for key, option in CARD_OPTIONS.items():
+        want, have = options.get(key), chosen[key]
+        if key == "input_size_hw" and isinstance(want, list) and len(want) == 2:
+            want = tuple(want)
+        if option in defaulted and want is not None and want != have:
+            out.append(f"{option} {'x'.join(map(str, want)) if isinstance(want, tuple) else want}")
+    return out
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--out-dir", type=click.Path(path_type=Path), default=Path("build"), show_default=True,
@@ -296,6 +326,15 @@ def main(checkpoint, out_dir, n_head, topk, landmarks, last_stride, input_size, 
     files with onnx.checker and against the PyTorch reference in ONNX Runtime.  Exits 1 when a
     check fails (nothing is published) and 2 on bad input.
     """
+    ctx = click.get_current_context()
+    defaulted = {"--" + name.replace("_", "-") for name in ("input_size", "n_head", "topk", "landmarks", "last_stride")
+                 if ctx.get_parameter_source(name) is click.core.ParameterSource.DEFAULT}
+    chosen = {"input_size_hw": tuple(input_size), "n_head": n_head, "topk": topk, "landmarks": landmarks,
+              "last_stride": int(last_stride)}
+    if checkpoint.is_file() and (wanted := card_mismatches(checkpoint, chosen, defaulted)):
+        click.echo(f"error: {checkpoint.with_suffix('.json')}, the card beside the checkpoint, records the options it "
+                   f"was trained with and this export left at their defaults: pass {' '.join(wanted)}", err=True)
+        sys.exit(2)
     # SIGTERM (timeout, a container stopping) unwinds like Ctrl-C: the temporary folder is removed
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _exit_on_signal) if main_thread else None
