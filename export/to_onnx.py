@@ -21,7 +21,15 @@ from pathlib import Path
 import click
 import numpy as np
 import onnx
-import torch
+
+try:
+    import torch
+except ImportError as _err:                 # the serving-only install (pip install -e .) has no torch
+    if __name__ == "__main__":
+        sys.stderr.write(f"error: python -m export.to_onnx needs torch ({_err}); install the export extra: "
+                         "pip install -e \".[export]\"\n")
+        sys.exit(2)
+    raise
 
 from export.reference.checkpoint import load_checkpoint
 from export.contract.cli import FiniteFloatRange, int_list_at_most, size_hw

@@ -560,3 +560,17 @@ def test_export_of_a_carded_checkpoint_at_default_options_names_the_options_its_
     assert card_mismatches(ckpt, defaults, everything) == ["--input-size 128x64", "--topk 10"]
     (tmp_path / "m.json").write_text("not json")
     assert card_mismatches(ckpt, defaults, everything) == []
+
+
+def test_export_without_torch_is_one_line_naming_the_extra(tmp_path):
+    """Was: `pip install -e .` (serving only) then `python -m export.to_onnx` ended in a
+    ModuleNotFoundError traceback."""
+    import subprocess
+    import sys
+
+    code = ("import sys, runpy; sys.modules['torch'] = None; sys.argv = ['to_onnx', 'x.pth']; "
+            "runpy.run_module('export.to_onnx', run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "needs torch" in result.stderr and '.[export]' in result.stderr
