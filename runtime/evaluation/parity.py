@@ -34,6 +34,7 @@ from typing import Callable
 import numpy as np
 
 from export.contract.errors import NFormerError
+from export.contract.files import sha256_file
 from export.contract.manifest import load_manifest, model_config
 from export.contract.parity import cosine_rows
 from export.contract.variants import PRECISIONS
@@ -78,6 +79,11 @@ def run_parity(model_dir: str | Path, data_dir: str | Path, *, checkpoint: str |
         import torch  # noqa: F401
 
         ckpt = find_checkpoint(model_dir, manifest, checkpoint)
+        source = manifest.get("source", {})
+        if checkpoint is not None and source.get("sha256") and sha256_file(ckpt) != source["sha256"]:
+            log(f"note: --checkpoint {ckpt} is not the file {model_dir} was exported from (its sha256 differs from "
+                f"the manifest's {source.get('checkpoint')}); unless it holds the same weights, every row will "
+                "be far from this reference")
         if ckpt is None:
             skipped.append({"backend": "pytorch", "precision": "fp32", "reason": "checkpoint not found (pass "
                             "--checkpoint; the manifest names " + str(manifest.get("source", {}).get("checkpoint")) + ")"})

@@ -202,6 +202,21 @@ def test_parity_cli_prints_a_table_and_writes_json(variants_dir, tmp_path, tmp_p
     for r in rows:
         assert {"cosine_min", "cosine_mean", "neighbor_overlap", "mAP_diff", "rank1_diff", "ok"} <= set(r)
     assert "neighbor_overlap" in result.output and "tolerances" in result.output
+    assert "is not the file" not in result.output
+
+
+def test_parity_cli_notes_a_checkpoint_that_is_not_the_exported_one(variants_dir, tmp_path, tmp_path_factory):
+    """Was: --checkpoint of another model ran in silence and ended in a table of failed rows, as if the
+    export were broken.  A note names the mismatch; the same weights re-saved still pass."""
+    import torch
+
+    data = synthetic_data(tmp_path_factory, identities=40)
+    resaved = tmp_path / "resaved.pth"
+    torch.save(torch.load(SHIPPED, weights_only=True), resaved)         # same weights, other bytes
+    result = _cli("parity", variants_dir, "--data", data, "--checkpoint", resaved)
+    assert result.exit_code == 0, result.output
+    note = [line for line in result.output.splitlines() if line.startswith("note: --checkpoint")]
+    assert len(note) == 1 and "is not the file" in note[0] and "nformer_synthetic.pth" in note[0], result.output
 
 
 def test_parity_cli_bad_input_is_one_error_line(variants_dir, tmp_path, tmp_path_factory):
