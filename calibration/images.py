@@ -96,12 +96,18 @@ def describe_skipped(skipped: list[Skipped], root: Path) -> str:
     return f"skipped {len(skipped)} file(s): {shown}{more}"
 
 
-def list_candidates(data_dir: str | Path) -> Candidates:
-    """The calibration candidates under ``data_dir`` (see the module docstring for the layouts)."""
+def check_calib_dir(data_dir: str | Path) -> Path:
+    """``data_dir`` as a Path, or the one error that it is no directory (checked before any file is written)."""
     root = Path(data_dir)
     if not root.is_dir():
         raise InputError(f"calibration data not found: {root} is not a directory; pass --calib-data with a "
                          "Market-1501-layout directory or a folder of person crops")
+    return root
+
+
+def list_candidates(data_dir: str | Path) -> Candidates:
+    """The calibration candidates under ``data_dir`` (see the module docstring for the layouts)."""
+    root = check_calib_dir(data_dir)
     market = root / "Market-1501-v15.09.15" if (root / "Market-1501-v15.09.15").is_dir() else root
     if (market / SPLITS["train"]).is_dir():
         try:

@@ -626,6 +626,10 @@ def build(model_dir: str | Path, options: BuildOptions, log: Callable[[str], Non
     if options.calib_data is not None and options.precision not in CALIBRATED_PRECISIONS:
         log(f"note: --calib-data is used by --precision {' and '.join(CALIBRATED_PRECISIONS)} only; ignored for "
             f"{options.precision}")
+    if options.calib_data is not None and options.precision in CALIBRATED_PRECISIONS:
+        from calibration.images import check_calib_dir
+
+        check_calib_dir(options.calib_data)          # before "writing ..." is printed
     variants = write_variants(model_dir, options.precision, refine_precision=options.refine_precision,
                               calib_data=options.calib_data, calib_method=options.calib_method,
                               calib_images=options.calib_images, calib_seed=options.calib_seed, log=log)

@@ -164,7 +164,7 @@ def test_build_cli_writes_the_onnx_files_and_says_how_to_build_engines(variants_
 
 
 @pytest.mark.parametrize("case", ["no_calib_data", "empty_calib_data", "too_few", "no_trtexec", "bad_profile",
-                                  "no_model"])
+                                  "no_model", "missing_calib_data"])
 def test_build_cli_bad_input_is_one_error_line(case, variants_dir, tmp_path):
     model_dir = fresh_copy(variants_dir, tmp_path / "build")
     (tmp_path / "empty").mkdir()
@@ -185,6 +185,10 @@ def test_build_cli_bad_input_is_one_error_line(case, variants_dir, tmp_path):
         args, words = ["build", model_dir, "--precision", "fp16", "--min-batch", "64", "--opt-batch", "32"], ["min <= opt"]
     elif case == "no_model":
         args, words = ["build", tmp_path / "empty", "--precision", "fp16"], ["manifest.json"]
+    elif case == "missing_calib_data":   # was: "writing encoder.int8.onnx ..." printed before the error
+        args, words = ["build", model_dir, "--precision", "int8", "--calib-data", tmp_path / "nowhere"], ["not found"]
+        result = _cli(*args)
+        assert "writing" not in result.output, result.output
     _one_line_error(_cli(*args), *words)
 
 
