@@ -53,6 +53,9 @@ def _npy_header_problem(path: Path) -> str | None:
         head = f.read(6)
         if head.startswith(b"PK\x03\x04"):
             return "it is an .npz archive (several named arrays), not one array; save the array with numpy.save"
+        if head and not head.startswith(b"\x93NUMPY"):
+            # np.load would try it as a pickle and report "pickled data" for a text or image file
+            return f"it does not start with the .npy signature (its first bytes are {head[:4].hex(' ')})"
         f.seek(0)
         try:
             version = npy.read_magic(f)

@@ -930,6 +930,9 @@ def test_npy_inputs_that_are_no_single_array_are_one_clear_error(small_export, t
     one_error(cli("refine", small_export, tmp_path / "x.npy", "--landmarks", tmp_path / "huge.npy", "--out",
                   tmp_path / "o.npy"), "header promises")
     one_error(cli("refine", small_export, tmp_path / "a.npz", "--out", tmp_path / "o.npy"), "an .npz archive")
+    (tmp_path / "names.txt").write_text("0001_c1s1_000001_00.jpg\n")    # was: "(Cannot load file containing pickled data ...)"
+    line = one_error(cli("refine", small_export, tmp_path / "names.txt", "--out", tmp_path / "o.npy"), ".npy signature")
+    assert "pickle" not in line
     assert not (tmp_path / "o.npy").exists()
 
 
