@@ -219,6 +219,8 @@ def _own_version() -> str:
 
 
 def prepare_out_dir(out_dir: Path) -> None:
+    if out_dir.exists() and not out_dir.is_dir():       # mkdir said only "File exists"
+        raise InputError(f"--out-dir {out_dir} is a file; give a directory (a new one is created)")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write-test-"):

@@ -574,3 +574,17 @@ def test_export_without_torch_is_one_line_naming_the_extra(tmp_path):
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "needs torch" in result.stderr and '.[export]' in result.stderr
+
+
+def test_export_to_an_out_dir_that_is_a_file_says_so(tmp_path):
+    """Was: "cannot write to output directory x: File exists"."""
+    from click.testing import CliRunner
+
+    from export.shipped import SHIPPED
+    from export.to_onnx import main as export_main
+
+    (tmp_path / "x").write_text("a file")
+    result = CliRunner().invoke(export_main, [str(SHIPPED), "--input-size", "128x64", "--out-dir", str(tmp_path / "x")])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and "is a file; give a directory" in result.output, result.output
+    assert (tmp_path / "x").read_text() == "a file"
