@@ -291,7 +291,7 @@ def card_mismatches(checkpoint: Path, chosen: dict, defaulted: set) -> list[str]
         options = data["export_options"]
         if not isinstance(options, dict) or data.get("sha256") != sha256_file(checkpoint):
             return []
-    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
         return []
     out = []
     for key, option in CARD_OPTIONS.items():

@@ -560,6 +560,8 @@ def test_export_of_a_carded_checkpoint_at_default_options_names_the_options_its_
     assert card_mismatches(ckpt, defaults, everything) == ["--input-size 128x64", "--topk 10"]
     (tmp_path / "m.json").write_text("not json")
     assert card_mismatches(ckpt, defaults, everything) == []
+    (tmp_path / "m.json").write_text("[" * 100_000)        # nested past Python's recursion limit
+    assert card_mismatches(ckpt, defaults, everything) == []
 
 
 def test_export_without_torch_is_one_line_naming_the_extra(tmp_path):
