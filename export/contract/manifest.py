@@ -140,10 +140,28 @@ def _check_model(model, where: Path) -> None:
             least = 0 if key == "num_classes" else 1
             if not (_is_int(value) and value >= least):
                 raise _fail(where, k, f"an integer >= {least}", value)
+    _check_normalization(model["pixel_mean"], model["pixel_std"], where)
     try:
         ModelConfig.from_json(model)
     except (TypeError, ValueError) as err:
         raise InputError(f"{where}: model is not a valid model configuration ({err}): {_REEXPORT}") from None
+
+
+def _check_normalization(mean: list, std: list, where: Path) -> None:
+    """The preprocessing computes ``(pixel / 255 - mean) / std`` in float32: each mean must be a
+    float32 number, each std a positive one, and the result finite for pixels 0..1 (a mean of 1e300
+    or a std of 1e-300 passes as a finite JSON number and made every embedding NaN)."""
+    import numpy as np
+
+    largest = float(np.finfo(np.float32).max)
+    with np.errstate(over="ignore", under="ignore"):
+        mean32 = [float(np.float32(v)) for v in mean]
+        std32 = [float(np.float32(v)) for v in std]
+    if not all(math.isfinite(m) for m in mean32):
+        raise _fail(where, "model.pixel_mean", f"a list of 3 numbers within float32's range (+-{largest:.3g})", mean)
+    if not all(s > 0 for s in std32) or any(max(abs(m), abs(1.0 - m)) / s > largest for m, s in zip(mean32, std32)):
+        raise _fail(where, "model.pixel_std", "a list of 3 numbers > 0 in float32, large enough that (pixel - "
+                    "pixel_mean) / pixel_std stays within float32's range", std)
 
 
 def _check_io(entry: dict, where: Path, key: str) -> None:

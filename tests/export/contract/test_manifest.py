@@ -102,6 +102,11 @@ def _mutations():
         "input_size_one_int": (model(input_size_hw=[256]), r"model.input_size_hw must be a list of 2 positive"),
         "pixel_std_zero": (model(pixel_std=[0.2, 0, 0.2]), r"model.pixel_std must be a list of 3 finite numbers > 0"),
         "pixel_mean_nan": (model(pixel_mean=[0.4, float("nan"), 0.4]), r"model.pixel_mean must be"),
+        # finite in JSON but not in the float32 the preprocessing computes in: embed returned NaN rows
+        "pixel_std_below_float32": (model(pixel_std=[0.2, 1e-300, 0.2]), r"model.pixel_std must be"),
+        "pixel_mean_beyond_float32": (model(pixel_mean=[0.4, 1e300, 0.4]), r"model.pixel_mean must be"),
+        "pixel_range_overflows": (model(pixel_mean=[0.4, 3e38, 0.4], pixel_std=[0.2, 1e-3, 0.2]),
+                                  r"model.pixel_(mean|std) must be"),
         "no_files": (drop("files"), "files must be an object"),
         "files_list": (put([], "files"), "files must be an object"),
         "no_encoder": (drop("files", "encoder"), "lists no encoder file"),
