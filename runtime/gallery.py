@@ -356,7 +356,7 @@ class Gallery:
                 raise InputError(f"add: meta must be a list of {m} dicts (one per row)")
             try:
                 metas = json.loads(json.dumps(metas))      # JSON-able, and a copy the caller cannot change
-            except (TypeError, ValueError) as err:
+            except (TypeError, ValueError, RecursionError) as err:   # RecursionError: nested past Python's limit
                 raise InputError(f"add: metadata must be JSON-serialisable ({err})") from None
         return x, ids, cams, metas
 
@@ -675,7 +675,7 @@ def _read_items(where: Path) -> dict:
     """gallery.json, checked against its content checksum and its schema."""
     try:
         items = json.loads(where.read_bytes().decode("utf-8"))
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RecursionError) as err:     # RecursionError: nested past Python's limit
         raise InputError(f"cannot read {where}: {err}; the gallery is damaged") from None
     if not isinstance(items, dict):
         raise InputError(f"{where} must hold a JSON object, found {type(items).__name__}; the gallery is damaged")
@@ -752,7 +752,7 @@ def _read_pointer(path: Path) -> dict:
     where = path / POINTER
     try:
         pointer = json.loads(where.read_text())
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RecursionError) as err:
         raise InputError(f"cannot read {where}: {err}; the gallery is damaged") from None
     _check_format(pointer, where)
     version = pointer.get("version", "")

@@ -388,7 +388,7 @@ def load_manifest(model_dir: str | Path, verify_checksums: bool = True) -> dict:
                          "`python -m export.to_onnx CHECKPOINT --out-dir DIR`")
     try:
         manifest = json.loads(path.read_bytes().decode("utf-8"))
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RecursionError) as err:     # RecursionError: arrays nested 100,000 deep
         raise InputError(f"cannot read {path}: {err}; {_REEXPORT}") from None
     validate_manifest(manifest, path)
     for name, entry in manifest["files"].items():

@@ -58,7 +58,7 @@ def load_thresholds(model_dir: str | Path, manifest: dict, encoder_precision: st
         return None
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RecursionError) as err:
         raise InputError(f"cannot read {path}: {err}; re-run `runtime threshold` or delete it") from None
     if not isinstance(data, dict) or data.get("format") != OPEN_SET_FORMAT \
             or data.get("format_version") != OPEN_SET_VERSION:

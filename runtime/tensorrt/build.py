@@ -488,11 +488,14 @@ def read_record(engine_path: str | Path) -> dict:
                                   f"{engine_path.parent} --precision ...`")
     try:
         record = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise EngineUnusable(f"cannot read the build record {path}: {err}; rebuild the engine") from None
-    if record.get("format") != RECORD_FORMAT or record.get("format_version") != RECORD_FORMAT_VERSION:
+    except (OSError, ValueError, RecursionError) as err:
+        raise EngineUnusable(f"cannot read the build record {path}: {err}; rebuild the engine with `runtime build "
+                             f"{engine_path.parent} --precision ...`") from None
+    if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT \
+            or record.get("format_version") != RECORD_FORMAT_VERSION:
         raise EngineUnusable(f"{path} is not a build record of this version ({RECORD_FORMAT} "
-                                  f"v{RECORD_FORMAT_VERSION}); rebuild the engine")
+                                  f"v{RECORD_FORMAT_VERSION}); rebuild the engine with `runtime build "
+                                  f"{engine_path.parent} --precision ...`")
     return record
 
 

@@ -148,7 +148,7 @@ def test_interrupted_save_leaves_the_previous_save_readable(pipe, features, tmp_
 
 
 @pytest.mark.parametrize("case", ["int_dtype", "width", "nan", "3d", "ids_len", "dup_ids", "taken_ids", "bool_id",
-                                  "camids_len", "camids_float", "meta_len", "meta_json"])
+                                  "camids_len", "camids_float", "meta_len", "meta_json", "meta_deep"])
 def test_bad_additions_change_nothing(pipe, features, case):
     g = pipe.gallery()
     g.add(features[:30], ids=list(range(30)), camids=[1] * 30)
@@ -180,6 +180,11 @@ def test_bad_additions_change_nothing(pipe, features, case):
         kwargs["meta"] = [{}]
     elif case == "meta_json":
         kwargs["meta"] = [{"a": object()}, {}, {}]
+    elif case == "meta_deep":                      # json.dumps raised RecursionError
+        deep: list = []
+        for _ in range(100000):
+            deep = [deep]
+        kwargs["meta"] = [{"a": deep}, {}, {}]
     with pytest.raises(InputError):
         g.add(x, **kwargs)
     assert_unchanged(g, before)
@@ -210,9 +215,15 @@ def test_refusals_on_load_and_save(pipe, features, tmp_path, resnet18_export):
     pointer.write_text(json.dumps({**data, "format_version": 99}))
     with pytest.raises(InputError, match="version 99, expected .*version 1"):
         pipe.gallery(tmp_path / "gal")
+    pointer.write_text("[" * 100000 + "]" * 100000)       # nested past the recursion limit: not a RecursionError
+    with pytest.raises(InputError, match="cannot read .*CURRENT"):
+        pipe.gallery(tmp_path / "gal")
     pointer.write_text(json.dumps(data))
     items = tmp_path / "gal" / data["version"] / "gallery.json"
     saved = json.loads(items.read_text())
+    items.write_text("{\"a\": " * 100000 + "1" + "}" * 100000)
+    with pytest.raises(InputError, match="cannot read .*gallery.json"):
+        pipe.gallery(tmp_path / "gal")
     items.write_text(json.dumps({**saved, "model": {**saved["model"], "checkpoint_sha256": "0" * 64}}))
     with pytest.raises(InputError, match="another model"):
         pipe.gallery(tmp_path / "gal")

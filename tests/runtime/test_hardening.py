@@ -1171,6 +1171,18 @@ def test_stored_thresholds_outside_the_distance_range_are_refused(small_export, 
         load_thresholds(model, manifest)
 
 
+def test_stored_thresholds_nested_past_the_recursion_limit_are_one_error(small_export, tmp_path):
+    from runtime.serving.open_set import load_thresholds, save_thresholds
+
+    model = tmp_path / "m"
+    shutil.copytree(small_export, model)
+    manifest = json.loads((model / "manifest.json").read_text())
+    path = save_thresholds(model, manifest, {"thresholds": {"refined": 0.5, "encoder": 0.6}, "far": 0.01})
+    path.write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(InputError, match="cannot read"):
+        load_thresholds(model, manifest)
+
+
 def test_demo_outputs_follow_the_output_rules(small_export, tmp_path):
     """demo replaced another model's export in --work-dir/build, wrote --report over its encoder, and
     wrote --figure through a symlink (or failed with tracebacks for a missing folder, a FIFO, .onnx)."""

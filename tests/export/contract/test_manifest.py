@@ -144,7 +144,8 @@ def test_schema_violations_are_one_clear_error(model_dir, case):
     assert listing(model_dir) == before
 
 
-@pytest.mark.parametrize("text", ["", "{", "\xff\xfe", "null", "[1, 2]"])
+@pytest.mark.parametrize("text", ["", "{", "\xff\xfe", "null", "[1, 2]",
+                                  "[" * 100000 + "]" * 100000])      # nested past Python's recursion limit
 def test_unreadable_or_truncated_manifest(model_dir, text):
     (model_dir / MANIFEST_NAME).write_bytes(text.encode("latin-1"))
     with pytest.raises(InputError, match="manifest.json"):

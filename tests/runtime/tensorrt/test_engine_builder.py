@@ -361,7 +361,8 @@ def test_a_build_killed_while_trtexec_writes_keeps_the_previous_engine(signal_na
 
 
 @pytest.mark.parametrize("case", ["tensorrt", "gpu_name", "compute_capability", "no_gpu", "plugin_changed",
-                                  "plugin_missing", "engine_changed", "onnx_changed", "no_record"])
+                                  "plugin_missing", "engine_changed", "onnx_changed", "no_record", "record_nested",
+                                  "record_list"])
 def test_loader_refuses_an_engine_that_does_not_match(case, fake_trtexec, model_dir):
     build(model_dir, BuildOptions(precision="fp32"), log=lambda m: None)
     engine = model_dir / "encoder.fp32.engine"
@@ -370,7 +371,8 @@ def test_loader_refuses_an_engine_that_does_not_match(case, fake_trtexec, model_
     expect = {"tensorrt": "TensorRT 10.13.0", "gpu_name": "Other GPU", "compute_capability": "compute capability 8.9",
               "no_gpu": "no GPU", "plugin_changed": "plugin library", "plugin_missing": "no plugin library",
               "engine_changed": "engine file changed", "onnx_changed": "encoder.onnx changed",
-              "no_record": "no build record"}[case]
+              "no_record": "no build record", "record_nested": "cannot read the build record",
+              "record_list": "not a build record"}[case]
     if case == "tensorrt":
         running["tensorrt"] = "10.8.0.43"
     elif case == "gpu_name":
@@ -389,6 +391,10 @@ def test_loader_refuses_an_engine_that_does_not_match(case, fake_trtexec, model_
         (model_dir / "encoder.onnx").write_bytes((model_dir / "encoder.onnx").read_bytes() + b"\0")
     elif case == "no_record":
         (model_dir / "encoder.fp32.engine.json").unlink()
+    elif case == "record_nested":          # nested past the recursion limit: was a raw RecursionError
+        (model_dir / "encoder.fp32.engine.json").write_text("[" * 100000 + "]" * 100000)
+    elif case == "record_list":            # JSON but no object: was an AttributeError
+        (model_dir / "encoder.fp32.engine.json").write_text("[1]")
     with pytest.raises(EngineUnusable) as err:
         check_engine(engine, running, model_dir=model_dir)
     message = str(err.value)
