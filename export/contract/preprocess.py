@@ -71,13 +71,14 @@ def decode_image(data: bytes, name: str = "crop") -> Image.Image:
 
 
 def as_image(crop) -> Image.Image:
-    """A PIL image from a PIL image or an HxWx3 uint8 RGB array."""
+    """An RGB PIL image from a PIL image (its mode read as :func:`load_image` reads a file's) or an
+    HxWx3 uint8 RGB array."""
     if isinstance(crop, Image.Image):
         w, h = crop.size
         if w < 1 or h < 1 or w * h > MAX_CROP_PIXELS:
             raise InputError(f"a crop image must have 1..{MAX_CROP_PIXELS:,} pixels, found {w}x{h}")
         try:
-            return crop.convert("RGB")
+            return _to_rgb(crop, "a PIL crop image")
         except (OSError, ValueError, SyntaxError, AssertionError) as err:   # truncated data; a closed file asserts
             raise InputError(f"a PIL crop image could not be decoded ({type(err).__name__}: {str(err)[:120]}); "
                              "it may be truncated or its file already closed: load it (img.load()) while the file "

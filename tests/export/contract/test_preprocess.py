@@ -86,3 +86,27 @@ def test_16_bit_greyscale_is_scaled_and_32_bit_images_are_refused(tmp_path):
         Image.fromarray(arr).save(tmp_path / name)
         with pytest.raises(InputError, match=f"{name}.*no defined 0..255 range"):
             load_image(tmp_path / name)
+
+
+def test_a_pil_image_is_read_as_its_file_is(tmp_path):
+    """A PIL image handed over directly (Image.open(path), or made in memory) went through PIL's
+    convert: a 16-bit greyscale crop was clipped to white (another embedding than the same file
+    given by path) and float or 32-bit integer images were accepted with no defined range."""
+    from export.contract.preprocess import as_image
+
+    grey = np.array([[0, 257, 30000, 65535]], np.uint16).repeat(4, axis=0)
+    Image.fromarray(grey).save(tmp_path / "g16.png")
+    by_path = np.asarray(load_image(tmp_path / "g16.png"))
+    with Image.open(tmp_path / "g16.png") as opened:
+        assert opened.mode.startswith("I;16")
+        np.testing.assert_array_equal(np.asarray(as_image(opened)), by_path)
+    np.testing.assert_array_equal(np.asarray(as_image(Image.fromarray(grey))), by_path)
+    np.testing.assert_array_equal(preprocess(Image.open(tmp_path / "g16.png")), preprocess(tmp_path / "g16.png"))
+    for img in (Image.fromarray(np.full((4, 4), 0.5, np.float32)), Image.fromarray(np.full((4, 4), 70000, np.int32))):
+        with pytest.raises(InputError, match="no defined 0..255 range"):
+            preprocess(img)
+    # 8-bit modes convert as before (the original's reader)
+    rgb = np.random.default_rng(0).integers(0, 256, (5, 6, 3), dtype=np.uint8)
+    for mode in ("RGB", "L", "P", "LA", "RGBA", "CMYK", "1"):
+        img = Image.fromarray(rgb).convert(mode)
+        np.testing.assert_array_equal(np.asarray(as_image(img)), np.asarray(img.convert("RGB")))
