@@ -44,6 +44,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import threading
 from collections.abc import Mapping, Set as AbcSet
 from dataclasses import asdict, dataclass, field
@@ -185,11 +186,15 @@ def _not_served(path: Path, served_by: int | None):
         yield
         return
     try:
-        fd = os.open(lock, os.O_RDONLY)      # flock needs no write access (the file is made 0644)
+        # flock needs no write access (the file is made 0644); O_NONBLOCK: a FIFO would block open() forever
+        fd = os.open(lock, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError:
         yield                                  # cannot be opened: nobody could have locked it through us either
         return
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise InputError(f"{lock} is not a regular file (a FIFO, device or directory), so it is not the lock "
+                             "`runtime serve` makes; remove it, then save again")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -764,6 +764,26 @@ def test_gallery_save_into_a_read_only_directory_is_one_clear_error(tmp_path, mo
     assert Gallery.load(tmp_path / "gal", SMALL).ids == g.ids
 
 
+def test_a_gallery_whose_serve_lock_is_no_file_is_refused_without_waiting(tmp_path):
+    """A FIFO named .serve.lock in a gallery directory made Gallery.save wait forever (opening a
+    FIFO for reading blocks until someone writes to it)."""
+    g = small_gallery()
+    g.save(tmp_path / "gal")
+    fifo = tmp_path / "gal" / ".serve.lock"
+    os.mkfifo(fifo)
+    before = tree(tmp_path / "gal")
+    try:
+        with pytest.raises(InputError, match=r"\.serve\.lock is not a regular file"):
+            in_thread(lambda: small_gallery(seed=1).save(tmp_path / "gal"), timeout=20)
+    finally:
+        try:                                  # release a reader still blocked in open(), should there be one
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+    assert tree(tmp_path / "gal") == before
+    assert Gallery.load(tmp_path / "gal", SMALL).ids == g.ids
+
+
 def test_synth_into_an_existing_file_is_one_clear_error(tmp_path):
     (tmp_path / "data").write_text("keep me")
     one_error(cli("synth", tmp_path / "data", "--identities", 4), "is a file", "choose a new or empty directory")
