@@ -1058,12 +1058,14 @@ def test_pipeline_api_values_that_are_not_what_they_look_like(resnet18_export, p
             Pipeline.load(resnet18_export[0], **kwargs)
 
 
-@pytest.mark.parametrize("damage", ["unnormalised", "huge_embeddings", "nan_key", "topk_text", "shuffled_lists"])
+@pytest.mark.parametrize("damage", ["unnormalised", "huge_embeddings", "nan_key", "topk_text", "shuffled_lists",
+                                    "nan_refined", "unnormalised_refined"])
 def test_gallery_arrays_edited_with_fresh_checksums_are_refused(tmp_path, damage):
     """features.npy scaled (search used other rows than the embeddings), embeddings past float32's
     norm (an overflow warning, then the wrong message), a NaN key in
     neighbors.npz (loaded, then a reshape error in search), topk saved as text (the message said
-    "made for topk=20, this model has topk=20"), a list's neighbours permuted (loaded and served)."""
+    "made for topk=20, this model has topk=20"), a list's neighbours permuted (loaded and served),
+    refined.npy with NaN or rows that are not unit length (returned by Gallery.refine() as they were)."""
     from export.contract.files import sha256_file
     from runtime.gallery import ITEMS, _read_pointer
 
@@ -1082,6 +1084,13 @@ def test_gallery_arrays_edited_with_fresh_checksums_are_refused(tmp_path, damage
         with open(folder / "neighbors.npz", "wb") as f:
             np.savez(f, **z)
         words = "not finite"
+    elif damage in ("nan_refined", "unnormalised_refined"):   # loaded, then served by Gallery.refine() as is
+        rows = np.ones((12, SMALL.n_embd), np.float32)
+        if damage == "nan_refined":
+            rows[3, 1] = np.nan
+        np.save(folder / "refined.npy", rows)
+        items["sha256"]["refined.npy"] = ""
+        words = "refined.npy holds"
     elif damage == "shuffled_lists":    # one row's neighbours permuted, keys left in place: wrong neighbours served
         z = dict(np.load(folder / "neighbors.npz"))
         z["cand_uid"][0, :4] = z["cand_uid"][0, :4][::-1].copy()
