@@ -11,11 +11,36 @@ from pathlib import Path
 
 import numpy as np
 
-from export.contract.errors import InputError
+from export.contract.errors import InputError, check_count
 
 
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
               "tensor(int32)": "int32", "tensor(uint8)": "uint8", "tensor(int8)": "int8"}
+
+
+def max_threads() -> int:
+    """The most intra-op threads an ONNX Runtime session may be given: four per CPU here, at least
+    64.  ONNX Runtime starts them all when a session opens (2**31 was a TypeError from its binding,
+    20,000 aborted the process, 1,024 took 86 s to open on 2 cores)."""
+    return max(64, 4 * (os.cpu_count() or 1))
+
+
+def session_threads(threads) -> int | None:
+    """``threads`` checked (an integer in 1..:func:`max_threads`), or, when None, the environment's
+    ``NFORMER_ORT_THREADS`` (None when unset: ONNX Runtime's default)."""
+    if threads is not None:
+        return check_count(threads, "threads", most=max_threads())
+    text = os.environ.get("NFORMER_ORT_THREADS")
+    if not text:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not 1 <= value <= max_threads():
+        raise InputError(f"NFORMER_ORT_THREADS must be an integer in 1..{max_threads()}, found {text[:40]!r}; fix "
+                         "or unset it")
+    return value
 
 
 class Backend(ABC):
@@ -52,8 +77,9 @@ class OnnxRuntimeBackend(Backend):
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         opts.enable_mem_pattern = not dynamic_shapes
-        if threads or os.environ.get("NFORMER_ORT_THREADS"):
-            opts.intra_op_num_threads = int(threads or os.environ["NFORMER_ORT_THREADS"])
+        threads = session_threads(threads)
+        if threads:
+            opts.intra_op_num_threads = threads
         if isinstance(providers, (str, bytes)):
             raise InputError(f"providers must be a list of ONNX Runtime provider names, found one string "
                              f"{providers!r:.60}; pass [{providers!r:.60}]")

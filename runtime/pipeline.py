@@ -25,7 +25,7 @@ from export.contract.manifest import load_manifest, model_config
 from export.contract.ops import OP_TYPE
 from export.contract.variants import CPU_PRECISIONS, PRECISIONS, VARIANTS_KEY, variant_name
 
-from runtime.backends import Backend, OnnxRuntimeBackend
+from runtime.backends import Backend, OnnxRuntimeBackend, session_threads
 from runtime.encoder import EncoderRunner
 from runtime.refiner import Refiner
 
@@ -197,8 +197,7 @@ class Pipeline:
         from runtime.batching import DynamicBatcher
 
         check_count(batch_size, "batch_size")           # before any session or engine is opened
-        if threads is not None:
-            check_count(threads, "threads")
+        session_threads(threads)
         if dynamic_batching:
             DynamicBatcher.check_options(batch_size if max_batch is None else max_batch, max_wait_ms)
         model_dir = Path(os.fsdecode(model_dir) if isinstance(model_dir, bytes) else model_dir)

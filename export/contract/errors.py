@@ -16,13 +16,17 @@ class InputError(NFormerError):
     """Features, landmarks, crops or paths that do not fit the model's contract."""
 
 
-def check_count(value, name: str, least: int = 1) -> int:
+def check_count(value, name: str, least: int = 1, most: int | None = None) -> int:
     """The one check of a count given through an API (a batch size, topn ...): an integer (not a
-    bool, not a float that happens to be whole) at least ``least``; else InputError naming it."""
+    bool, not a float that happens to be whole) at least ``least`` (and at most ``most``, when
+    given); else InputError naming it."""
     from numbers import Integral
 
     if isinstance(value, bool) or not isinstance(value, Integral) or value < least:   # numpy's bool_ is no Integral
-        raise InputError(f"{name} must be an integer >= {least}, found {value!r}")
+        expected = f">= {least}" if most is None else f"in {least}..{most}"
+        raise InputError(f"{name} must be an integer {expected}, found {value!r}")
+    if most is not None and value > most:
+        raise InputError(f"{name} must be an integer in {least}..{most}, found {value!r}")
     return int(value)
 
 

@@ -1426,10 +1426,12 @@ def test_crops_that_are_not_images_are_one_error_naming_the_crop(pipe, tmp_path)
     np.testing.assert_array_equal(pipe.embed(memoryview(one)), pipe.embed([one]))
 
 
-def test_pipeline_load_options_that_are_not_what_they_look_like(resnet18_export):
+def test_pipeline_load_options_that_are_not_what_they_look_like(resnet18_export, monkeypatch):
     model_dir = resnet18_export[0]
+    # threads=2**31 was a TypeError from ONNX Runtime's binding; 20,000 aborted the process (thread-local data)
     for kwargs, words in (({"threads": 0}, "threads must be an integer"), ({"threads": 1.5}, "threads must be"),
-                          ({"threads": "2"}, "threads must be"),
+                          ({"threads": "2"}, "threads must be"), ({"threads": 2 ** 31}, "threads must be an integer"),
+                          ({"threads": 10 ** 6}, "threads must be an integer in 1.."),
                           ({"providers": "CPUExecutionProvider"}, "providers must be a list"),
                           ({"dynamic_batching": True, "max_batch": 0}, "max_batch must be an integer")):
         with pytest.raises(InputError, match=words):
@@ -1437,6 +1439,15 @@ def test_pipeline_load_options_that_are_not_what_they_look_like(resnet18_export)
     with Pipeline.load(os.fsencode(str(model_dir))) as pipe:     # bytes, like crop paths
         with pytest.raises(InputError, match="max_batch"):
             pipe.enable_dynamic_batching(0)
+    from runtime.backends import OnnxRuntimeBackend
+
+    for value in ("two", "0", str(2 ** 31)):
+        monkeypatch.setenv("NFORMER_ORT_THREADS", value)
+        with pytest.raises(InputError, match="NFORMER_ORT_THREADS must be an integer"):
+            OnnxRuntimeBackend(model_dir / "encoder.onnx")
+    monkeypatch.delenv("NFORMER_ORT_THREADS")
+    with pytest.raises(InputError, match="threads must be an integer"):
+        OnnxRuntimeBackend(model_dir / "encoder.onnx", threads=2 ** 31)
 
 
 def test_cli_readers_and_writers_say_what_they_expected(tmp_path, resnet18_export):
