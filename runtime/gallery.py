@@ -54,7 +54,7 @@ from pathlib import Path
 import numpy as np
 
 from export.contract.config import ModelConfig
-from export.contract.errors import InputError, as_array, check_count
+from export.contract.errors import InputError, as_array, as_path, check_count
 from export.contract.files import make_temp_dir, sha256_file, write_bytes_atomic
 from export.contract.variants import PRECISIONS
 
@@ -494,7 +494,7 @@ class Gallery:
         A directory that ``runtime serve`` owns (it holds ``.serve.lock``) is refused: the service's
         journal holds acknowledged changes that a save from outside would orphan.  ``served_by``: the
         lock descriptor of the service itself (its own snapshots)."""
-        path = Path(path)
+        path = as_path(path, "the gallery directory")
         with self._lock:
             if path.exists() and not path.is_dir():
                 raise InputError(f"cannot save a gallery to {path}: it is a file; choose a directory")
@@ -563,7 +563,7 @@ class Gallery:
         another model (``model``: :func:`model_identity` of the model it is opened with), or damaged
         or edited files.  ``allow_model_mismatch``: accept another model's embeddings (the widths
         must still fit)."""
-        path = Path(path)
+        path = as_path(path, "the gallery directory")
         if not (path / POINTER).is_file():
             raise InputError(f"{path} is not a gallery directory (no {POINTER} file): expected a directory "
                              "written by Gallery.save")

@@ -15,12 +15,11 @@ faster exact path by itself (``set_refine_path``: on ONNX Runtime's CPU provider
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 
-from export.contract.errors import InputError, NFormerError, check_count
+from export.contract.errors import InputError, NFormerError, as_path, check_count
 from export.contract.manifest import load_manifest, model_config
 from export.contract.ops import OP_TYPE
 from export.contract.variants import CPU_PRECISIONS, PRECISIONS, VARIANTS_KEY, variant_name
@@ -200,7 +199,7 @@ class Pipeline:
         session_threads(threads)
         if dynamic_batching:
             DynamicBatcher.check_options(batch_size if max_batch is None else max_batch, max_wait_ms)
-        model_dir = Path(os.fsdecode(model_dir) if isinstance(model_dir, bytes) else model_dir)
+        model_dir = as_path(model_dir, "the model directory")
         manifest = load_manifest(model_dir)
         config = model_config(manifest)
         enc, notes, enc_choice = choose_backend(model_dir, manifest, "encoder", backend, providers, threads,

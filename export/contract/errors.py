@@ -41,3 +41,20 @@ def as_array(value, name: str, dtype=None):
         raise InputError(f"{name} must be a rectangular array of numbers (every row the same length), but numpy "
                          f"cannot read it as one ({type(err).__name__}: {str(err)[:120]}); pass a numpy array or "
                          "equal-length lists") from None
+
+
+def as_path(value, name: str):
+    """A path given through an API (``str``, ``os.PathLike`` or ``bytes``, a file-system name read
+    with ``os.fsdecode``) as a ``pathlib.Path``; InputError naming it for anything else (None, a
+    number, a list) and for a name with a NUL character, which no file system takes."""
+    import os
+    from pathlib import Path
+
+    if isinstance(value, (str, bytes, os.PathLike)):
+        value = os.fspath(value)
+        text = os.fsdecode(value) if isinstance(value, bytes) else value
+        if isinstance(text, str) and "\0" not in text:
+            return Path(text)
+    shown = repr(value)
+    raise InputError(f"{name} must be a path (a str, pathlib.Path or bytes file name without NUL characters), "
+                     f"found {type(value).__name__} {shown[:60] + '...' if len(shown) > 60 else shown}")

@@ -273,3 +273,23 @@ def test_api_values_that_are_not_what_they_look_like_are_refused(tmp_path):
     for topn in (2.5, float("nan"), True, 0):
         with pytest.raises(InputError, match="topn must be an integer"):
             g.search(np.ones((1, 16), np.float32), topn=topn, refined=False)
+
+
+def test_gallery_paths_that_are_no_paths_are_one_error_and_bytes_are_names(tmp_path):
+    """save(None), save(b"dir") and load(3) were TypeErrors from pathlib (Pipeline.load takes bytes)."""
+    import os
+
+    from export.contract.config import ModelConfig
+    from runtime.gallery import Gallery
+
+    config = ModelConfig(arch="resnet18", n_embd=16, feature_dim=16, topk=3)
+    g = Gallery(config)
+    g.add(np.random.default_rng(0).standard_normal((5, 16)).astype(np.float32))
+    for path in (None, 3, 1.5, ["gal"], str(tmp_path / "a\0b")):
+        with pytest.raises(InputError, match="gallery directory must be a path"):
+            g.save(path)
+        with pytest.raises(InputError, match="gallery directory must be a path"):
+            Gallery.load(path, config)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    g.save(os.fsencode(str(tmp_path / "gal")))
+    assert Gallery.load(os.fsencode(str(tmp_path / "gal")), config).ids == g.ids

@@ -1436,6 +1436,9 @@ def test_pipeline_load_options_that_are_not_what_they_look_like(resnet18_export,
                           ({"dynamic_batching": True, "max_batch": 0}, "max_batch must be an integer")):
         with pytest.raises(InputError, match=words):
             Pipeline.load(model_dir, **kwargs)
+    for path in (None, 3, ["m"], str(model_dir) + "\0"):       # TypeErrors from pathlib; a NUL is no file name
+        with pytest.raises(InputError, match="model directory must be a path"):
+            Pipeline.load(path)
     with Pipeline.load(os.fsencode(str(model_dir))) as pipe:     # bytes, like crop paths
         with pytest.raises(InputError, match="max_batch"):
             pipe.enable_dynamic_batching(0)
