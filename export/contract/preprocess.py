@@ -8,6 +8,7 @@ evaluation and serving all see exactly what the model was trained to see.
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -97,8 +98,10 @@ def as_image(crop) -> Image.Image:
 
 
 def preprocess(crop, size_hw=INPUT_SIZE_HW, mean=PIXEL_MEAN, std=PIXEL_STD) -> np.ndarray:
-    """One crop (PIL image, HxWx3 uint8 array or path) -> float32 [3, H, W], normalised."""
-    img = load_image(crop) if isinstance(crop, (str, Path)) else as_image(crop)
+    """One crop (PIL image, HxWx3 uint8 array or path: str or os.PathLike) -> float32 [3, H, W], normalised."""
+    if isinstance(crop, os.PathLike):     # Path, PurePath, os.DirEntry ...: a file name
+        crop = os.fsdecode(os.fspath(crop))
+    img = load_image(crop) if isinstance(crop, str) else as_image(crop)
     h, w = size_hw
     if img.size != (w, h):
         img = img.resize((w, h), Image.BILINEAR)

@@ -110,3 +110,24 @@ def test_a_pil_image_is_read_as_its_file_is(tmp_path):
     for mode in ("RGB", "L", "P", "LA", "RGBA", "CMYK", "1"):
         img = Image.fromarray(rgb).convert(mode)
         np.testing.assert_array_equal(np.asarray(as_image(img)), np.asarray(img.convert("RGB")))
+
+
+def test_every_kind_of_path_is_read_as_a_path(tmp_path):
+    """os.DirEntry (os.scandir), PurePath and other os.PathLike crops were taken for arrays:
+    "a crop array must be uint8 RGB, found dtype object"."""
+    import os
+    from pathlib import PurePosixPath
+
+    rgb = np.random.default_rng(0).integers(0, 256, (6, 4, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "c.png")
+    want = preprocess(str(tmp_path / "c.png"))
+
+    class Named:
+        def __fspath__(self):
+            return os.fsencode(str(tmp_path / "c.png"))
+
+    entry = next(os.scandir(tmp_path))
+    for crop in (entry, PurePosixPath(tmp_path / "c.png"), Named()):
+        np.testing.assert_array_equal(preprocess(crop), want)
+    with pytest.raises(InputError, match="crop not found"):
+        preprocess(PurePosixPath(tmp_path / "missing.png"))
