@@ -1,6 +1,6 @@
 """The property-based layer (Hypothesis): generated arrays, mutated manifests and mutated gallery
 files fed to the public entry points (Pipeline.load, Pipeline.refine, LayersRefiner.refine,
-reciprocal_neighbors, Gallery.add / search / load).  Every call ends in a result that is what it
+reciprocal_neighbors, NeighborIndex, Gallery.add / search / load).  Every call ends in a result that is what it
 claims (shape, dtype, finite values) or in one project error (an ``NFormerError``); nothing on disk
 changes when a load is refused, and a gallery is unchanged by a refused ``add``.
 
@@ -134,6 +134,69 @@ def test_reciprocal_neighbors_give_lists_or_one_error(data):
     if n:
         assert idx.min() >= 0 and idx.max() < n and set(np.unique(valid)) <= {0, 1}
         assert np.array_equal(idx[:, 0], np.arange(n))   # each row first in its own list
+
+
+@st.composite
+def small_rows(draw, dim: int, most: int = 12):
+    """Rows that stress the ranking: random, copies of one row, zeros, parallel rows of other
+    lengths, one-hot rows, and rows at float32's subnormal scale."""
+    m = draw(st.integers(0, most))
+    kind = draw(st.sampled_from(["small ints", "normal", "copies", "zeros", "parallel", "one-hot", "tiny"]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    if kind == "small ints":
+        return rng.integers(-2, 3, (m, dim)).astype(np.float32)
+    if kind == "normal":
+        return rng.standard_normal((m, dim)).astype(np.float32)
+    if kind == "copies":
+        return np.repeat(rng.standard_normal((1, dim)), m, axis=0).astype(np.float32)
+    if kind == "zeros":
+        return np.zeros((m, dim), np.float32)
+    if kind == "parallel":
+        return (rng.integers(-1, 2, (1, dim)) * rng.choice([1, 2, 4, 0.5, -1], size=(m, 1))).astype(np.float32)
+    if kind == "one-hot":
+        return np.eye(dim, dtype=np.float32)[rng.integers(0, dim, m)]
+    return (rng.standard_normal((m, dim)) * 1e-38).astype(np.float32)
+
+
+@fuzz(100)
+@given(data=st.data())
+def test_neighbor_index_under_adds_and_removals_keeps_the_one_shot_lists(data):
+    """NeighborIndex after any sequence of add / remove / extended: the lists reciprocal_neighbors
+    computes from scratch for the same rows, identical index and validity arrays."""
+    from runtime.neighbors import NeighborIndex
+
+    dim, k = data.draw(st.integers(1, 6)), data.draw(st.integers(1, 7))
+    index = NeighborIndex(k, dim=dim, reserve=data.draw(st.integers(0, 3)))
+    current = np.zeros((0, dim), np.float32)
+
+    def same(got, rows):
+        if len(rows):
+            want = reciprocal_neighbors(rows, k)
+            np.testing.assert_array_equal(got[0], want[0])
+            np.testing.assert_array_equal(got[1], want[1])
+        else:
+            assert got[0].shape == (0, 0)
+    for _ in range(data.draw(st.integers(1, 8))):
+        op = data.draw(st.sampled_from(["add", "add", "remove", "extended"]))
+        if op == "add":
+            rows = data.draw(small_rows(dim))
+            if len(current) and data.draw(st.booleans()):   # copies of rows already in the set
+                rows = np.concatenate([rows, current[data.draw(st.lists(st.integers(0, len(current) - 1), max_size=4))]])
+            index.add(rows)
+            current = np.concatenate([current, rows])
+        elif op == "remove" and len(current):
+            drop = data.draw(st.lists(st.integers(0, len(current) - 1), max_size=len(current)))
+            index.remove(np.array(drop, np.int64))
+            current = np.delete(current, drop, axis=0)
+        elif op == "extended":
+            rows = data.draw(small_rows(dim, 5))
+            with index.extended(rows) as both:
+                same(both.neighbors(), np.concatenate([current, rows]))
+        np.testing.assert_array_equal(index.rows(), current)
+        same(index.neighbors(), current)
+    if len(current):
+        again = NeighborIndex.from_state(index.rows(), index.state())
+        np.testing.assert_array_equal(again.neighbors()[0], index.neighbors()[0])
 
 
 @fuzz(60)
