@@ -436,6 +436,8 @@ def test_a_mutated_gallery_loads_correctly_or_is_one_error(pipe, saved_gallery, 
         n = len(g)
         assert len(g.ids) == len(set(g.ids)) == n and g.camids.shape == (n,) and len(g.meta) == n
         check_embeddings(g.embeddings, n, pipe.config.n_embd)
+        if n:                                   # the saved refined rows, when kept, are what refine() returns
+            check_embeddings(g.refine(), n, pipe.config.n_embd)
         try:
             hits = g.search(np.ones((2, pipe.config.n_embd), np.float32), topn=3)
         except NFormerError:
