@@ -606,13 +606,14 @@ class Gallery:
                              f"values beyond +-{limit:.3g} (no encoder makes those); the gallery is damaged: restore it "
                              "from a backup or rebuild it")
         if refined is not None and n:
-            # what refine() returns as it was saved: L2-normalised rows (an edited file would be served as is)
+            # what refine() returns as it was saved: L2-normalised rows (an edited file would be served as is);
+            # l2_normalize leaves a row shorter than NORM_EPS shorter than 1 (a zero row stays zero)
             with np.errstate(all="ignore"):
                 norms = np.linalg.norm(refined.astype(np.float64), axis=1)
-            if not (np.isfinite(refined).all() and np.all(np.abs(norms - 1.0) <= 1e-3)):
-                raise InputError(f"gallery {folder} is inconsistent: refined.npy holds NaN, infinite or rows that are "
-                                 "not L2-normalised (refined rows always are); the gallery is damaged: restore it "
-                                 "from a backup or rebuild it")
+            if not (np.isfinite(refined).all() and np.all(norms <= 1.0 + 1e-3)):
+                raise InputError(f"gallery {folder} is inconsistent: refined.npy holds NaN, infinite or rows longer "
+                                 "than unit length (refined rows are L2-normalised); the gallery is damaged: restore "
+                                 "it from a backup or rebuild it")
         # the ranked rows are the raw embeddings L2-normalised (to rounding: numpy's sums differ between CPUs)
         if n and not np.allclose(features, l2_normalize(raw.astype(np.float32)), rtol=0, atol=1e-6):
             raise InputError(f"gallery {folder} is inconsistent: features.npy is not embeddings.npy L2-normalised; "

@@ -1107,6 +1107,23 @@ def test_gallery_arrays_edited_with_fresh_checksums_are_refused(tmp_path, damage
         Gallery.load(tmp_path / "gal", SMALL)
 
 
+def test_gallery_with_zero_refined_rows_loads(tmp_path):
+    """l2_normalize keeps a zero row zero (and a row shorter than NORM_EPS short): such refined rows
+    are what refine() gives for them, not damage."""
+    from export.contract.files import sha256_file
+    from runtime.gallery import ITEMS, _read_pointer
+
+    small_gallery().save(tmp_path / "gal")
+    folder = tmp_path / "gal" / _read_pointer(tmp_path / "gal")["version"]
+    items = json.loads((folder / ITEMS).read_text())
+    rows = np.zeros((12, SMALL.n_embd), np.float32)
+    rows[1, 0], rows[2, :2] = 1e-13, (0.6, 0.8)
+    np.save(folder / "refined.npy", rows)
+    items["sha256"]["refined.npy"] = sha256_file(folder / "refined.npy")
+    (folder / ITEMS).write_text(json.dumps(_resign(items)))
+    np.testing.assert_array_equal(Gallery.load(tmp_path / "gal", SMALL).refine(), rows)
+
+
 @pytest.mark.parametrize("damage", ["extra_member", "k", "reserve", "version_name"])
 def test_gallery_neighbour_files_edited_with_fresh_checksums_are_refused(tmp_path, damage):
     """An extra neighbors.npz member was inflated in full (4 GB from 3.9 MB) before any check; a
