@@ -242,6 +242,28 @@ class UpdateStats:
     seconds: float = 0.0
 
 
+_STATE_ARRAYS = {"uid": 1, "count": 1, "cand_uid": 2, "cand_key": 2}
+_STATE_SCALARS = ("k", "reserve", "next_uid")
+
+
+def _checked_state(state) -> dict:
+    """:meth:`NeighborIndex.state`'s dict as saved: every member there, integer scalars and arrays of
+    the right rank (integers, keys floating); else InputError (not a KeyError or TypeError later)."""
+    if not hasattr(state, "keys") or any(key not in state for key in (*_STATE_ARRAYS, *_STATE_SCALARS)):
+        raise InputError("the saved neighbour lists are incomplete (expected the members "
+                         f"{', '.join((*_STATE_ARRAYS, *_STATE_SCALARS))}); the saved lists are damaged")
+    out = {key: np.asarray(state[key]) for key in (*_STATE_ARRAYS, *_STATE_SCALARS)}
+    out["key_version"] = np.asarray(state["key_version"] if "key_version" in state else 1)
+    for key, value in out.items():
+        rank = _STATE_ARRAYS.get(key, 0)
+        kind = "f" if key == "cand_key" else "iu"
+        if value.ndim != rank or value.dtype.kind not in kind:
+            raise InputError(f"the saved neighbour lists' {key} is not {'a float' if kind == 'f' else 'an integer'} "
+                             f"{'scalar' if rank == 0 else f'{rank}-D array'} (found {value.dtype} of shape "
+                             f"{value.shape}); the saved lists are damaged")
+    return out
+
+
 class NeighborIndex:
     """Top-k neighbour lists of a set of float32 rows, exact under additions and removals.
 
@@ -427,6 +449,7 @@ class NeighborIndex:
     @classmethod
     def from_state(cls, rows, state: dict, block_elements: int = BLOCK_ELEMENTS) -> "NeighborIndex":
         """Rebuild from saved rows and :meth:`state`; InputError when they do not fit together."""
+        state = _checked_state(state)
         x = np.asarray(rows)
         index = cls(int(state["k"]), None, int(state["reserve"]), block_elements)
         n = len(x)

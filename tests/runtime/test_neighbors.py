@@ -143,6 +143,17 @@ def test_state_round_trip_and_damaged_state():
         NeighborIndex.from_state(rows, state)
     with pytest.raises(InputError, match="do not match"):
         NeighborIndex.from_state(rows[:-1], index.state())
+    # incomplete or mistyped states (was: KeyError, TypeError or a cast of text)
+    good = index.state()
+    for damaged, words in (({k: v for k, v in good.items() if k != "count"}, "incomplete"),
+                           ([1, 2], "incomplete"),
+                           ({**good, "k": np.array("20")}, "k is not an integer scalar"),
+                           ({**good, "reserve": np.array([16, 16])}, "reserve is not an integer scalar"),
+                           ({**good, "uid": good["uid"].astype(np.float64)}, "uid is not an integer"),
+                           ({**good, "cand_key": good["cand_key"].astype(object)}, "cand_key is not a float"),
+                           ({**good, "cand_uid": good["cand_uid"][0]}, "cand_uid is not an integer 2-D")):
+        with pytest.raises(InputError, match=words):
+            NeighborIndex.from_state(rows, damaged)
 
 
 def test_bad_input_changes_nothing():
