@@ -197,6 +197,8 @@ class Pipeline:
 
         check_count(batch_size, "batch_size")           # before any session or engine is opened
         session_threads(threads)
+        if not isinstance(dynamic_batching, (bool, np.bool_)):
+            raise InputError(f"dynamic_batching must be True or False, found {dynamic_batching!r}")
         if dynamic_batching:
             DynamicBatcher.check_options(batch_size if max_batch is None else max_batch, max_wait_ms)
         model_dir = as_path(model_dir, "the model directory")

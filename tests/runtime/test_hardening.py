@@ -1053,7 +1053,8 @@ def test_pipeline_api_values_that_are_not_what_they_look_like(resnet18_export, p
                           ({"batch_size": True}, "batch_size must be an integer"),
                           ({"dynamic_batching": True, "max_wait_ms": float("inf")}, "max_wait_ms"),
                           ({"dynamic_batching": True, "max_wait_ms": float("nan")}, "max_wait_ms"),
-                          ({"dynamic_batching": True, "max_batch": 2.0}, "max_batch must be an integer")):
+                          ({"dynamic_batching": True, "max_batch": 2.0}, "max_batch must be an integer"),
+                          ({"dynamic_batching": "no"}, "dynamic_batching must be True or False")):
         with pytest.raises(InputError, match=words):
             Pipeline.load(resnet18_export[0], **kwargs)
 
