@@ -209,6 +209,11 @@ class GalleryStore:
                 raise InputError(f"gallery {self.path} has items whose '{TIMESTAMP}' metadata is not a finite number of "
                                  f"UNIX seconds (first ids {odd}); the service ages items by it: fix or remove those "
                                  "items' timestamps")
+            self.version = json.loads((self.path / POINTER).read_text())["version"]
+            journal = self.path / _journal_name(self.version)
+            if journal.exists():
+                self._replay(journal)
+            # after the replay (acknowledged removals of such items count), before the journal is opened
             unstamped = [i for i, m in zip(self.gallery.ids, self.gallery.meta) if TIMESTAMP not in m]
             if unstamped and self.ttl_seconds is not None:
                 # a gallery written by Gallery.save without timestamps: aged as of 1970, every such item
@@ -218,10 +223,6 @@ class GalleryStore:
                                  f"--ttl-seconds {self.ttl_seconds:g} ages items by it: they would all expire at "
                                  f"start; add them with meta={{'{TIMESTAMP}': UNIX seconds}}, or serve without "
                                  "--ttl-seconds")
-            self.version = json.loads((self.path / POINTER).read_text())["version"]
-            journal = self.path / _journal_name(self.version)
-            if journal.exists():
-                self._replay(journal)
             self._open_journal(journal)
             self._remove_stale_journals()
             self._snapshot_bytes = _dir_bytes(self.path / self.version)

@@ -394,6 +394,21 @@ def test_a_saved_gallery_without_timestamps_is_refused_under_a_ttl_not_emptied(p
         assert s.gallery.ids == ["x", "y"]
 
 
+def test_unstamped_items_removed_in_the_journal_do_not_refuse_a_ttl_restart(pipe, tmp_path):
+    """The refusal of unstamped items under --ttl-seconds looked at the snapshot before the journal
+    was replayed: items the service had removed (acknowledged, then a crash) still refused the start."""
+    d = pipe.config.n_embd
+    g = pipe.gallery()
+    g.add(rows(3, d), ids=["a", "b", "c"])
+    g.save(tmp_path / "g")
+    s = GalleryStore(tmp_path / "g", pipe)                  # served without a TTL: fine
+    s.remove(["a", "b", "c"])
+    s.add(rows(2, d, seed=1), ["x", "y"], timestamps=np.array([1e9 - 5, 1e9 - 6]))
+    crash(s)                                                 # the removals live in the journal only
+    with GalleryStore(tmp_path / "g", pipe, ttl_seconds=86400, clock=Clock(1e9)) as s2:
+        assert s2.gallery.ids == ["x", "y"]
+
+
 def test_a_record_planted_in_a_torn_payload_does_not_turn_the_tail_into_damage(pipe, tmp_path):
     """A client controls an add's floats: a complete fake record hidden in them made a crash during
     that append look like damage in the middle (the server would never start again).  A torn tail is
