@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from export.contract.errors import InputError
+from export.contract.errors import InputError, check_count
 
 
 def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50):
@@ -21,10 +21,9 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 5
             or len(g_camids) != len(g_pids):
         raise InputError(f"distmat must be [num_query, num_gallery] = [{len(q_pids)}, {len(g_pids)}] with "
                          f"matching id and camera arrays, found {distmat.shape}")
-    if isinstance(max_rank, bool) or not isinstance(max_rank, (int, np.integer)) or max_rank < 1:
-        raise InputError(f"max_rank must be a whole number >= 1, found {max_rank!r}")
+    max_rank = check_count(max_rank, "max_rank")
     num_q, num_g = distmat.shape
-    max_rank = min(int(max_rank), num_g)
+    max_rank = min(max_rank, num_g)
     order = np.argsort(distmat, axis=1, kind="stable")
     matches = (g_pids[order] == q_pids[:, None])
     all_cmc, all_ap = [], []

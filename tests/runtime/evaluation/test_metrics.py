@@ -46,11 +46,17 @@ def test_no_query_with_a_match_is_an_error():
         evaluate_rank(np.zeros((1, 2)), [1], [2, 3], [0], [1, 1])
 
 
-@pytest.mark.parametrize("max_rank", [0, -3, 2.5, True])
+@pytest.mark.parametrize("max_rank", [0, -3, 2.5, True, np.float64(3.0), "5"])
 def test_max_rank_must_be_a_positive_whole_number(max_rank):
-    with pytest.raises(InputError, match="max_rank"):
+    with pytest.raises(InputError, match="max_rank must be an integer >= 1"):     # export.contract.errors.check_count
         evaluate_rank(np.zeros((1, 3)), np.array([1]), np.array([1, 2, 1]), np.array([0]), np.array([1, 1, 1]),
                       max_rank=max_rank)
+
+
+def test_max_rank_may_be_a_numpy_integer():
+    cmc, _ = evaluate_rank(np.zeros((1, 3)), np.array([1]), np.array([1, 2, 1]), np.array([0]), np.array([1, 1, 1]),
+                           max_rank=np.int64(2))
+    assert cmc.shape == (2,)
 
 
 def test_shape_mismatch_is_an_error():
