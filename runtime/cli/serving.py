@@ -6,7 +6,6 @@ from pathlib import Path
 import click
 
 from export.contract.cli import user_errors
-from export.contract.errors import InputError
 from runtime.cli.options import model_dir_arg
 from runtime.serving.exports import INT32_MAX, TRITON_ENCODER_PRECISIONS, UINT64_MAX
 
@@ -37,10 +36,6 @@ def triton_repo(model_dir, out_dir, max_batch, max_queue_delay_us, instance_kind
     refinement (one request = one set) as two models with their config.pbtxt."""
     from runtime.serving.exports import write_triton_repository
 
-    if tensorrt_version is not None and not engines:
-        raise InputError(f"--tensorrt-version {tensorrt_version} applies to --engines only (the TensorRT version the "
-                         "engines must match); without --engines the repository serves ONNX files: drop the option "
-                         "or add --engines")
     record = write_triton_repository(model_dir, out_dir, max_batch, max_queue_delay_us, instance_kind, instances,
                                      engines, overwrite, tensorrt_version=tensorrt_version,
                                      encoder_precision=encoder_precision)

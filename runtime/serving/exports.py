@@ -254,6 +254,10 @@ def write_triton_repository(model_dir: str | Path, out_dir: str | Path, max_batc
     # as given ("." has no parent to work in; a symlinked OUT is refused below)
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     out_dir = out_dir.resolve() if out_dir.name in ("", ".", "..") else out_dir.parent.resolve() / out_dir.name
+    if tensorrt_version is not None and not engines:     # it would be ignored: the repository serves ONNX files
+        raise InputError(f"--tensorrt-version {tensorrt_version} applies to --engines only (the TensorRT version the "
+                         "engines must match); without --engines the repository serves ONNX files: drop the option "
+                         "or add --engines")
     if encoder_precision not in TRITON_ENCODER_PRECISIONS:
         raise InputError(f"encoder precision must be one of {', '.join(TRITON_ENCODER_PRECISIONS)}, found "
                          f"{encoder_precision!r} (TensorRT precisions come from engines: --engines)")

@@ -66,6 +66,9 @@ def test_triton_repository_parses_and_points_at_files(resnet18_export, tmp_path)
     # a TensorRT version without engines would be ignored: refused, nothing touched
     r = CliRunner().invoke(runtime_cli, ["triton-repo", str(model_dir), str(tmp_path / "x"), "--tensorrt-version", "10.13.0"])
     assert r.exit_code == 2 and "--engines only" in r.output and not (tmp_path / "x").exists()
+    with pytest.raises(InputError, match="--engines only"):          # the API refuses it too (one home)
+        write_triton_repository(model_dir, tmp_path / "x", tensorrt_version="10.13.0")
+    assert not (tmp_path / "x").exists()
     r = CliRunner().invoke(runtime_cli, ["triton-repo", str(model_dir), str(out), "--overwrite", "--max-batch", "8"])
     assert r.exit_code == 0, r.output
     assert parse_triton_config(out / "nformer_encoder" / "config.pbtxt").max_batch_size == 8
