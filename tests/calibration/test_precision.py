@@ -223,6 +223,22 @@ def test_parity_cli_notes_a_checkpoint_that_is_not_the_exported_one(variants_dir
     assert len(note) == 1 and "is not the file" in note[0] and "nformer_synthetic.pth" in note[0], result.output
 
 
+def test_parity_note_never_turns_an_unreadable_checkpoint_into_a_traceback(variants_dir, tmp_path,
+                                                                           tmp_path_factory, monkeypatch):
+    """The mismatch note hashed --checkpoint first: a file the user cannot read (PermissionError, which
+    load_checkpoint turns into one CheckpointError) escaped as a raw OSError before any reader ran."""
+    import runtime.evaluation.parity as parity
+
+    def unreadable(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(parity, "sha256_file", unreadable)
+    data = synthetic_data(tmp_path_factory, identities=40)
+    result = _cli("parity", variants_dir, "--data", data, "--checkpoint", SHIPPED)
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    assert "is not the file" not in result.output
+
+
 def test_parity_cli_bad_input_is_one_error_line(variants_dir, tmp_path, tmp_path_factory):
     _one_line_error(_cli("parity", variants_dir, "--data", tmp_path / "nowhere"), "Market-1501")
     data = synthetic_data(tmp_path_factory, identities=40)
