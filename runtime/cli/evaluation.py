@@ -112,7 +112,8 @@ def parity(model_dir, data_dir, report, checkpoint, seed, threads, min_cosine_me
               help="Backend(s) to evaluate (repeatable); default: every backend usable here.")
 @batch_size_option
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Seed of the landmark draw of the refinement.")
-@click.option("--max-rank", type=click.IntRange(1), default=50, show_default=True, help="Length of the CMC curve (Rank-1/5/10 are computed in full whatever it is).")
+@click.option("--max-rank", type=click.IntRange(1), default=50, show_default=True, help="Length of the CMC curve written to --report (each row's cmc: Rank-1 to Rank-MAX_RANK); the printed "
+                   "Rank-1/5/10 are computed in full whatever it is.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default=None,
               help="The encoder's precision, as for `runtime embed`: int8-cpu runs encoder.int8-cpu.onnx (from "
                    "`runtime build --precision int8-cpu`); fp16/int8 a TensorRT engine where usable (else fp32, "

@@ -50,7 +50,8 @@ def evaluate(dataset_dir: str | Path, model_dir: str | Path, backends=None, batc
     ``precision``: the encoder's precision, as for :meth:`Pipeline.load` (None: the best engine
     available, else fp32); each row says the one that ran (``precision``).
 
-    Returns a JSON-able report: data set summary, one row per (backend, mode), versions, date.
+    Returns a JSON-able report: data set summary, one row per (backend, mode) with ``cmc`` (Rank-1 up
+    to ``max_rank``, or the gallery's size), versions, date.
     ``seconds`` of an ``encoder`` row is reading and preprocessing the crops (done once, shared by
     the backends) plus that backend's encoder; of a ``refined`` row, the refinement.
     """
@@ -81,10 +82,11 @@ def evaluate(dataset_dir: str | Path, model_dir: str | Path, backends=None, batc
         base = {"backend": res.runner.backend, "precision": pipe.encoder_precision,
                 "encoder_backend": pipe.encoder.backend.name,
                 "providers": getattr(pipe.encoder.backend, "providers", None)}
-        rows.append({**base, "mode": "encoder", **res.stages["encoder"].as_dict(RANKS),
-                     "seconds": res.seconds["read"] + res.seconds["encoder"]})
-        rows.append({**base, "mode": "refined", **res.stages["refined"].as_dict(RANKS),
-                     "seconds": res.seconds["refinement"]})
+        for mode, seconds in (("encoder", res.seconds["read"] + res.seconds["encoder"]),
+                              ("refined", res.seconds["refinement"])):
+            stage = res.stages[mode]
+            rows.append({**base, "mode": mode, **stage.as_dict(RANKS), "seconds": seconds,
+                         "cmc": [float(v) for v in stage.cmc[:max_rank]]})
     import onnxruntime
 
     return {

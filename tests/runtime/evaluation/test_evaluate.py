@@ -70,6 +70,14 @@ def test_cli_evaluate_writes_a_report(market, resnet18_export, tmp_path):
     assert "mAP" in r.output and "refined" in r.output
     report = json.loads((tmp_path / "eval.json").read_text())
     assert len(report["results"]) == 2 and report["dataset"]["query"]["images"] == 4
+    for row in report["results"]:        # the curve, as long as the gallery allows (9 items: shorter than 50)
+        assert len(row["cmc"]) == 9 and row["cmc"][0] == row["rank1"] and row["cmc"][9 - 1] == row["rank10"]
+    r = CliRunner().invoke(runtime_cli, ["evaluate", str(market), "--model-dir", str(resnet18_export[0]),
+                                         "--report", str(tmp_path / "eval3.json"), "--backend", "onnxruntime",
+                                         "--max-rank", "3"])
+    assert r.exit_code == 0, r.output
+    for row, full in zip(json.loads((tmp_path / "eval3.json").read_text())["results"], report["results"]):
+        assert row["cmc"] == full["cmc"][:3] and row["rank10"] == full["rank10"]
 
 
 def test_cli_evaluate_bad_dataset_is_one_line(resnet18_export, tmp_path):
