@@ -61,8 +61,10 @@ def _to_rgb(img: Image.Image, where) -> Image.Image:
         return Image.fromarray(((v.astype(np.uint32) + 128) // 257).astype(np.uint8), "L").convert("RGB")
     if mode in ("I", "F"):
         kind = "32-bit integer" if mode == "I" else "floating-point"
+        hint = (" (a 16-bit PNG/PGM in memory, cropped or resized, is mode I without its format: pass "
+                "img.convert('I;16'))") if mode == "I" else ""
         raise InputError(f"{where} is a {kind} image (mode {mode}) with no defined 0..255 range; convert the crop "
-                         "to 8-bit (or 16-bit) RGB or greyscale")
+                         f"to 8-bit (or 16-bit) RGB or greyscale{hint}")
     return img.convert("RGB")
 
 

@@ -105,6 +105,15 @@ def test_a_pil_image_is_read_as_its_file_is(tmp_path):
     for img in (Image.fromarray(np.full((4, 4), 0.5, np.float32)), Image.fromarray(np.full((4, 4), 70000, np.int32))):
         with pytest.raises(InputError, match="no defined 0..255 range"):
             preprocess(img)
+    # a 16-bit PGM opens as mode I (scaled); cropped, it loses its format: refused with the way out
+    Image.fromarray(grey).save(tmp_path / "g16.pgm")
+    with Image.open(tmp_path / "g16.pgm") as opened:
+        assert opened.mode == "I"
+        np.testing.assert_array_equal(np.asarray(as_image(opened)), by_path)
+        cropped = opened.crop((0, 0, 4, 4))
+    with pytest.raises(InputError, match=r"img.convert\('I;16'\)"):
+        as_image(cropped)
+    np.testing.assert_array_equal(np.asarray(as_image(cropped.convert("I;16"))), by_path)
     # 8-bit modes convert as before (the original's reader)
     rgb = np.random.default_rng(0).integers(0, 256, (5, 6, 3), dtype=np.uint8)
     for mode in ("RGB", "L", "P", "LA", "RGBA", "CMYK", "1"):
