@@ -1,4 +1,4 @@
-"""``python -m export.to_onnx CHECKPOINT``: checkpoint -> encoder.onnx, nformer.onnx, manifest.json.
+"""``python -m export.to_onnx CHECKPOINT``: checkpoint -> encoder.onnx, nformer.onnx, nformer_layers.onnx, manifest.json.
 
 Both files are checked with ``onnx.checker`` and run in ONNX Runtime against the PyTorch reference
 on random inputs before they are published into ``--out-dir``; a failed check publishes nothing
@@ -306,7 +306,7 @@ def card_mismatches(checkpoint: Path, chosen: dict, defaulted: set) -> list[str]
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--out-dir", type=click.Path(path_type=Path), default=Path("build"), show_default=True,
-              help="Where encoder.onnx, nformer.onnx and manifest.json are written.")
+              help="Where encoder.onnx, nformer.onnx, nformer_layers.onnx and manifest.json are written.")
 @click.option("--n-head", type=click.IntRange(1, 4096), default=2, show_default=True,
               help="Attention heads of the refinement (not stored in the checkpoint; must divide n_embd).")
 @click.option("--topk", type=click.IntRange(1, MAX_K), default=20, show_default=True,

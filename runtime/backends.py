@@ -28,8 +28,13 @@ def max_threads() -> int:
 def session_threads(threads) -> int | None:
     """``threads`` checked (an integer in 1..:func:`max_threads`), or, when None, the environment's
     ``NFORMER_ORT_THREADS`` (None when unset: ONNX Runtime's default)."""
+    why = (f"ONNX Runtime starts every thread when a session opens: at most 4 per CPU ({os.cpu_count() or 1} "
+           "here) or 64")
     if threads is not None:
-        return check_count(threads, "threads", most=max_threads())
+        threads = check_count(threads, "threads")
+        if threads > max_threads():
+            raise InputError(f"threads must be an integer in 1..{max_threads()}, found {threads}; {why}")
+        return threads
     text = os.environ.get("NFORMER_ORT_THREADS")
     if not text:
         return None
@@ -37,9 +42,11 @@ def session_threads(threads) -> int | None:
         value = int(text)
     except ValueError:
         value = None
+    if value == 0:                 # ONNX Runtime's own meaning of 0: its default
+        return None
     if value is None or not 1 <= value <= max_threads():
-        raise InputError(f"NFORMER_ORT_THREADS must be an integer in 1..{max_threads()}, found {text[:40]!r}; fix "
-                         "or unset it")
+        raise InputError(f"NFORMER_ORT_THREADS must be an integer in 1..{max_threads()} (0: ONNX Runtime's default), "
+                         f"found {text[:40]!r}; {why}: fix or unset it")
     return value
 
 

@@ -270,7 +270,7 @@ class Pipeline:
 
     def embed_images(self, images) -> np.ndarray:
         """Preprocessed images float32 [B, 3, H, W] (``export.contract.preprocess``) -> raw encoder
-        embeddings [B, 256]: the encoder's batches, or the dynamic batcher's when it is on."""
+        embeddings [B, feature_dim]: the encoder's batches, or the dynamic batcher's when it is on."""
         if self.batcher is None:
             return self.encoder.embed_images(images)
         h, w = self.config.input_size_hw

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from export.contract.config import INPUT_SIZE_HW, PIXEL_MEAN, PIXEL_STD
-from export.contract.errors import InputError
+from export.contract.errors import InputError, as_path
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 #: largest crop decoded (pixels): a person crop is far smaller; a larger file is refused before its
@@ -102,7 +102,7 @@ def as_image(crop) -> Image.Image:
 def preprocess(crop, size_hw=INPUT_SIZE_HW, mean=PIXEL_MEAN, std=PIXEL_STD) -> np.ndarray:
     """One crop (PIL image, HxWx3 uint8 array or path: str or os.PathLike) -> float32 [3, H, W], normalised."""
     if isinstance(crop, os.PathLike):     # Path, PurePath, os.DirEntry ...: a file name
-        crop = os.fsdecode(os.fspath(crop))
+        crop = str(as_path(crop, "a crop's path"))
     img = load_image(crop) if isinstance(crop, str) else as_image(crop)
     h, w = size_hw
     if img.size != (w, h):
