@@ -274,7 +274,13 @@ def work_dir(parent: str | Path, prefix: str):
     prefix = prefix if len(os.fsencode(prefix)) <= _NAME_ROOM else ".nformer-work-"
     remove_stale_work_dirs(parent, prefix)
     remove_stale_temp_files(parent)
-    path = make_temp_dir(parent, prefix)
+    with _held_dir(make_temp_dir(parent, prefix)) as path:
+        yield path
+
+
+@contextlib.contextmanager
+def _held_dir(path: Path):
+    """``path`` marked (:data:`WORK_MARKER`) and held with ``flock`` for the block, removed after it."""
     fd = _try_lock(path, blocking=True)
     try:
         (path / WORK_MARKER).touch()
@@ -345,7 +351,13 @@ def publish_files(files: dict) -> None:
             os.replace(written, target)
 
 
-def scratch_dir(prefix: str) -> Path:
-    """A new private directory in the system's temporary folder, for a process's scratch files
-    (never published; the caller removes it)."""
-    return Path(tempfile.mkdtemp(prefix=prefix))
+@contextlib.contextmanager
+def scratch_dir(prefix: str):
+    """A new private (0700) directory in the system's temporary folder for a process's scratch files
+    (never published), removed on leaving the block.  Held with ``flock`` meanwhile, like
+    :func:`work_dir`: the folders of this prefix that killed processes left (a served model's
+    PyTriton workspace is about 22 MB) are removed when the next one is made, never a running one's."""
+    parent = tempfile.gettempdir()
+    remove_stale_work_dirs(parent, prefix)
+    with _held_dir(Path(tempfile.mkdtemp(dir=parent, prefix=prefix))) as path:
+        yield path

@@ -30,10 +30,10 @@ and every model's work is serialised by the gallery or batched by Triton anyway.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
-import shutil
 import signal
 import sys
 import sysconfig
@@ -339,11 +339,12 @@ def serve(model_dir, gallery_dir=None, *, host: str = "127.0.0.1", http_port: in
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, lambda *_: stop.set())
-    scratch = scratch_dir("nformer-serve-")                      # PyTriton wants to create the workspace itself
-    config = TritonConfig(http_address=host, http_port=http_port, grpc_address=host, grpc_port=grpc_port,
-                          metrics_address=host, metrics_port=metrics_port, allow_metrics=True,
-                          exit_timeout_secs=EXIT_TIMEOUT_S)
+    scratch_held = contextlib.ExitStack()
     try:
+        scratch = scratch_held.enter_context(scratch_dir("nformer-serve-"))   # PyTriton creates the workspace in it
+        config = TritonConfig(http_address=host, http_port=http_port, grpc_address=host, grpc_port=grpc_port,
+                              metrics_address=host, metrics_port=metrics_port, allow_metrics=True,
+                              exit_timeout_secs=EXIT_TIMEOUT_S)
         triton = Triton(config=config, workspace=scratch / "workspace")
         triton.run()
         bind_models(triton, service, max_batch, max_queue_delay_us)
@@ -384,7 +385,7 @@ def serve(model_dir, gallery_dir=None, *, host: str = "127.0.0.1", http_port: in
         finally:
             try:
                 service.close()
-                shutil.rmtree(scratch, ignore_errors=True)
+                scratch_held.close()
             finally:
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)

@@ -89,6 +89,31 @@ def test_a_killed_builds_folder_is_removed_by_the_next_build_but_a_running_one_i
     assert sorted(p.name for p in tmp_path.iterdir()) == [".build-just-made", ".build-my-backup", "keep-me"]
 
 
+def test_scratch_dirs_of_killed_processes_are_removed_by_the_next_one_but_a_running_ones_are_not(tmp_path,
+                                                                                                  monkeypatch):
+    """`runtime serve`'s scratch folder (PyTriton's workspace, about 22 MB) was left in /tmp by every
+    killed server; it is private (0700), held while in use, and swept by the next one."""
+    import tempfile
+
+    from export.contract.files import scratch_dir
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    stale = tmp_path / "nformer-serve-killed"
+    (stale / "workspace").mkdir(parents=True)
+    (stale / WORK_MARKER).touch()
+    _aged(stale)
+    foreign = tmp_path / "nformer-serve-not-ours"      # no marker: not made by scratch_dir, left alone
+    foreign.mkdir()
+    _aged(foreign)
+    with scratch_dir("nformer-serve-") as running:
+        assert stat.S_IMODE(running.stat().st_mode) == 0o700 and running.parent == tmp_path
+        _aged(running)
+        with scratch_dir("nformer-serve-") as second:    # another server meanwhile: the running one's stays
+            assert running.is_dir() and second != running
+        assert not stale.exists() and foreign.is_dir() and not second.exists()
+    assert not running.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["nformer-serve-not-ours"]
+
+
 def test_temporary_files_of_killed_writers_are_removed_but_a_running_writers_are_not(tmp_path):
     """staged_file / write_bytes_atomic leave `.name.nformer-tmp-XXXXXXXX.tmp` behind when their process is
     SIGKILLed; the next build's sweep (work_dir, runtime build) removes those, never one that a live
