@@ -93,6 +93,21 @@ def _entry(model_dir: Path, network: str, precision: str, source: str, **extra) 
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
+def _up_to_date(model_dir: Path, manifest: dict, network: str, precision: str) -> dict | None:
+    """The manifest's entry of a variant that a rewrite would reproduce (same source file, same
+    tools, file unchanged since), or None.  The fp16 refinement is a pure conversion: the fp16 and
+    int8 builds both need it, and a rerun need not write it again."""
+    entry = manifest.get(VARIANTS_KEY, {}).get(variant_name(network, precision))
+    if not isinstance(entry, dict) or entry.get("path") != variant_file(network, precision):
+        return None
+    if entry.get("source", {}).get("sha256") != manifest["files"][network]["sha256"] or entry.get("tools") != _tools():
+        return None
+    try:
+        return entry if sha256_file(model_dir / entry["path"]) == entry.get("sha256") else None
+    except OSError:
+        return None
+
+
 def _write_variant(dst: Path, write: Callable[[Path], None]) -> None:
     """``write(tmp)`` writes the file by name (onnx.save, the quantizer); published atomically."""
     with staged_file(dst) as tmp:
@@ -156,6 +171,9 @@ def write_variants(model_dir: str | Path, precision: str, *, refine_precision: s
                                     calibration=calibration)
     if refine_precision == "fp32":
         written["nformer"] = _fp32_entry(model_dir, manifest, "nformer")
+    elif (current := _up_to_date(model_dir, manifest, "nformer", "fp16")) is not None:
+        log(f"{variant_file('nformer', 'fp16')} is up to date (same nformer.onnx, same tools): kept")
+        written["nformer"] = current
     else:
         log(f"writing {variant_file('nformer', 'fp16')} (fp16 layers; neighbour ranking on the float32 input) ...")
         _write_variant(model_dir / variant_file("nformer", "fp16"),

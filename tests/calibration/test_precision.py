@@ -12,6 +12,8 @@ from click.testing import CliRunner
 from calibration import fp16 as calib_fp16
 from calibration.quantize import check_qdq_encoder
 from calibration.variants import read_variants, write_variants
+from export.contract.files import sha256_file
+from export.contract.manifest import load_manifest
 from export.contract.landmarks import sample_landmarks
 from export.contract.parity import cosine_rows, neighbor_set_agreement
 from export.reference.testing import clustered_features
@@ -111,6 +113,25 @@ def test_fp16_files_are_valid_and_keep_the_neighbour_ranking_in_fp32(variants_di
     raw = calib_fp16._convert(onnx.load(variants_dir / "nformer.onnx"), node_block_list=[node.name])
     with pytest.raises(RuntimeError, match="not a float32 graph input"):
         calib_fp16.check_fp32_ranking(raw)
+
+
+def test_an_up_to_date_fp16_refinement_is_kept_and_a_changed_one_rewritten(variants_dir, tmp_path):
+    """The fp16 and int8 builds both need nformer.fp16.onnx: the second (and a rerun) kept writing the
+    same conversion again ("writing nformer.fp16.onnx" twice in the demo)."""
+    model_dir = fresh_copy(variants_dir, tmp_path / "build")
+    target = model_dir / "nformer.fp16.onnx"
+    before = target.stat()
+    logs = []
+    entry = write_variants(model_dir, "fp16", log=logs.append)["nformer"]
+    assert any("nformer.fp16.onnx is up to date" in m for m in logs), logs
+    after = target.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert entry["sha256"] == sha256_file(target)
+    target.write_bytes(target.read_bytes() + b"\0")          # changed since: written again
+    logs.clear()
+    entry = write_variants(model_dir, "fp16", log=logs.append)["nformer"]
+    assert any(m.startswith("writing nformer.fp16.onnx") for m in logs), logs
+    assert entry["sha256"] == sha256_file(target) and load_manifest(model_dir)["variants"]["nformer.fp16"] == entry
 
 
 def test_fp16_refinement_takes_the_same_neighbours_as_fp32(variants_dir):
